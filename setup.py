@@ -1,0 +1,29 @@
+"""Installable package: tfmodels (Keras models), beam_jobs (Beam pipelines), serving (gRPC)."""
+from setuptools import find_packages, setup
+
+# One compatible set, checked to install and import together on Python 3.11
+# (see ../shared/DESIGN.md "Stack"). tfx-bsl 1.21 pins apache-beam[gcp] 2.x and
+# tensorflow-serving-api < 2.20.
+INSTALL_REQUIRES = [
+    "tensorflow==2.21.0",
+    "tf-keras==2.21.0",
+    "tensorflow-recommenders==0.7.7",
+    "tfx-bsl==1.21.0",
+    "apache-beam[gcp]==2.77.0",
+    "tensorflow-serving-api==2.19.1",
+    "numpy>=1.26",
+    "scikit-learn>=1.5",
+    "matplotlib>=3.8",
+]
+EXTRAS = {"test": ["pytest>=8", "hypothesis>=6.100"], "redis": ["redis>=5"]}
+
+setup(
+    name="lifelong-ctr",
+    version="0.1.0",
+    description="Lifelong user-behavior CTR prediction: Keras models, Beam jobs, TF Serving",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["tfmodels*", "beam_jobs*", "serving*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": ["lifelong=tfmodels.cli:main"]},
+)

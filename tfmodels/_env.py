@@ -1,0 +1,35 @@
+"""Keras-line guard: the package runs tf.keras as Keras 2 (the tf-keras package).
+
+tensorflow-recommenders refuses Keras 3, so ``TF_USE_LEGACY_KERAS=1`` must be set
+before TensorFlow is first imported. Importing :mod:`tfmodels` (or ``beam_jobs``,
+``serving``) sets it; a caller that explicitly set it to ``0`` gets a clear error
+instead of a confusing Keras 2/3 mix-up later (DeepCTR #453, TFRS #712).
+"""
+import os
+import sys
+
+_VAR = "TF_USE_LEGACY_KERAS"
+
+
+class KerasLineError(RuntimeError):
+    """Raised when the process is configured for Keras 3."""
+
+
+def ensure_legacy_keras() -> None:
+    value = os.environ.get(_VAR)
+    if value is not None and value.strip().lower() in ("0", "false", "no", ""):
+        raise KerasLineError(
+            f"{_VAR}={value!r} was set by the caller, but this package needs tf.keras as "
+            "Keras 2 (tf-keras) because tensorflow-recommenders refuses Keras 3. "
+            f"Unset it or set {_VAR}=1 before importing tfmodels.")
+    os.environ[_VAR] = "1"
+    # TensorFlow's C++ INFO lines (CUDA probing, CPU features) drown progress output.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    tf = sys.modules.get("tensorflow")
+    if tf is not None:
+        # TensorFlow was imported before us: it decided its Keras line already.
+        module = tf.keras.layers.Layer.__module__
+        if not module.startswith("tf_keras"):
+            raise KerasLineError(
+                f"TensorFlow was imported before tfmodels without {_VAR}=1, so tf.keras is "
+                f"Keras 3 ({module}). Import tfmodels first or export {_VAR}=1.")

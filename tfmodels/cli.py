@@ -1,0 +1,204 @@
+"""Console entry point ``lifelong``: the one place that knows tfmodels, beam_jobs and serving.
+
+Kept to argument parsing and calls; each subcommand's module is imported only
+when that subcommand runs (``lifelong --help`` does not load TensorFlow).
+
+Subcommands: prepare, train, evaluate, compare. Errors in arguments or data end
+with exit code 2 and one line ``lifelong <cmd>: error: <reason>`` on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+TRAIN_FLAGS = {  # flag -> (type, help); defaults come from TrainConfig
+    "model": (str, "registered model name (din, din_l, avg_pool, ...)"),
+    "out_dir": (str, "run directory (default runs/<model>-s<seed>-<time>)"),
+    "seed": (int, "seed of every random choice (default 0)"),
+    "short_len": (int, "S, the short window length (default 50)"),
+    "long_len": (int, "L, the long window length (default 1000)"),
+    "emb_dim": (int, "embedding size per field (default 16; behaviors are 2x wide)"),
+    "mlp_hidden": (str, "head MLP sizes, comma separated (default 200,80)"),
+    "din_hidden": (str, "DIN attention MLP sizes (default 80,40)"),
+    "batch_size": (int, "batch size (default 256)"),
+    "epochs": (int, "max epochs (default 3)"),
+    "steps_per_epoch": (int, "cap steps per epoch; 0 = full pass (default 0)"),
+    "learning_rate": (float, "learning rate (default 1e-3)"),
+    "optimizer": (str, "adam | adagrad (default adam)"),
+    "early_stopping_patience": (int, "epochs without val AUC gain before stopping; 0 = off"),
+    "shuffle_buffer": (int, "shuffle buffer in examples (default 20000)"),
+    "group_key": (str, "GAUC group feature (default user_id)"),
+    "long_module_config": (str, "JSON object of long-module kwargs"),
+    "verbose": (int, "Keras progress: 1 bar, 2 a line per epoch, 0 silent"),
+}
+LIST_FLAGS = ("mlp_hidden", "din_hidden")
+
+
+class CliError(Exception):
+    pass
+
+
+def _add_train_flags(p: argparse.ArgumentParser, with_model: bool = True) -> None:
+    p.add_argument("--config", help="JSON config file; explicit flags override it")
+    for name, (typ, help_) in TRAIN_FLAGS.items():
+        if name == "model" and not with_model:
+            continue
+        p.add_argument(f"--{name}", type=typ, default=None, help=help_)
+    p.add_argument("--use_user_embedding", action="store_true", default=None,
+                   help="add a user-id embedding (profile) to the head")
+    p.add_argument("--use_context", action="store_true", default=None,
+                   help="add an hour-of-day context embedding to the head")
+
+
+def _train_config(args, **overrides):
+    from tfmodels.train import TrainConfig, load_config_file
+    d = load_config_file(args.config) if getattr(args, "config", None) else {}
+    for name in list(TRAIN_FLAGS) + ["use_user_embedding", "use_context", "data"]:
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if name in LIST_FLAGS:
+            try:
+                value = [int(x) for x in str(value).split(",") if x.strip()]
+            except ValueError:
+                raise CliError(f"--{name} must be comma separated integers, got {value!r}")
+        if name == "long_module_config":
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise CliError(f"--long_module_config is not valid JSON: {e}")
+        d[name] = value
+    d.update(overrides)
+    return TrainConfig.from_dict(d)
+
+
+def _print_metrics(result: dict) -> None:
+    keys = ("model", "split", "samples", "auc", "gauc", "logloss", "groups_used",
+            "groups_skipped")
+    for k in keys:
+        if k in result:
+            v = result[k]
+            print(f"{k:>15}: {v:.4f}" if isinstance(v, float) else f"{k:>15}: {v}")
+
+
+# ---- subcommands -------------------------------------------------------------------------
+def cmd_prepare(args, extra: List[str]) -> int:
+    from beam_jobs import prepare
+    report = prepare.run(args, extra)
+    rows = report.get("rows", {})
+    print(json.dumps({"output": args.output, "rows": rows,
+                      "impressions": report.get("stats", {}).get("impressions")}, indent=2))
+    return 0
+
+
+def cmd_train(args, extra: List[str]) -> int:
+    from tfmodels import train as T
+    cfg = _train_config(args)
+    summary = T.train(cfg, resume=args.resume)
+    print(f"[train] done in {summary['train_wall_s']:.1f}s; run dir {cfg.out_dir}",
+          file=sys.stderr)
+    if not args.no_eval:
+        result = T.evaluate(cfg.out_dir, cfg.eval_split)
+        _print_metrics(result)
+    return 0
+
+
+def cmd_evaluate(args, extra: List[str]) -> int:
+    from tfmodels import train as T
+    result = T.evaluate(args.run, args.split, data=args.data, group_key=args.group_key,
+                        batch_size=args.batch_size)
+    _print_metrics(result)
+    print(f"[evaluate] wrote {os.path.join(args.run, f'metrics-{args.split}.json')}",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_compare(args, extra: List[str]) -> int:
+    from tfmodels import compare
+    return compare.run(args, extra, _train_config)
+
+
+# ---- parser --------------------------------------------------------------------------------
+def build_parser(prepare_flags: bool = True) -> argparse.ArgumentParser:
+    """The full parser; ``prepare_flags=False`` skips importing Beam for other commands."""
+    parser = argparse.ArgumentParser(
+        prog="lifelong", description="Lifelong user-behavior CTR: prepare data with Beam, "
+        "train and evaluate Keras models.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("prepare", help="build per-user TFRecords with Apache Beam",
+                       description="Build per-user records (history once + labeled "
+                       "impressions) with Apache Beam. Extra flags are Beam pipeline options "
+                       "(--runner, --direct_running_mode=multi_processing, Dataflow options).")
+    if prepare_flags:
+        from beam_jobs import prepare
+        prepare.add_arguments(p)
+    p.set_defaults(func=cmd_prepare, allow_extra=True)
+
+    p = sub.add_parser("train", help="train a model with Keras fit",
+                       description="Train a registered model on a prepared dataset; "
+                       "evaluates on the test split afterwards unless --no_eval.")
+    p.add_argument("--data", help="prepared dataset directory (lifelong prepare --output)")
+    _add_train_flags(p)
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run directory's last checkpoint")
+    p.add_argument("--no_eval", action="store_true", help="skip the test evaluation")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="AUC, GAUC and logloss of a trained run",
+                       description="Evaluate a run directory on a split; prints and writes "
+                       "metrics-<split>.json.")
+    p.add_argument("--run", required=True, help="run directory written by `lifelong train`")
+    p.add_argument("--split", default="test", help="train | valid | test (default test)")
+    p.add_argument("--data", help="evaluate on another prepared dataset with the same vocab")
+    p.add_argument("--group_key", help="GAUC group feature (default: the run's, user_id)")
+    p.add_argument("--batch_size", type=int, help="evaluation batch size")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="prepare + train + evaluate several models x seeds",
+                       description="One command for accuracy comparisons: prepares the data "
+                       "(synthetic by default, or --data PATH of MovieLens/Taobao files), "
+                       "trains every model for every seed, evaluates on the test split and "
+                       "prints mean and std of AUC, GAUC and logloss. Extra flags go to the "
+                       "prepare step.")
+    p.add_argument("--data", help="raw input: a MovieLens folder (ratings.csv + movies.csv) "
+                   "or a Taobao UserBehavior.csv; default: the synthetic generator")
+    p.add_argument("--source", choices=["synthetic", "movielens", "taobao"],
+                   help="input kind (default: detected from --data)")
+    p.add_argument("--prepared", help="use an already prepared dataset directory instead")
+    p.add_argument("--models", default="din,din_l,avg_pool",
+                   help="comma separated registered models (default din,din_l,avg_pool)")
+    p.add_argument("--seeds", default="0", help="comma separated seeds, e.g. 0,1,2 (default 0)")
+    p.add_argument("--work_dir", help="where data, runs and results go "
+                   "(default artifacts/compare-<time>)")
+    _add_train_flags(p, with_model=False)
+    p.set_defaults(func=cmd_compare, allow_extra=True)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(prepare_flags=command == "prepare")
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    if extra and not getattr(args, "allow_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.func(args, extra) or 0
+    except KeyboardInterrupt:
+        print(f"lifelong {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (CliError, ValueError, KeyError, FileNotFoundError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"lifelong {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

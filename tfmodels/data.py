@@ -1,0 +1,177 @@
+"""tf.data input pipeline: per-user records -> impression windows -> shuffled batches.
+
+A per-user record (see :mod:`tfmodels.schema`) stores the chronological history
+once (oldest first) and the user's impressions with ``imp_hist_index``. This
+module expands it into one window example per impression:
+
+* ``long_*``  = the last ``L`` behaviors strictly before the impression,
+* ``short_*`` = the last ``S`` behaviors strictly before the impression,
+
+both *most recent first*, right-padded with 0, with ``*_len`` valid rows, and the
+impression-dependent ``*_gap_bucket`` (log2 minutes between behavior and
+impression) computed here. Storage therefore grows with behaviors + impressions;
+the L-fold expansion exists only in memory, a chunk of impressions at a time.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import tfmodels  # noqa: F401
+import tensorflow as tf
+
+from tfmodels import schema as S
+
+# Impressions of one user are windowed this many at a time, bounding memory at
+# IMPRESSION_CHUNK x L per user (a heavy user can have thousands of impressions).
+IMPRESSION_CHUNK = 64
+
+
+def parse_user_records(serialized: tf.Tensor, with_impressions: bool = True) -> Dict[str, tf.Tensor]:
+    """Parse ONE serialized per-user record into dense 1-D tensors."""
+    parsed = tf.io.parse_single_example(serialized, S.user_record_parse_spec(with_impressions))
+    out = {}
+    for name, value in parsed.items():
+        out[name] = tf.sparse.to_dense(value) if isinstance(value, tf.SparseTensor) else value
+    return out
+
+
+def gap_bucket(gap_seconds: tf.Tensor) -> tf.Tensor:
+    """In-graph log2 bucketing of time gaps (twin of :func:`schema.gap_bucket_np`)."""
+    minutes = tf.maximum(tf.cast(gap_seconds, tf.float64), 0.0) / 60.0
+    b = tf.cast(tf.floor(tf.math.log(1.0 + minutes) / tf.math.log(tf.constant(2.0, tf.float64))),
+                tf.int64) + 1
+    return tf.minimum(b, S.NUM_GAP_BUCKETS - 1)
+
+
+def window_history(history: Dict[str, tf.Tensor], cutoff: tf.Tensor, ref_ts: tf.Tensor,
+                   length: int, prefix: str) -> Dict[str, tf.Tensor]:
+    """Gather the last ``length`` behaviors before each cutoff, most recent first.
+
+    Args:
+      history: ``hist_*`` tensors of one user, each [H], oldest first.
+      cutoff: [N] int64, number of visible history rows per row of the output.
+      ref_ts: [N] int64, the timestamp the time gaps are measured to.
+      length: window length (S or L).
+      prefix: ``"short"`` or ``"long"``.
+    Returns:
+      ``{prefix}_{field}`` [N, length] for every schema sequence field, and
+      ``{prefix}_len`` [N].
+    """
+    n_hist = tf.shape(history["hist_item_id"], out_type=tf.int64)[0]
+    cutoff = tf.minimum(tf.cast(cutoff, tf.int64), n_hist)
+    pos = cutoff[:, None] - 1 - tf.range(length, dtype=tf.int64)[None, :]   # [N, length]
+    valid = pos >= 0
+    # Index n_hist points at an appended zero row, so padding gathers zeros and a
+    # user with an empty history needs no special case.
+    safe = tf.where(valid, pos, n_hist)
+    out = {}
+    for field in S.SEQUENCE_FIELDS:
+        if field == "gap_bucket":
+            continue
+        src = history[f"hist_{field}"]
+        src = tf.concat([src, tf.zeros([1], src.dtype)], axis=0)
+        out[S.seq_name(prefix, field)] = tf.gather(src, safe)
+    ts = tf.gather(tf.concat([history["hist_ts"], tf.zeros([1], tf.int64)], 0), safe)
+    gaps = gap_bucket(ref_ts[:, None] - ts)
+    out[S.seq_name(prefix, "gap_bucket")] = tf.where(valid, gaps, tf.zeros_like(gaps))
+    out[f"{prefix}_len"] = tf.minimum(cutoff, length)
+    return out
+
+
+def impression_windows(record: Dict[str, tf.Tensor], short_len: int,
+                       long_len: int) -> Dict[str, tf.Tensor]:
+    """All window examples of one parsed user record, batched over its impressions [N, ...]."""
+    history = {k: record[k] for k in S.HISTORY_FIELDS}
+    cutoff = record["imp_hist_index"]
+    ref_ts = record["imp_ts"]
+    n = tf.shape(cutoff)[0]
+    out = {
+        "user_id": tf.fill([n], record["user_id"]),
+        "target_item_id": record["imp_item_id"],
+        "target_cate_id": record["imp_cate_id"],
+        "imp_ts": ref_ts,
+        S.LABEL: record["imp_label"],
+    }
+    out.update(window_history(history, cutoff, ref_ts, short_len, "short"))
+    out.update(window_history(history, cutoff, ref_ts, long_len, "long"))
+    return out
+
+
+def _expand_user(serialized: tf.Tensor, short_len: int, long_len: int) -> tf.data.Dataset:
+    record = parse_user_records(serialized)
+    history = {k: record[k] for k in S.HISTORY_FIELDS}
+    scalars = {"user_id": record["user_id"]}
+    imps = {k: record[k] for k in S.IMPRESSION_FIELDS}
+
+    def chunk_windows(chunk):
+        rec = dict(history, **scalars, **chunk)
+        return impression_windows(rec, short_len, long_len)
+
+    return (tf.data.Dataset.from_tensor_slices(imps)
+            .batch(IMPRESSION_CHUNK)
+            .map(chunk_windows)
+            .unbatch())
+
+
+def list_files(pattern: str) -> list:
+    files = sorted(tf.io.gfile.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no TFRecord files match {pattern!r}")
+    return files
+
+
+def make_dataset(pattern: str, short_len: int, long_len: int, batch_size: int,
+                 shuffle: bool = False, seed: Optional[int] = None,
+                 shuffle_buffer: int = 20000, repeat: bool = False,
+                 drop_remainder: bool = False, cycle_length: int = 4) -> tf.data.Dataset:
+    """Batched window examples from sharded per-user TFRecords.
+
+    Each element is a dict of the schema's window features plus ``label``.
+    With ``shuffle=False`` the order is deterministic (files, users, impressions).
+    """
+    files = list_files(pattern)
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if shuffle:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
+                       cycle_length=min(cycle_length, len(files)), block_length=16,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    # Interleave users so a heavy user's impressions are spread out before the shuffle.
+    ds = ds.interleave(lambda x: _expand_user(x, short_len, long_len),
+                       cycle_length=16 if shuffle else 1, block_length=1,
+                       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat:
+        ds = ds.repeat()
+    return ds.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
+
+
+def user_history_features(serialized: tf.Tensor, schema: S.FeatureSchema,
+                          snapshot_ts: Optional[tf.Tensor] = None) -> Dict[str, tf.Tensor]:
+    """Long and short windows over a user's WHOLE stored history (or before ``snapshot_ts``).
+
+    This is what the user tower sees offline: ``serialized`` is a batch [B] of
+    per-user records (impressions ignored); windows end at the last behavior
+    (``ref_ts`` = the last behavior's timestamp, or ``snapshot_ts``).
+    """
+    def one(x):
+        rec = parse_user_records(x, with_impressions=False)
+        history = {k: rec[k] for k in S.HISTORY_FIELDS}
+        h = tf.shape(rec["hist_ts"], out_type=tf.int64)[0]
+        if snapshot_ts is None:
+            ref = tf.cond(h > 0, lambda: rec["hist_ts"][-1], lambda: tf.constant(0, tf.int64))
+            cut = h
+        else:
+            ref = tf.cast(snapshot_ts, tf.int64)
+            cut = tf.reduce_sum(tf.cast(rec["hist_ts"] < ref, tf.int64))
+        out = {"user_id": rec["user_id"], "imp_ts": ref}
+        for prefix in ("short", "long"):
+            w = window_history(history, cut[None], ref[None], schema.seq_len(prefix), prefix)
+            out.update({k: v[0] for k, v in w.items()})
+        return out
+
+    specs = schema.feature_specs()
+    sig = {k: tf.TensorSpec(specs[k].shape[1:], specs[k].dtype) for k in specs
+           if not k.startswith("target_")}
+    return tf.map_fn(one, serialized, fn_output_signature=sig)

@@ -1,0 +1,187 @@
+"""Shared backbone layers (METHODS section 1.2-1.3): embeddings, DIN unit, MLP head.
+
+Conventions (METHODS 1.2): sequences are most recent first, right-padded with
+id 0; ``mask`` is float {0, 1} [B, L]; embeddings of padded rows are zeroed; a
+masked softmax sets padded logits to -1e9 and multiplies the result by the mask,
+so a row without any valid element gives a zero vector.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import tfmodels  # noqa: F401
+import tensorflow as tf
+
+from tfmodels import schema as S
+
+NEG_INF = -1e9
+PACKAGE = "lifelong"
+
+
+def serializable(cls):
+    """Register a layer under this package's name so configs round trip."""
+    return tf.keras.utils.register_keras_serializable(package=PACKAGE)(cls)
+
+
+def id_mask(ids: tf.Tensor) -> tf.Tensor:
+    """float mask of real (non-padding) ids."""
+    return tf.cast(tf.not_equal(ids, S.PAD_ID), tf.float32)
+
+
+def masked_softmax(logits: tf.Tensor, mask: tf.Tensor, axis: int = -1) -> tf.Tensor:
+    """Softmax over ``axis`` with padded logits -1e9 and the result re-masked."""
+    logits = tf.where(mask > 0, logits, tf.fill(tf.shape(logits), tf.cast(NEG_INF, logits.dtype)))
+    return tf.nn.softmax(logits, axis=axis) * mask
+
+
+@serializable
+class PReLU(tf.keras.layers.Layer):
+    """PReLU with one slope per unit (last axis), whatever the rank.
+
+    ``tf.keras.layers.PReLU`` learns a slope per element of ``input_shape[1:]``,
+    which ties the weights to the sequence length L; attention MLPs run over
+    [B, L, H] and must work for any L, so the slope here is [H] only.
+    """
+
+    def build(self, input_shape):
+        self.alpha = self.add_weight("alpha", shape=[int(input_shape[-1])], initializer="zeros")
+        super().build(input_shape)
+
+    def call(self, x):
+        return tf.maximum(x, 0.0) + self.alpha * tf.minimum(x, 0.0)
+
+
+@serializable
+class ItemEmbedding(tf.keras.layers.Layer):
+    """Item fields (item id, category id) -> concatenated embedding, shared by the
+    target and every behavior so both live in one space (METHODS 1.2).
+
+    Output dim = 2 * ``dim``. Rows whose item id is padding are zero.
+    """
+
+    def __init__(self, num_items: int, num_categories: int, dim: int = 16,
+                 l2: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.num_items, self.num_categories, self.dim, self.l2 = num_items, num_categories, dim, l2
+        reg = tf.keras.regularizers.l2(l2) if l2 else None
+        self.item_table = tf.keras.layers.Embedding(num_items, dim, embeddings_regularizer=reg,
+                                                    name="item_table")
+        self.cate_table = tf.keras.layers.Embedding(num_categories, dim,
+                                                    embeddings_regularizer=reg, name="cate_table")
+
+    @property
+    def output_dim(self) -> int:
+        return 2 * self.dim
+
+    def call(self, item_ids: tf.Tensor, cate_ids: tf.Tensor) -> tf.Tensor:
+        e = tf.concat([self.item_table(item_ids), self.cate_table(cate_ids)], axis=-1)
+        return e * id_mask(item_ids)[..., None]
+
+    def get_config(self):
+        return {**super().get_config(), "num_items": self.num_items,
+                "num_categories": self.num_categories, "dim": self.dim, "l2": self.l2}
+
+
+@serializable
+class MLP(tf.keras.layers.Layer):
+    """Dense stack with PReLU (or a named activation); optional linear scalar output."""
+
+    def __init__(self, hidden: Sequence[int] = (200, 80), activation: str = "prelu",
+                 output_units: Optional[int] = None, dropout: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden, self.activation = list(hidden), activation
+        self.output_units, self.dropout = output_units, dropout
+        self.dense = [tf.keras.layers.Dense(h, name=f"dense_{i}") for i, h in enumerate(hidden)]
+        self.acts = [PReLU(name=f"prelu_{i}") if activation == "prelu"
+                     else tf.keras.layers.Activation(activation) for i in range(len(hidden))]
+        self.drop = tf.keras.layers.Dropout(dropout) if dropout else None
+        self.out = tf.keras.layers.Dense(output_units, name="out") if output_units else None
+
+    def call(self, x, training=None):
+        for dense, act in zip(self.dense, self.acts):
+            x = act(dense(x))
+            if self.drop is not None:
+                x = self.drop(x, training=training)
+        return self.out(x) if self.out is not None else x
+
+    def get_config(self):
+        return {**super().get_config(), "hidden": self.hidden, "activation": self.activation,
+                "output_units": self.output_units, "dropout": self.dropout}
+
+
+@serializable
+class DinAttention(tf.keras.layers.Layer):
+    """DIN attention unit (METHODS G2).
+
+    w_l = MLP_att([e_l, e_t, e_l - e_t, e_l * e_t]) (hidden 80, 40, PReLU, linear
+    scalar), v = sum_l m_l w_l e_l; no softmax unless ``normalize='softmax'``.
+
+    The first layer's kernel W = [W_a; W_b; W_c; W_d] acting on the concatenation
+    is applied as e_l (W_a + W_c) + e_t (W_b - W_c) + (e_l * e_t) W_d, which is the
+    same function without materialising the 4d concat. The behavior half
+    e_l (W_a + W_c) does not depend on the candidate: :meth:`precompute` computes
+    it once per user/request, so ranking N candidates only pays the e_t and
+    e_l * e_t terms (the serving path relies on this).
+
+    Shapes: keys [B or 1, L, d], mask [B or 1, L], query [B, d] -> [B, d].
+    A keys batch of 1 broadcasts against B candidates.
+    """
+
+    def __init__(self, hidden: Sequence[int] = (80, 40), normalize: Optional[str] = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if normalize not in (None, "none", "softmax"):
+            raise ValueError(f"normalize must be None or 'softmax', got {normalize!r}")
+        self.hidden, self.normalize = list(hidden), (None if normalize == "none" else normalize)
+
+        self.act1 = PReLU(name="prelu_0")
+        self.rest = MLP(self.hidden[1:], activation="prelu", output_units=1, name="att_mlp")
+
+    def build(self, keys_shape):
+        d = int(keys_shape[-1])
+        self._dim = d
+        self.w1 = self.add_weight("w1", shape=[4 * d, self.hidden[0]], initializer="glorot_uniform")
+        self.b1 = self.add_weight("b1", shape=[self.hidden[0]], initializer="zeros")
+        super().build(keys_shape)
+
+    def _build_for_dim(self, d: int):
+        # precompute()/attention_weights() may be called directly, bypassing __call__.
+        if not self.built:
+            self.build(tf.TensorShape([None, None, d]))
+
+    def _blocks(self):
+        d = self._dim
+        wa, wb, wc, wd = (self.w1[i * d:(i + 1) * d] for i in range(4))
+        return wa + wc, wb - wc, wd
+
+    def precompute(self, keys: tf.Tensor) -> tf.Tensor:
+        """Candidate-independent part of the first layer: keys (W_a + W_c) + b1 [.., L, h0]."""
+        self._build_for_dim(int(keys.shape[-1]))
+        w_key, _, _ = self._blocks()
+        return tf.einsum("bld,dh->blh", keys, w_key) + self.b1
+
+    def attention_weights(self, keys, mask, query, key_proj=None):
+        """Per-position weights w_l [B, L] (masked, unnormalised unless softmax)."""
+        self._build_for_dim(int(keys.shape[-1]))
+        if key_proj is None:
+            key_proj = self.precompute(keys)
+        _, w_query, w_cross = self._blocks()
+        q = tf.matmul(query, w_query)                                  # [B, h0]
+        # (e_l * e_t) W_d = e_l (diag(e_t) W_d): per candidate, [B, L, h0].
+        cross = tf.einsum("bld,bdh->blh", tf.broadcast_to(
+            keys, tf.concat([tf.shape(query)[:1], tf.shape(keys)[1:]], 0)),
+            query[:, :, None] * w_cross[None])
+        h = self.act1(key_proj + q[:, None, :] + cross)
+        logits = tf.squeeze(self.rest(h), -1)                          # [B, L]
+        mask = tf.broadcast_to(mask, tf.shape(logits))
+        if self.normalize == "softmax":
+            return masked_softmax(logits, mask)
+        return logits * mask
+
+    def call(self, keys, mask, query, key_proj=None):
+        w = self.attention_weights(keys, mask, query, key_proj)
+        keys = tf.broadcast_to(keys, tf.concat([tf.shape(w), tf.shape(keys)[-1:]], 0))
+        return tf.einsum("bl,bld->bd", w, keys)
+
+    def get_config(self):
+        return {**super().get_config(), "hidden": self.hidden, "normalize": self.normalize}

@@ -1,0 +1,1 @@
+"""Long-sequence modules, one file per method; registered in :mod:`tfmodels.registry`."""

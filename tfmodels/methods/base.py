@@ -1,0 +1,60 @@
+"""Base class of every long-sequence module (METHODS section 1.5).
+
+A module splits into
+
+* ``user_cache(seq) -> dict``: depends on the user's long sequence only, so it can
+  run offline (Beam + ``user_tower`` signature) and be cached per user;
+* ``score(cache, target) -> v_long [B, output_dim]``: the per-candidate part;
+  a cache with batch 1 broadcasts against B candidates (one user, many items);
+* ``call(seq, target)``: the training path. For most methods it is
+  ``score(user_cache(seq), target)``; a method whose serving path is an
+  algebraic rewrite of its training path (LREA's absorption) overrides it.
+
+Inputs, built by the model from the schema's ``long_*`` features:
+
+* ``seq``: ``emb`` [B, L, d] (padded rows zero), ``mask`` [B, L] float, and the raw
+  fields ``item_id``, ``cate_id``, ``engage``, ``gap_bucket``, ``domain`` [B, L];
+* ``target``: ``emb`` [B, d], ``item_id``, ``cate_id`` [B].
+
+Auxiliary losses are added with ``self.add_loss`` in ``call`` (training only);
+tensorflow-recommenders adds ``model.losses`` to the task loss.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import tfmodels  # noqa: F401
+import tensorflow as tf
+
+Tensors = Dict[str, tf.Tensor]
+
+
+class LongSequenceModule(tf.keras.layers.Layer):
+    #: raw ``long_*`` fields (besides item/category ids) the module reads;
+    #: the serving signatures declare only these.
+    reads_fields: Tuple[str, ...] = ("item_id", "cate_id")
+
+    def __init__(self, emb_dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.emb_dim = int(emb_dim)   # d, the behavior/target embedding width
+
+    @property
+    def output_dim(self) -> int:
+        return self.emb_dim
+
+    def user_cache(self, seq: Tensors, training=None) -> Tensors:
+        raise NotImplementedError
+
+    def score(self, cache: Tensors, target: Tensors, training=None) -> tf.Tensor:
+        raise NotImplementedError
+
+    def call(self, seq: Tensors, target: Tensors, training=None) -> tf.Tensor:
+        return self.score(self.user_cache(seq, training=training), target, training=training)
+
+    def get_config(self):
+        return {**super().get_config(), "emb_dim": self.emb_dim}
+
+
+def broadcast_rows(x: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
+    """Broadcast a cached tensor with batch 1 (one user) to ``batch`` candidates."""
+    return tf.broadcast_to(x, tf.concat([[batch], tf.shape(x)[1:]], 0))

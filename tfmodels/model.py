@@ -1,0 +1,168 @@
+"""The shared model (METHODS G3): z = [e_t, e_u, e_c, DIN(E_short, e_t), v_long]; p = sigma(MLP(z)).
+
+Trained as a tensorflow-recommenders ``Model`` with ``tasks.Ranking`` (BCE on
+logits); the long-sequence module comes from :mod:`tfmodels.registry`. The
+user/candidate split of METHODS 1.5 is exposed at model level:
+
+* :meth:`user_tower` (long window -> the module's cache; user only),
+* :meth:`rank` (cache + short window + candidates -> logits),
+* :meth:`call` (all raw features -> logits, the module's training path).
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import tfmodels  # noqa: F401
+import tensorflow as tf
+import tensorflow_recommenders as tfrs
+
+from tfmodels import registry
+from tfmodels import schema as S
+from tfmodels.layers import MLP, DinAttention, ItemEmbedding, id_mask, serializable
+
+Tensors = Dict[str, tf.Tensor]
+
+
+@serializable
+class LifelongCTRModel(tfrs.models.Model):
+    """Backbone + pluggable long module.
+
+    Args:
+      feature_schema: :meth:`FeatureSchema.to_dict` (vocab sizes, S, L).
+      model_name: registry name (``din``, ``din_l``, ``avg_pool``, ...).
+      long_module_config: extra kwargs of the long module.
+      emb_dim: per-field embedding size; behaviors/targets are ``2 * emb_dim`` wide.
+      mlp_hidden: head sizes (METHODS 1.3; 200-80 by default).
+      din_hidden: DIN attention MLP sizes (80, 40).
+      use_user_embedding: add a user-id embedding (profile e_u). Off by default:
+        with user-split protocols test users are unseen, so it only adds noise.
+      use_context: add an hour-of-day embedding of the impression (context e_c).
+    """
+
+    def __init__(self, feature_schema: Mapping, model_name: str = "din",
+                 long_module_config: Optional[Mapping] = None, emb_dim: int = 16,
+                 mlp_hidden: Sequence[int] = (200, 80), din_hidden: Sequence[int] = (80, 40),
+                 din_normalize: Optional[str] = None, use_user_embedding: bool = False,
+                 use_context: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.feature_schema = S.FeatureSchema.from_dict(feature_schema)
+        self.model_name = model_name
+        self.long_module_config = dict(long_module_config or {})
+        self.emb_dim, self.mlp_hidden, self.din_hidden = emb_dim, list(mlp_hidden), list(din_hidden)
+        self.din_normalize = din_normalize
+        self.use_user_embedding, self.use_context = use_user_embedding, use_context
+        vocab = self.feature_schema.vocab
+        self.item_embedding = ItemEmbedding(vocab.num_items, vocab.num_categories, emb_dim,
+                                            name="item_embedding")
+        d = self.item_embedding.output_dim
+        self.user_embedding = (tf.keras.layers.Embedding(vocab.num_users, emb_dim,
+                                                         name="user_embedding")
+                               if use_user_embedding else None)
+        self.context_embedding = (tf.keras.layers.Embedding(24, emb_dim, name="hour_embedding")
+                                  if use_context else None)
+        self.short_din = DinAttention(din_hidden, din_normalize, name="short_din")
+        cls = registry.long_module_class(model_name)
+        self.long_module = (cls(emb_dim=d, name="long_module", **self.long_module_config)
+                            if cls is not None else None)
+        self.head = MLP(mlp_hidden, activation="prelu", output_units=1, name="head")
+        self.task = tfrs.tasks.Ranking(
+            loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
+            metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")])
+
+    # ---- inputs ----------------------------------------------------------------------
+    def feature_names(self, part: str = "all") -> List[str]:
+        """Schema feature names the model reads: ``all`` | ``user_tower`` | ``rank``.
+
+        ``rank`` reads the short window and target/context features; the long
+        window is read by ``user_tower`` only (through the module's cache).
+        """
+        long_names = []
+        if self.long_module is not None:
+            long_names = [S.seq_name("long", f) for f in
+                          ("item_id", "cate_id", *self.long_module.reads_fields)]
+            long_names = list(dict.fromkeys(long_names))
+        if part == "user_tower":
+            return long_names
+        rank = ["target_item_id", "target_cate_id", "short_item_id", "short_cate_id"]
+        if self.use_user_embedding:
+            rank.append("user_id")
+        if self.use_context:
+            rank.append("imp_ts")
+        if part == "rank":
+            return rank
+        if part == "all":
+            return rank + long_names
+        raise ValueError(f"part must be all, user_tower or rank, got {part!r}")
+
+    def embed_sequence(self, features: Mapping[str, tf.Tensor], prefix: str) -> Tensors:
+        item = features[S.seq_name(prefix, "item_id")]
+        seq = {"emb": self.item_embedding(item, features[S.seq_name(prefix, "cate_id")]),
+               "mask": id_mask(item)}
+        for field in S.SEQUENCE_FIELDS:
+            name = S.seq_name(prefix, field)
+            if name in features:
+                seq[field] = features[name]
+        return seq
+
+    def embed_target(self, features: Mapping[str, tf.Tensor]) -> Tensors:
+        item, cate = features["target_item_id"], features["target_cate_id"]
+        return {"emb": self.item_embedding(item, cate), "item_id": item, "cate_id": cate}
+
+    # ---- the split --------------------------------------------------------------------
+    def user_tower(self, features: Mapping[str, tf.Tensor], training=None) -> Tensors:
+        """Long window -> the long module's cacheable tensors (empty for DIN)."""
+        if self.long_module is None:
+            return {}
+        return self.long_module.user_cache(self.embed_sequence(features, "long"),
+                                           training=training)
+
+    def _head(self, features, target, v_long, training=None):
+        short = self.embed_sequence(features, "short")
+        parts = [target["emb"], self.short_din(short["emb"], short["mask"], target["emb"])]
+        if v_long is not None:
+            parts.append(v_long)
+        if self.user_embedding is not None:
+            parts.append(self.user_embedding(features["user_id"]))
+        if self.context_embedding is not None:
+            hour = tf.math.floormod(features["imp_ts"] // 3600, 24)
+            parts.append(self.context_embedding(hour))
+        return tf.squeeze(self.head(tf.concat(parts, -1), training=training), -1)
+
+    def rank(self, cache: Tensors, features: Mapping[str, tf.Tensor], training=None) -> tf.Tensor:
+        """Logits [B] from a cached user representation plus per-request features."""
+        target = self.embed_target(features)
+        v_long = (self.long_module.score(cache, target, training=training)
+                  if self.long_module is not None else None)
+        return self._head(features, target, v_long, training)
+
+    def call(self, features: Mapping[str, tf.Tensor], training=None) -> tf.Tensor:
+        """Logits [B] from all raw features (the module's training path)."""
+        target = self.embed_target(features)
+        v_long = None
+        if self.long_module is not None:
+            v_long = self.long_module(self.embed_sequence(features, "long"), target,
+                                      training=training)
+        return self._head(features, target, v_long, training)
+
+    def predict_ctr(self, features, training=None) -> tf.Tensor:
+        return tf.sigmoid(self(features, training=training))
+
+    def compute_loss(self, features, training: bool = False) -> tf.Tensor:
+        logits = self(features, training=training)
+        return self.task(labels=features[S.LABEL], predictions=logits)
+
+    def get_config(self):
+        return {"feature_schema": self.feature_schema.to_dict(), "model_name": self.model_name,
+                "long_module_config": self.long_module_config, "emb_dim": self.emb_dim,
+                "mlp_hidden": self.mlp_hidden, "din_hidden": self.din_hidden,
+                "din_normalize": self.din_normalize,
+                "use_user_embedding": self.use_user_embedding, "use_context": self.use_context}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+def build_model(feature_schema: S.FeatureSchema, model_name: str, **config) -> LifelongCTRModel:
+    """Build a registered model; ``config`` holds backbone kwargs and ``long_module_config``."""
+    return LifelongCTRModel(feature_schema.to_dict(), model_name=model_name, **config)

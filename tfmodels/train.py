@@ -1,0 +1,306 @@
+"""Training and evaluation: Keras ``fit`` on tf.data windows, checkpoints, resume, metrics.
+
+A run directory holds::
+
+    config.json     the full resolved config (flags > config file > defaults)
+    run.json        seed, package versions, git commit, data summary, history, timings
+    ckpt/           tf.train.Checkpoint of model + optimizer + epoch (resume)
+    final/          the weights kept after early stopping (best validation AUC)
+    tb/             TensorBoard logs
+    metrics-<split>.json   written by :func:`evaluate`
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from typing import Dict, List, Mapping, Optional
+
+import numpy as np
+
+import tfmodels  # noqa: F401
+import tensorflow as tf
+
+from tfmodels import data as D
+from tfmodels import metrics as M
+from tfmodels import registry
+from tfmodels import schema as S
+from tfmodels.model import LifelongCTRModel, build_model
+
+
+class ConfigError(ValueError):
+    """A bad training/evaluation configuration (reported as one line by the CLI)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    data: str = ""                       # a prepared dataset directory (lifelong prepare)
+    model: str = "din"
+    out_dir: str = ""
+    seed: int = 0
+    short_len: int = 50
+    long_len: int = 1000
+    emb_dim: int = 16
+    mlp_hidden: List[int] = dataclasses.field(default_factory=lambda: [200, 80])
+    din_hidden: List[int] = dataclasses.field(default_factory=lambda: [80, 40])
+    use_user_embedding: bool = False
+    use_context: bool = False
+    long_module_config: Dict = dataclasses.field(default_factory=dict)
+    batch_size: int = 256
+    epochs: int = 3
+    steps_per_epoch: int = 0             # 0 = one pass over the training split
+    learning_rate: float = 1e-3
+    optimizer: str = "adam"              # adam | adagrad
+    early_stopping_patience: int = 2     # epochs without val AUC gain; 0 = off
+    shuffle_buffer: int = 20000
+    eval_split: str = "test"
+    group_key: str = "user_id"
+    verbose: int = 1                     # Keras progress bar: 1 bar, 2 one line/epoch, 0 off
+
+    def validate(self) -> "TrainConfig":
+        if not self.data:
+            raise ConfigError("--data is required (a directory written by `lifelong prepare`)")
+        if self.model not in registry.MODELS:
+            raise ConfigError(f"unknown model {self.model!r}; registered: "
+                              f"{', '.join(registry.names())}")
+        for name in ("short_len", "long_len", "emb_dim", "batch_size", "epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.optimizer not in ("adam", "adagrad"):
+            raise ConfigError(f"optimizer must be adam or adagrad, got {self.optimizer!r}")
+        if self.eval_split not in S.SPLITS:
+            raise ConfigError(f"eval_split must be one of {S.SPLITS}, got {self.eval_split!r}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+def load_config_file(path: str) -> Dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {path!r} is not valid JSON: {e}") from None
+
+
+# ---- run metadata -------------------------------------------------------------------------
+def package_versions() -> Dict[str, str]:
+    from importlib import metadata
+    out = {"python": platform.python_version()}
+    for pkg in ("tensorflow", "tf-keras", "tensorflow-recommenders", "numpy", "apache-beam",
+                "tfx-bsl", "tensorflow-serving-api", "lifelong-ctr"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=here, capture_output=True,
+                               text=True, timeout=5).stdout.strip()
+        return (commit + ("-dirty" if dirty else "")) if commit else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+# ---- model construction --------------------------------------------------------------------
+def feature_schema_for(cfg: TrainConfig) -> S.FeatureSchema:
+    return S.FeatureSchema.from_data_dir(cfg.data, cfg.short_len, cfg.long_len)
+
+
+def model_from_config(cfg: TrainConfig, feature_schema: S.FeatureSchema) -> LifelongCTRModel:
+    return build_model(feature_schema, cfg.model, emb_dim=cfg.emb_dim,
+                       mlp_hidden=cfg.mlp_hidden, din_hidden=cfg.din_hidden,
+                       use_user_embedding=cfg.use_user_embedding, use_context=cfg.use_context,
+                       long_module_config=cfg.long_module_config)
+
+
+def _optimizer(cfg: TrainConfig):
+    if cfg.optimizer == "adagrad":
+        return tf.keras.optimizers.Adagrad(cfg.learning_rate)
+    return tf.keras.optimizers.Adam(cfg.learning_rate)
+
+
+def dataset(cfg: TrainConfig, split: str, training: bool) -> tf.data.Dataset:
+    return D.make_dataset(S.split_pattern(cfg.data, split), cfg.short_len, cfg.long_len,
+                          cfg.batch_size, shuffle=training, seed=cfg.seed,
+                          shuffle_buffer=cfg.shuffle_buffer)
+
+
+class _EpochCheckpoint(tf.keras.callbacks.Callback):
+    """Saves model + optimizer + the finished epoch count after every epoch."""
+
+    def __init__(self, manager: tf.train.CheckpointManager, epoch_var: tf.Variable):
+        super().__init__()
+        self.manager, self.epoch_var = manager, epoch_var
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_var.assign(epoch + 1)
+        self.manager.save(checkpoint_number=epoch + 1)
+
+
+class _Throughput(tf.keras.callbacks.Callback):
+    """Training examples/s per epoch (excluding validation)."""
+
+    def __init__(self, batch_size: int):
+        super().__init__()
+        self.batch_size, self.rates = batch_size, []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t, self._steps = time.perf_counter(), 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
+        self._t_end = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self._steps:
+            self.rates.append(self._steps * self.batch_size / (self._t_end - self._t))
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Dict:
+    """Fit a model; returns the run summary (also written to ``run.json``)."""
+    cfg.validate()
+    if not cfg.out_dir:
+        cfg.out_dir = os.path.join("runs", f"{cfg.model}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    tf.keras.utils.set_random_seed(cfg.seed)
+    fschema = feature_schema_for(cfg)
+    _write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+
+    model = model_from_config(cfg, fschema)
+    optimizer = _optimizer(cfg)
+    model.compile(optimizer=optimizer)
+    epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
+    manager = tf.train.CheckpointManager(ckpt, os.path.join(cfg.out_dir, "ckpt"), max_to_keep=2)
+    initial_epoch = 0
+    if resume and manager.latest_checkpoint:
+        ckpt.restore(manager.latest_checkpoint)   # deferred: applied when variables are built
+        initial_epoch = int(epoch_var.numpy())
+        print(f"[train] resumed from {manager.latest_checkpoint} at epoch {initial_epoch}",
+              file=sys.stderr)
+    elif resume:
+        print("[train] --resume given but no checkpoint found; starting fresh", file=sys.stderr)
+
+    train_ds = dataset(cfg, "train", training=True)
+    valid_ds = dataset(cfg, "valid", training=False) if tf.io.gfile.glob(
+        S.split_pattern(cfg.data, "valid")) else None
+    if cfg.steps_per_epoch:
+        train_ds = train_ds.repeat()
+    throughput = _Throughput(cfg.batch_size)
+    callbacks = [_EpochCheckpoint(manager, epoch_var), throughput,
+                 tf.keras.callbacks.TensorBoard(os.path.join(cfg.out_dir, "tb"),
+                                                update_freq="epoch", profile_batch=0)]
+    if cfg.early_stopping_patience and valid_ds is not None:
+        callbacks.append(tf.keras.callbacks.EarlyStopping(
+            monitor="val_auc", mode="max", patience=cfg.early_stopping_patience,
+            restore_best_weights=True))
+    print(f"[train] model={cfg.model} data={cfg.data} S={cfg.short_len} L={cfg.long_len} "
+          f"epochs={cfg.epochs} batch={cfg.batch_size} out={cfg.out_dir}", file=sys.stderr)
+    t0 = time.perf_counter()
+    history = {}
+    if initial_epoch < cfg.epochs:
+        hist = model.fit(train_ds, validation_data=valid_ds, epochs=cfg.epochs,
+                         initial_epoch=initial_epoch,
+                         steps_per_epoch=cfg.steps_per_epoch or None,
+                         callbacks=callbacks, verbose=cfg.verbose)
+        history = {k: [float(x) for x in v] for k, v in hist.history.items()}
+    wall = time.perf_counter() - t0
+    final = tf.train.Checkpoint(model=model)
+    final.write(os.path.join(cfg.out_dir, "final", "weights"))
+    summary = {"config": dataclasses.asdict(cfg), "feature_schema": fschema.to_dict(),
+               "seed": cfg.seed, "versions": package_versions(), "git_commit": git_commit(),
+               "data_meta": {k: v for k, v in S.read_meta(cfg.data).items()
+                             if k in ("source", "protocol", "seed", "stats")},
+               "history": history, "train_wall_s": wall,
+               "train_examples_per_s": throughput.rates,
+               "num_params": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
+    _write_json(os.path.join(cfg.out_dir, "run.json"), summary)
+    return summary
+
+
+def load_run(run_dir: str, data: Optional[str] = None):
+    """Rebuild a trained model from a run directory (config + final weights)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{run_dir!r} is not a run directory (no config.json)")
+    with open(path) as f:
+        cfg = TrainConfig.from_dict(json.load(f))
+    if data:
+        cfg.data = data
+    with open(os.path.join(run_dir, "run.json")) as f:
+        fschema = S.FeatureSchema.from_dict(json.load(f)["feature_schema"])
+    model = model_from_config(cfg, fschema)
+    tf.train.Checkpoint(model=model).read(
+        os.path.join(run_dir, "final", "weights")).expect_partial()
+    return cfg, model
+
+
+def predict(model: LifelongCTRModel, ds: tf.data.Dataset, group_key: str = "user_id",
+            progress_every: int = 0) -> Dict[str, np.ndarray]:
+    """Labels, CTRs and group keys over a dataset (progress lines to stderr)."""
+    @tf.function(reduce_retracing=True)
+    def step(batch):
+        return tf.sigmoid(model(batch, training=False))
+
+    labels, probs, groups = [], [], []
+    t0 = time.perf_counter()
+    for i, batch in enumerate(ds):
+        if group_key not in batch:
+            raise ConfigError(f"group key {group_key!r} is not a feature; "
+                              f"available: {sorted(batch)}")
+        probs.append(step(batch).numpy())
+        labels.append(batch[S.LABEL].numpy())
+        groups.append(batch[group_key].numpy())
+        if progress_every and (i + 1) % progress_every == 0:
+            n = sum(len(x) for x in labels)
+            print(f"[evaluate] {n} examples, {n / (time.perf_counter() - t0):.0f}/s",
+                  file=sys.stderr)
+    if not labels:
+        raise ConfigError("the evaluation split is empty")
+    return {"labels": np.concatenate(labels), "probs": np.concatenate(probs),
+            "groups": np.concatenate(groups)}
+
+
+def evaluate(run_dir: str, split: str = "test", data: Optional[str] = None,
+             group_key: Optional[str] = None, batch_size: Optional[int] = None) -> Dict:
+    """AUC, GAUC and logloss of a trained run on a split; writes ``metrics-<split>.json``."""
+    cfg, model = load_run(run_dir, data)
+    if batch_size:
+        cfg.batch_size = batch_size
+    if split not in S.SPLITS:
+        raise ConfigError(f"split must be one of {S.SPLITS}, got {split!r}")
+    ds = dataset(cfg, split, training=False)
+    out = predict(model, ds, group_key or cfg.group_key, progress_every=50)
+    result = M.all_metrics(out["labels"], out["probs"], out["groups"])
+    result.update({"model": cfg.model, "split": split, "seed": cfg.seed, "data": cfg.data,
+                   "group_key": group_key or cfg.group_key, "git_commit": git_commit()})
+    _write_json(os.path.join(run_dir, f"metrics-{split}.json"), result)
+    return result
