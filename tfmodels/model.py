@@ -62,7 +62,8 @@ class LifelongCTRModel(tfrs.models.Model):
                                   if use_context else None)
         self.short_din = DinAttention(din_hidden, din_normalize, name="short_din")
         cls = registry.long_module_class(model_name)
-        self.long_module = (cls(emb_dim=d, name="long_module", **self.long_module_config)
+        module_kwargs = {**registry.preset_config(model_name), **self.long_module_config}
+        self.long_module = (cls(emb_dim=d, name="long_module", **module_kwargs)
                             if cls is not None else None)
         self.head = MLP(mlp_hidden, activation="prelu", output_units=1, name="head")
         self.task = tfrs.tasks.Ranking(

@@ -1,14 +1,19 @@
-"""Model registry: model name -> long-sequence module ("module:Class"), imported lazily.
+"""Model registry: model name -> long-sequence module, imported lazily.
 
-Adding a method = one new file under ``tfmodels/methods/`` + one line here.
-``None`` means no long module (DIN on the short sequence only).
+An entry is ``None`` (no long module: DIN on the short sequence only),
+``"module:Class"``, or ``("module:Class", {preset kwargs})`` for a named variant
+such as a paper's ablation (the preset is merged under the user's
+``long_module_config``). Adding a method = one new file under
+``tfmodels/methods/`` + one line here (plus one line per named ablation).
 """
 from __future__ import annotations
 
 import importlib
-from typing import Dict, Optional, Type
+from typing import Dict, Optional, Tuple, Type, Union
 
-MODELS: Dict[str, Optional[str]] = {
+Entry = Union[None, str, Tuple[str, Dict]]
+
+MODELS: Dict[str, Entry] = {
     "din": None,                                          # B2: short sequence only
     "din_l": "tfmodels.methods.din_long:DinLong",         # B3: DIN over the long sequence
     "avg_pool": "tfmodels.methods.avg_pool:AvgPooling",   # B1: mean of the long sequence
@@ -24,11 +29,23 @@ def names():
     return sorted(MODELS)
 
 
-def long_module_class(name: str) -> Optional[Type]:
+def _entry(name: str) -> Tuple[Optional[str], Dict]:
     if name not in MODELS:
         raise UnknownModelError(f"unknown model {name!r}; registered: {', '.join(names())}")
-    target = MODELS[name]
+    entry = MODELS[name]
+    if entry is None or isinstance(entry, str):
+        return entry, {}
+    return entry[0], dict(entry[1])
+
+
+def long_module_class(name: str) -> Optional[Type]:
+    target, _ = _entry(name)
     if target is None:
         return None
     module, cls = target.split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def preset_config(name: str) -> Dict:
+    """The variant's preset long-module kwargs (empty for plain entries)."""
+    return _entry(name)[1]
