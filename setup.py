@@ -11,6 +11,7 @@ INSTALL_REQUIRES = [
     "tfx-bsl==1.21.0",
     "apache-beam[gcp]==2.77.0",
     "tensorflow-serving-api==2.19.1",
+    "tensorboard==2.21.0",          # TF 2.21 no longer bundles it; Keras TensorBoard callback
     "numpy>=1.26",
     "scikit-learn>=1.5",
     "matplotlib>=3.8",

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Main job, end to end: set up .venv/, prepare data with Apache Beam (DirectRunner),
+# train DIN, DIN-L and avg-pooling with Keras, evaluate, print a metrics table.
+#   ./run.sh                                   synthetic lifelong data (default)
+#   ./run.sh --data ../shared/data/ml-latest-small    MovieLens (folder) or Taobao (csv file)
+# Any other flag goes to `lifelong compare` (see `lifelong compare --help`).
+set -euo pipefail
+cd "$(dirname "$0")"
+bash scripts/setup_env.sh
+exec .venv/bin/lifelong compare --work_dir "${WORK_DIR:-artifacts/main}" "$@"
