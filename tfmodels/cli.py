@@ -121,6 +121,11 @@ def cmd_compare(args, extra: List[str]) -> int:
     return compare.run(args, extra, _train_config)
 
 
+def cmd_bench(args, extra: List[str]) -> int:
+    from tfmodels import bench
+    return bench.run(args)
+
+
 # ---- parser --------------------------------------------------------------------------------
 def build_parser(prepare_flags: bool = True) -> argparse.ArgumentParser:
     """The full parser; ``prepare_flags=False`` skips importing Beam for other commands."""
@@ -176,6 +181,13 @@ def build_parser(prepare_flags: bool = True) -> argparse.ArgumentParser:
                    "(default artifacts/compare-<time>)")
     _add_train_flags(p, with_model=False)
     p.set_defaults(func=cmd_compare, allow_extra=True)
+
+    p = sub.add_parser("bench", help="benchmarks that print numbers (storage, train)",
+                       description="Benchmarks: `storage` (bytes on disk vs materialised "
+                       "windows at several L), `train` (training examples/s vs L).")
+    from tfmodels import bench_args
+    bench_args.add_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
