@@ -1,0 +1,449 @@
+"""Seeded synthetic lifelong behavior sequences with planted long-range interests.
+
+Pure NumPy + standard library (no TensorFlow, no Beam). Every user is generated
+independently from ``numpy.random.default_rng([cfg.seed, user_index])``, so a
+Beam pipeline can call :func:`generate_user` once per user index on any worker
+and get the same bytes everywhere.
+
+Generative process
+==================
+
+Shared by all users (depends only on ``seed``, ``num_items``, ``num_categories``)
+--------------------------------------------------------------------------------
+*Item -> category map.* With ``rng = default_rng([seed, 0x17E3])`` take a random
+permutation ``perm`` of ``range(num_items)``; item ``perm[j]`` belongs to category
+``j % num_categories``. Every category therefore holds ``floor`` or ``ceil`` of
+``num_items / num_categories`` items, every item has exactly one category, and
+:func:`item_category` returns it.
+
+Per user ``u`` (``rng = default_rng([seed, u])``; draws happen in this order)
+----------------------------------------------------------------------------
+1. *Latent interests.* Draw ``num_long_interests + recent_pool_size`` distinct
+   categories uniformly. The first ``num_long_interests`` are the user's
+   **long-term interests** ``LONG`` with mixture weights ``w ~ Dirichlet(2, ..., 2)``;
+   the remaining ``recent_pool_size`` form the **recent pool** ``POOL`` (disjoint
+   from ``LONG``). A per-user click bias ``b_u ~ Normal(0, user_bias_std)``.
+2. *History length* ``n``. With probability ``long_tail_fraction``:
+   ``n ~ UniformInt[max(min_history, ceil(0.9 * max_history)), max_history]``
+   (a "lifelong" user near the cap). Otherwise
+   ``n = clip(round(LogNormal(log(mean_history) - s^2/2, s)), min_history, max_history)``
+   with ``s = history_sigma`` (so the unclipped mean is ``mean_history``).
+3. *Drifting recent interest.* A random walk over ``POOL`` along the history,
+   oldest to newest: it stays on its current pool category for a
+   ``Geometric(recent_switch_prob)`` number of events, then jumps to a different
+   pool category chosen uniformly. ``walk[t]`` is its state at event ``t``; the
+   **current recent interest** ``CUR = walk[n - 1]``.
+4. *Event categories.* Let ``r = n - 1 - t`` be the recency of event ``t``
+   (``r = 0`` is the newest). In the recent window (``r < recent_window``) event
+   ``t`` is drawn from the mixture
+
+   * ``LONG`` (category ``k`` with prob. ``w_k``)  with prob. ``long_share_recent``
+   * ``walk[t]``                                 with prob. ``recent_share_recent``
+   * a uniform category (exploration)            otherwise;
+
+   older events (``r >= recent_window``) use ``long_share_old`` and
+   ``recent_share_old`` instead. Defaults make long-term interests common far
+   back (35 %) and rare in the last 100 events (2 %), while the recent window is
+   dominated (70 %) by the drifting recent interest.
+5. *Event items.* Given the category ``c``, the item is the ``floor(|c| * v^a)``-th
+   item of ``c`` (``v ~ U[0, 1)``, ``a = item_popularity_exponent``; ``a = 1`` is
+   uniform, larger ``a`` favours a few head items per category).
+6. *Engagement* ``engage ~ Beta(m * k, (1 - m) * k)`` with ``k = engage_concentration``
+   and mean ``m = engage_interest_mean`` when the event's category is in
+   ``LONG`` or ``POOL``, else ``engage_base_mean``. Always in ``[0, 1]``.
+7. *Timestamps.* ``ts[0] = start_ts + UniformInt[0, start_jitter_s)``; each next
+   gap is, with probability ``session_break_prob``, a session break drawn
+   log-uniformly from ``[break_min_s, break_max_s]`` (default 30 min to 3 days),
+   otherwise an in-session gap ``Exponential(session_gap_mean_s)``; gaps are
+   rounded up to whole seconds and are at least 1, so ``ts`` strictly increases.
+8. *Impressions* (``num_impressions`` per user, all after the last event, so each
+   one sees the whole history). The first comes ``UniformInt[60, 3600]`` s after the
+   last event, the next ones ``UniformInt[1, 120]`` s apart. Candidate categories
+   come from ``LONG`` (by ``w``) with prob. ``impression_long_frac``, are ``CUR``
+   with prob. ``impression_recent_frac``, else uniform; the item is drawn as in 5.
+   The click label is ``Bernoulli(sigmoid(z))`` with::
+
+       z = label_bias + b_u + label_long_weight * [c in LONG]
+           + label_recent_weight * [c == CUR] + Normal(0, label_noise_std)
+
+   Only the *current* recent interest earns the recent bonus: pool categories
+   the walk visited earlier look frequent in a long window but are not clicked
+   more, which keeps a pure long-window count from being a perfect feature.
+
+Why short windows lose
+----------------------
+A candidate from ``LONG`` almost never appears among the last ~50 events (its
+category has ~2 % / ``num_long_interests`` share there), so a model reading only
+the short window cannot tell it from a uniform candidate; a window of ~1000
+events sees it hundreds of times. ``tests/test_synthetic.py`` checks this with
+count features and logistic regression (see ``docs/synthetic.md`` for numbers).
+
+Output of :func:`generate_user`
+-------------------------------
+``{"user_key": "u42", "events": [(item_key, cate_key, ts, engage, domain), ...],
+"impressions": [(item_key, cate_key, ts, label), ...]}`` with keys like ``"i123"``
+and ``"c7"``, plain Python ``str``/``int``/``float`` values, events sorted by
+``ts`` ascending, ``domain`` always 1, labels in ``{0.0, 1.0}``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Dict, Iterable, Iterator, List, Optional
+
+import numpy as np
+
+__all__ = [
+    "SyntheticConfig",
+    "generate_user",
+    "generate_users",
+    "item_category",
+    "item_category_array",
+    "user_latents",
+    "item_key",
+    "cate_key",
+    "user_key",
+    "DOMAIN",
+]
+
+DOMAIN = 1  # every synthetic behavior comes from one domain
+_ITEM_MAP_STREAM = 0x17E3  # second seed word of the shared item->category stream
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """All knobs of the synthetic generator (see the module docstring and docs/synthetic.md)."""
+
+    # --- sizes
+    num_users: int = 2000
+    num_items: int = 20000
+    num_categories: int = 200
+    # --- history length
+    mean_history: int = 1200      # history lengths drawn from a clipped lognormal around this
+    min_history: int = 200
+    max_history: int = 3000       # configurable up to 100,000+
+    history_sigma: float = 0.5    # lognormal shape of the history length
+    long_tail_fraction: float = 0.0  # share of users with history drawn near max_history
+    # --- latent interests
+    num_long_interests: int = 3   # latent long-term interest categories per user
+    recent_pool_size: int = 4     # categories the drifting recent interest walks over
+    recent_switch_prob: float = 0.02  # per-event prob. that the recent interest jumps
+    recent_window: int = 100      # newest events where long interests are rare
+    long_share_old: float = 0.35  # P(event from a long interest), older than recent_window
+    long_share_recent: float = 0.02  # same, inside the recent window
+    recent_share_old: float = 0.25  # P(event from the walk's category), older part
+    recent_share_recent: float = 0.70  # same, inside the recent window
+    item_popularity_exponent: float = 1.0  # 1 = uniform items within a category
+    # --- impressions and labels
+    num_impressions: int = 8
+    impression_long_frac: float = 1.0 / 3.0
+    impression_recent_frac: float = 1.0 / 3.0
+    label_bias: float = -3.0
+    label_long_weight: float = 3.5
+    label_recent_weight: float = 3.0
+    label_noise_std: float = 0.7
+    user_bias_std: float = 0.3
+    # --- engagement
+    engage_base_mean: float = 0.35
+    engage_interest_mean: float = 0.6
+    engage_concentration: float = 6.0
+    # --- time
+    start_ts: int = 1_500_000_000
+    start_jitter_s: int = 30 * 86400
+    session_gap_mean_s: float = 90.0
+    session_break_prob: float = 0.08
+    break_min_s: float = 1800.0
+    break_max_s: float = 3 * 86400.0
+    # --- randomness
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-able dict of every field (round-trips through :meth:`from_dict`)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "SyntheticConfig":
+        """Build from a dict; missing fields take defaults, unknown fields raise ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"SyntheticConfig.from_dict expects a dict, got {type(d).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"SyntheticConfig: unknown field(s) {unknown}")
+        kwargs = {}
+        for name, value in d.items():
+            # JSON may hand back 3.0 for an int field; accept exact integers.
+            if known[name].type in ("int", int) and isinstance(value, float) and value.is_integer():
+                value = int(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+
+_INT_FIELDS = {f.name for f in dataclasses.fields(SyntheticConfig) if f.type in ("int", int)}
+
+
+def _validate(cfg: SyntheticConfig) -> None:
+    def err(field: str, msg: str) -> ValueError:
+        return ValueError(f"SyntheticConfig.{field}: {msg} (got {getattr(cfg, field)!r})")
+
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if f.name in _INT_FIELDS:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise err(f.name, "must be an integer")
+        else:
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise err(f.name, "must be a number")
+            if not math.isfinite(v):
+                raise err(f.name, "must be finite")
+
+    for name in ("num_users", "num_items", "num_categories", "min_history", "max_history",
+                 "mean_history", "num_long_interests", "recent_pool_size", "recent_window",
+                 "num_impressions", "engage_concentration"):
+        if getattr(cfg, name) < 1:
+            raise err(name, "must be >= 1")
+    for name in ("history_sigma", "label_noise_std", "user_bias_std", "start_ts",
+                 "start_jitter_s", "session_gap_mean_s", "seed"):
+        if getattr(cfg, name) < 0:
+            raise err(name, "must be >= 0")
+    if cfg.item_popularity_exponent <= 0:
+        raise err("item_popularity_exponent", "must be > 0")
+    if cfg.min_history > cfg.max_history:
+        raise ValueError(
+            f"SyntheticConfig.min_history ({cfg.min_history}) must be <= "
+            f"max_history ({cfg.max_history})")
+    needed = cfg.num_long_interests + cfg.recent_pool_size + 1
+    if cfg.num_categories < needed:
+        raise ValueError(
+            f"SyntheticConfig.num_categories ({cfg.num_categories}) must be >= "
+            f"num_long_interests + recent_pool_size + 1 = {needed} so that long-term "
+            f"interests, the recent pool and at least one other category are distinct")
+    if cfg.num_items < cfg.num_categories:
+        raise ValueError(
+            f"SyntheticConfig.num_items ({cfg.num_items}) must be >= num_categories "
+            f"({cfg.num_categories}) so every category holds at least one item")
+    for name in ("long_tail_fraction", "recent_switch_prob", "long_share_old", "long_share_recent",
+                 "recent_share_old", "recent_share_recent", "impression_long_frac",
+                 "impression_recent_frac", "session_break_prob"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise err(name, "must be in [0, 1]")
+    for name in ("engage_base_mean", "engage_interest_mean"):
+        if not 0.0 < getattr(cfg, name) < 1.0:
+            raise err(name, "must be in (0, 1)")
+    for a, b in (("long_share_old", "recent_share_old"),
+                 ("long_share_recent", "recent_share_recent"),
+                 ("impression_long_frac", "impression_recent_frac")):
+        if getattr(cfg, a) + getattr(cfg, b) > 1.0 + 1e-9:
+            raise ValueError(f"SyntheticConfig.{a} + {b} must be <= 1 "
+                             f"(got {getattr(cfg, a)} + {getattr(cfg, b)})")
+    if not 1.0 <= cfg.break_min_s <= cfg.break_max_s:
+        raise ValueError(f"SyntheticConfig.break_min_s ({cfg.break_min_s}) must be >= 1 and <= "
+                         f"break_max_s ({cfg.break_max_s})")
+
+
+# ----------------------------------------------------------------------------- keys
+
+
+def item_key(item_index: int) -> str:
+    return f"i{int(item_index)}"
+
+
+def cate_key(category_index: int) -> str:
+    return f"c{int(category_index)}"
+
+
+def user_key(user_index: int) -> str:
+    return f"u{int(user_index)}"
+
+
+# ----------------------------------------------------------------------------- item map
+
+
+@functools.lru_cache(maxsize=8)
+def _item_tables(seed: int, num_items: int, num_categories: int):
+    """(cat_of_item [num_items], items_by_cat [num_items], cat_offset [C], cat_size [C])."""
+    rng = np.random.default_rng([seed, _ITEM_MAP_STREAM])
+    perm = rng.permutation(num_items)
+    cat_of_item = np.empty(num_items, dtype=np.int64)
+    cat_of_item[perm] = np.arange(num_items, dtype=np.int64) % num_categories
+    items_by_cat = np.argsort(cat_of_item, kind="stable")
+    cat_size = np.bincount(cat_of_item, minlength=num_categories).astype(np.int64)
+    cat_offset = np.concatenate([[0], np.cumsum(cat_size)[:-1]]).astype(np.int64)
+    for a in (cat_of_item, items_by_cat, cat_size, cat_offset):
+        a.setflags(write=False)
+    return cat_of_item, items_by_cat, cat_offset, cat_size
+
+
+def item_category_array(cfg: SyntheticConfig) -> np.ndarray:
+    """Read-only int64 array: category index of every item index (shared by all users)."""
+    return _item_tables(cfg.seed, cfg.num_items, cfg.num_categories)[0]
+
+
+def item_category(cfg: SyntheticConfig, item_index: int) -> int:
+    """Category index of ``item_index`` (fixed by ``cfg.seed``, ``num_items``, ``num_categories``)."""
+    if not 0 <= int(item_index) < cfg.num_items:
+        raise ValueError(f"item_index must be in [0, num_items={cfg.num_items}), got {item_index}")
+    return int(item_category_array(cfg)[int(item_index)])
+
+
+# ----------------------------------------------------------------------------- per user
+
+
+def _sample_items(rng: np.random.Generator, cats: np.ndarray, cfg: SyntheticConfig) -> np.ndarray:
+    _, items_by_cat, cat_offset, cat_size = _item_tables(cfg.seed, cfg.num_items,
+                                                         cfg.num_categories)
+    v = rng.random(cats.shape[0])
+    if cfg.item_popularity_exponent != 1.0:
+        v = v ** cfg.item_popularity_exponent
+    pos = np.minimum((v * cat_size[cats]).astype(np.int64), cat_size[cats] - 1)
+    return items_by_cat[cat_offset[cats] + pos]
+
+
+def _history_length(rng: np.random.Generator, cfg: SyntheticConfig) -> int:
+    tail = rng.random() < cfg.long_tail_fraction
+    s = cfg.history_sigma
+    draw = rng.lognormal(math.log(cfg.mean_history) - 0.5 * s * s, s)
+    lo_tail = max(cfg.min_history, math.ceil(0.9 * cfg.max_history))
+    tail_n = int(rng.integers(lo_tail, cfg.max_history + 1))
+    if tail:
+        return tail_n
+    return int(min(max(round(draw), cfg.min_history), cfg.max_history))
+
+
+def _recent_walk(rng: np.random.Generator, n: int, cfg: SyntheticConfig) -> np.ndarray:
+    """Pool index (0..recent_pool_size-1) of the recent interest at every event, oldest first."""
+    p, size = cfg.recent_switch_prob, cfg.recent_pool_size
+    start = int(rng.integers(size))
+    if p <= 0.0 or size == 1:
+        return np.full(n, start, dtype=np.int64)
+    chunks: List[np.ndarray] = []
+    total = 0
+    batch = int(n * p * 1.5) + 16
+    while total < n:
+        seg = rng.geometric(p, size=batch)
+        chunks.append(seg)
+        total += int(seg.sum())
+    seg = np.concatenate(chunks)
+    steps = rng.integers(1, size, size=seg.shape[0])  # never stay on the same category
+    steps[0] = 0
+    states = (start + np.cumsum(steps)) % size
+    return np.repeat(states, seg)[:n]
+
+
+def _simulate(cfg: SyntheticConfig, user_index: int) -> Dict[str, Any]:
+    if isinstance(user_index, bool) or not isinstance(user_index, (int, np.integer)):
+        raise ValueError(f"user_index must be an integer, got {user_index!r}")
+    if not 0 <= user_index < cfg.num_users:
+        raise ValueError(f"user_index must be in [0, num_users={cfg.num_users}), got {user_index}")
+    rng = np.random.default_rng([cfg.seed, int(user_index)])
+    C, K, P = cfg.num_categories, cfg.num_long_interests, cfg.recent_pool_size
+
+    # 1. latent interests
+    chosen = rng.choice(C, size=K + P, replace=False)
+    long_cats, pool = chosen[:K], chosen[K:]
+    long_w = rng.dirichlet(np.full(K, 2.0))
+    user_bias = float(rng.normal(0.0, cfg.user_bias_std)) if cfg.user_bias_std > 0 else 0.0
+
+    # 2. history length, 3. recent walk
+    n = _history_length(rng, cfg)
+    walk = _recent_walk(rng, n, cfg)
+    current_recent = int(pool[walk[-1]])
+
+    # 4. event categories: mixture by recency
+    recency = np.arange(n - 1, -1, -1)
+    in_window = recency < cfg.recent_window
+    p_long = np.where(in_window, cfg.long_share_recent, cfg.long_share_old)
+    p_rec = np.where(in_window, cfg.recent_share_recent, cfg.recent_share_old)
+    u = rng.random(n)
+    long_draw = long_cats[rng.choice(K, size=n, p=long_w)]
+    rand_draw = rng.integers(C, size=n)
+    cats = np.where(u < p_long, long_draw, np.where(u < p_long + p_rec, pool[walk], rand_draw))
+
+    # 5. items
+    items = _sample_items(rng, cats, cfg)
+
+    # 6. engagement
+    interest = np.isin(cats, chosen)
+    mean = np.where(interest, cfg.engage_interest_mean, cfg.engage_base_mean)
+    k = cfg.engage_concentration
+    engage = np.clip(rng.beta(mean * k, (1.0 - mean) * k), 0.0, 1.0)
+
+    # 7. timestamps
+    is_break = rng.random(n) < cfg.session_break_prob
+    lo, hi = math.log(cfg.break_min_s), math.log(cfg.break_max_s)
+    breaks = np.exp(rng.uniform(lo, hi, size=n))
+    in_session = rng.exponential(cfg.session_gap_mean_s, size=n) if cfg.session_gap_mean_s > 0 \
+        else np.zeros(n)
+    gaps = np.maximum(np.ceil(np.where(is_break, breaks, in_session)), 1).astype(np.int64)
+    gaps[0] = 0
+    t0 = cfg.start_ts + (int(rng.integers(cfg.start_jitter_s)) if cfg.start_jitter_s > 0 else 0)
+    ts = t0 + np.cumsum(gaps)
+
+    # 8. impressions
+    m = cfg.num_impressions
+    ui = rng.random(m)
+    imp_long = long_cats[rng.choice(K, size=m, p=long_w)]
+    imp_rand = rng.integers(C, size=m)
+    lf, rf = cfg.impression_long_frac, cfg.impression_recent_frac
+    imp_cats = np.where(ui < lf, imp_long, np.where(ui < lf + rf, current_recent, imp_rand))
+    imp_items = _sample_items(rng, imp_cats, cfg)
+    imp_gaps = rng.integers(1, 121, size=m)
+    imp_gaps[0] = rng.integers(60, 3601)
+    imp_ts = int(ts[-1]) + np.cumsum(imp_gaps)
+    z = (cfg.label_bias + user_bias
+         + cfg.label_long_weight * np.isin(imp_cats, long_cats)
+         + cfg.label_recent_weight * (imp_cats == current_recent)
+         + rng.normal(0.0, cfg.label_noise_std, size=m))
+    labels = (rng.random(m) < 1.0 / (1.0 + np.exp(-z))).astype(np.float64)
+
+    return {
+        "items": items, "cats": cats, "ts": ts, "engage": engage,
+        "imp_items": imp_items, "imp_cats": imp_cats, "imp_ts": imp_ts, "labels": labels,
+        "latents": {
+            "long_interests": [int(c) for c in long_cats],
+            "long_weights": [float(w) for w in long_w],
+            "recent_pool": [int(c) for c in pool],
+            "current_recent": current_recent,
+            "user_bias": user_bias,
+            "history_length": n,
+        },
+    }
+
+
+def generate_user(cfg: SyntheticConfig, user_index: int) -> Dict[str, Any]:
+    """One user's history and impressions; deterministic in ``(cfg, user_index)``.
+
+    Returns ``{"user_key": str, "events": [(item_key, cate_key, ts, engage, domain), ...]``
+    sorted by ``ts`` ascending, ``"impressions": [(item_key, cate_key, ts, label), ...]}``;
+    every impression is later than the last event. ``0 <= user_index < cfg.num_users``.
+    """
+    sim = _simulate(cfg, user_index)
+    item_keys = [f"i{i}" for i in sim["items"].tolist()]
+    cate_keys = [f"c{c}" for c in sim["cats"].tolist()]
+    events = list(zip(item_keys, cate_keys, sim["ts"].tolist(), sim["engage"].tolist(),
+                      [DOMAIN] * len(item_keys)))
+    impressions = list(zip([f"i{i}" for i in sim["imp_items"].tolist()],
+                           [f"c{c}" for c in sim["imp_cats"].tolist()],
+                           sim["imp_ts"].tolist(), sim["labels"].tolist()))
+    return {"user_key": user_key(user_index), "events": events, "impressions": impressions}
+
+
+def generate_users(cfg: SyntheticConfig, user_indices: Optional[Iterable[int]] = None
+                   ) -> Iterator[Dict[str, Any]]:
+    """Yield :func:`generate_user` for each index (default: all ``range(cfg.num_users)``)."""
+    for u in (range(cfg.num_users) if user_indices is None else user_indices):
+        yield generate_user(cfg, u)
+
+
+def user_latents(cfg: SyntheticConfig, user_index: int) -> Dict[str, Any]:
+    """The hidden truth behind :func:`generate_user` (for debugging and oracle tests).
+
+    Keys: ``long_interests`` (category indices), ``long_weights``, ``recent_pool``,
+    ``current_recent`` (the recent interest at the last event), ``user_bias``,
+    ``history_length``.
+    """
+    return dict(_simulate(cfg, user_index)["latents"])
