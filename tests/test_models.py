@@ -13,7 +13,8 @@ from tfmodels.testing import layer_test, model_test, tiny_schema
 @pytest.mark.parametrize("name", registry.names())
 def test_model(name, tiny_data, tmp_path):
     out = model_test(name, tiny_data, str(tmp_path))
-    assert out["cached_gap"] <= 1e-5
+    tol = getattr(registry.long_module_class(name), "cache_parity_tol", 1e-5)
+    assert out["cached_gap"] <= max(1e-5, tol)
 
 
 @pytest.mark.parametrize("name", [n for n in registry.names() if registry.MODELS[n]])

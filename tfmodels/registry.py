@@ -17,6 +17,12 @@ MODELS: Dict[str, Entry] = {
     "din": None,                                          # B2: short sequence only
     "din_l": "tfmodels.methods.din_long:DinLong",         # B3: DIN over the long sequence
     "avg_pool": "tfmodels.methods.avg_pool:AvgPooling",   # B1: mean of the long sequence
+    "lrea": "tfmodels.methods.lrea:LREA",                 # 2.3: low-rank efficient attention
+    "lrea_linear": "tfmodels.methods.lrea:LREALinear",    # 2.3 with phi linear (exact absorption)
+    "encode": ("tfmodels.methods.encode:Encode", {}),     # 2.2 ENCODE
+    "encode_no_loss": ("tfmodels.methods.encode:Encode", {"reduction_loss": False}),
+    "encode_fixed_margin": ("tfmodels.methods.encode:Encode", {"margin": "fixed"}),
+    "encode_dot": ("tfmodels.methods.encode:Encode", {"online_metric": "dot"}),
 }
 
 

@@ -33,6 +33,10 @@ class LongSequenceModule(tf.keras.layers.Layer):
     #: raw ``long_*`` fields (besides item/category ids) the module reads;
     #: the serving signatures declare only these.
     reads_fields: Tuple[str, ...] = ("item_id", "cate_id")
+    #: tolerance of the shared ``score(user_cache(x)) == call(x)`` checks in
+    #: :mod:`tfmodels.testing`; only a module whose training path is not algebraically
+    #: equal to its serving path (LREA with LeakyReLU) raises it, and says why.
+    cache_parity_tol: float = 1e-5
 
     def __init__(self, emb_dim: int, **kwargs):
         super().__init__(**kwargs)

@@ -1,0 +1,428 @@
+"""LREA (METHODS 2.3): every faithfulness test of the spec, the shared layer test, the grid.
+
+Faithfulness tests of METHODS 2.3 -> tests here:
+  1. phi linear: absorbed == training path (1e-5)    -> test_linear_absorbed_path_is_exact
+  2. LeakyReLU, W_decomp >= 0, one-signed columns: exact -> test_leaky_exact_when_columns_one_signed
+     and the gap shrinks when L_nonneg -> 0           -> test_gap_shrinks_when_nonneg_loss_is_trained_to_zero
+  3. W_decomp^T (E_t * E_comp^T) == E_t * E^LREA      -> test_identity_r3
+  4. L_nonneg = 0 iff W_decomp, E_comp >= 0; gradient only on negative entries
+                                                     -> test_nonneg_loss_*
+  5. inference from the cache only, cost independent of L -> test_absorbed_path_needs_only_the_cache
+  6. padded values change neither path                -> test_padding_changes_neither_path
+Plus a literal NumPy reference of (R2-R4) and (R7), variable lengths/alignment,
+gradients, the shared layer/model tests and the grid / serving-gap helpers.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+import pytest
+
+import tfmodels  # noqa: F401
+import tensorflow as tf
+
+from tfmodels import registry
+from tfmodels.methods.lrea import LREA, LREALinear, block_init
+from tfmodels.testing import _pad_more, layer_test, random_sequence, random_target
+
+D, L = 8, 16
+
+
+def _leaky(x, a=0.01):
+    return np.where(x > 0, x, a * x)
+
+
+def _build(cls=LREA, length=L, dim=D, **kw):
+    layer = cls(emb_dim=dim, **kw)
+    layer(random_sequence(2, length, dim, [1, length]), random_target(2, dim))
+    return layer
+
+
+def _randomize(layer, seed=0, nonneg_decomp=False):
+    """Replace the (structured) block init by dense random matrices."""
+    rng = np.random.default_rng(seed)
+    wc = rng.normal(size=layer.w_comp.shape).astype(np.float32) * 0.3
+    wd = rng.normal(size=layer.w_decomp.shape).astype(np.float32) * 0.3
+    layer.w_comp.assign(wc)
+    layer.w_decomp.assign(np.abs(wd) if nonneg_decomp else wd)
+
+
+def reference(layer, emb, mask, target):
+    """Literal NumPy (R2)-(R4) and (R7) with the layer's weights; rows taken one by one.
+
+    The third training term is computed as W_decomp^T (E_t * E_comp^T) (the paper's
+    form), not through the identity the layer uses.
+    """
+    phi = (lambda x: x) if layer.phi == "linear" else (lambda x: _leaky(x, layer.leaky_slope))
+    wc, wd = layer.w_comp.numpy(), layer.w_decomp.numpy()
+    w_in, w_o = layer.w_in.numpy(), layer.w_o.numpy()[:, None]
+    d = layer.emb_dim
+    w1, w2, w3 = w_in[:d], w_in[d:2 * d], w_in[2 * d:]
+    n = min(emb.shape[1], wc.shape[0])
+    v_train, v_inf = [], []
+    for b in range(emb.shape[0]):
+        e_s = (emb[b, :n] * mask[b, :n, None]).astype(np.float64)        # [n, d]
+        e_t = target[b][None, :].astype(np.float64)                      # [1, d]
+        e_comp = e_s.T @ wc[:n]                                          # [d, r]  (R2)
+        a = wd[:, :n].T                                                  # W_decomp^T [n, r]
+        s = (phi(np.ones((n, 1)) @ e_t @ w1) + phi(a @ e_comp.T @ w2)
+             + phi(a @ (e_t * e_comp.T) @ w3)) @ w_o                     # [n, 1] (R3)
+        s = s * mask[b, :n, None]
+        v_train.append((e_s.T @ s)[:, 0])                                # (R4)
+        e_aux = e_s.T @ wd[:, :n].T                                      # [d, r]
+        s_r = (phi(e_comp.T @ w2) + phi(e_t * e_comp.T @ w3)) @ w_o      # [r, 1]
+        sigma = e_s.sum(0)
+        v_inf.append((e_aux @ s_r)[:, 0] + sigma * (phi(e_t @ w1) @ w_o)[0, 0])   # (R7)
+    return np.array(v_train), np.array(v_inf)
+
+
+def _paths(layer, seq, target, training=False):
+    train = layer(seq, target, training=training).numpy()
+    absorbed = layer.score(layer.user_cache(seq), target).numpy()
+    return train, absorbed
+
+
+# ---- shared helpers -------------------------------------------------------------------------
+@pytest.mark.parametrize("cls,config,training", [
+    (LREA, {}, False), (LREA, {}, True), (LREALinear, {}, False), (LREALinear, {}, True),
+    (LREA, {"rank": 4}, False), (LREA, {"rank": 4, "lam": 1.0}, True),
+    (LREALinear, {"rank": 4, "init": "glorot"}, True)])
+def test_layer_test(cls, config, training):
+    out = layer_test(cls, config, training=training)
+    assert out["output_dim"] == D
+    if not training:
+        assert out["aux_loss"] == 0.0
+
+
+def test_registry_lines():
+    assert registry.long_module_class("lrea") is LREA
+    assert registry.long_module_class("lrea_linear") is LREALinear
+    assert LREA.cache_parity_tol == 1e-2 and LREALinear.cache_parity_tol == 1e-5
+
+
+# ---- reference implementation -----------------------------------------------------------
+@pytest.mark.parametrize("phi,rank,length", [("leaky_relu", 6, 16), ("linear", 6, 16),
+                                             ("leaky_relu", 32, 16), ("leaky_relu", 16, 16)])
+def test_matches_numpy_reference(phi, rank, length):
+    layer = _build(rank=rank, phi=phi, length=length, leaky_slope=0.2)
+    _randomize(layer)
+    seq = random_sequence(5, length, D, [0, 1, 5, length - 1, length], seed=3)
+    target = random_target(5, D, seed=4)
+    train, absorbed = _paths(layer, seq, target)
+    ref_train, ref_inf = reference(layer, seq["emb"].numpy(), seq["mask"].numpy(),
+                                   target["emb"].numpy())
+    np.testing.assert_allclose(train, ref_train, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(absorbed, ref_inf, rtol=1e-4, atol=1e-4)
+
+
+# ---- faithfulness test 1 ----------------------------------------------------------------
+@pytest.mark.parametrize("cls,kw", [(LREALinear, {}), (LREA, {"phi": "linear"}),
+                                    (LREA, {"leaky_slope": 1.0})])
+@pytest.mark.parametrize("rank", [4, 40])
+def test_linear_absorbed_path_is_exact(cls, kw, rank):
+    layer = _build(cls, rank=rank, **kw)
+    _randomize(layer, seed=rank)
+    seq = random_sequence(6, L, D, [0, 1, 3, 8, 15, 16], seed=rank)
+    target = random_target(6, D, seed=rank + 1)
+    train, absorbed = _paths(layer, seq, target)
+    assert np.abs(train).max() > 1e-2            # a non-trivial output
+    np.testing.assert_allclose(absorbed, train, rtol=1e-5, atol=1e-5)
+    # and with one user's cache broadcast against several candidates
+    one = {k: v[4:5] for k, v in seq.items()}
+    tiled = {k: tf.repeat(v, 6, 0) for k, v in one.items()}
+    np.testing.assert_allclose(layer.score(layer.user_cache(one), target).numpy(),
+                               layer(tiled, target).numpy(), rtol=1e-5, atol=1e-5)
+
+
+# ---- faithfulness test 2 ----------------------------------------------------------------
+def test_leaky_exact_when_columns_one_signed():
+    """W_decomp >= 0, E_s >= 0, W_comp >= 0 (so E_comp >= 0), E_t >= 0 and every column
+    of W_2, W_3 one-signed -> every column of E_comp^T W_2 and (E_t*E_comp^T) W_3 is
+    one-signed and phi(AB) = A phi(B) holds exactly (R5)."""
+    rng = np.random.default_rng(0)
+    layer = _build(rank=6, leaky_slope=0.1)
+    h = layer.hidden
+    layer.w_comp.assign(rng.random(layer.w_comp.shape).astype(np.float32))
+    layer.w_decomp.assign(rng.random(layer.w_decomp.shape).astype(np.float32))
+    signs = np.where(rng.random(h) < 0.5, -1.0, 1.0)
+    w_in = rng.random((3 * D, h)) * signs                 # one sign per column
+    w_in[:D] = rng.normal(size=(D, h))                    # W_1 is free (no absorption)
+    layer.w_in.assign(w_in.astype(np.float32))
+    seq = random_sequence(4, L, D, [0, 2, 9, 16], seed=1)
+    seq["emb"] = tf.abs(seq["emb"])
+    target = {"emb": tf.constant(rng.random((4, D)).astype(np.float32))}
+    train, absorbed = _paths(layer, seq, target)
+    # the negative branch is exercised
+    e_comp = layer.user_cache(seq)["e_comp"].numpy()
+    assert (np.einsum("bdr,dh->brh", e_comp, w_in[D:2 * D]) < 0).any()
+    np.testing.assert_allclose(absorbed, train, rtol=1e-5, atol=1e-5)
+    # with mixed signs in W_decomp the same inputs give a visible gap
+    layer.w_decomp.assign(rng.normal(size=layer.w_decomp.shape).astype(np.float32))
+    train, absorbed = _paths(layer, seq, target)
+    assert np.abs(absorbed - train).max() > 1e-3
+
+
+def _toy_gap(lam, seed=0, steps=120):
+    """Train a toy LREA (learnable embeddings, 'target in history' labels); return the
+    relative gap ||v_inf - v_train|| / ||v_train|| and the final L_nonneg."""
+    tf.keras.utils.set_random_seed(seed)
+    rng = np.random.default_rng(seed)
+    vocab, batch, length, d = 30, 64, 12, 4
+    lengths = rng.integers(1, length + 1, size=batch)
+    mask = (np.arange(length)[None] < lengths[:, None]).astype(np.float32)
+    ids = (rng.integers(1, vocab, size=(batch, length)) * mask).astype(np.int64)
+    tgt = rng.integers(1, vocab, size=batch)
+    y = np.array([float(t in row) for t, row in zip(tgt, ids)], np.float32)
+    table = tf.Variable(rng.normal(size=(vocab, d)).astype(np.float32) * 0.5)
+    head = tf.Variable(rng.normal(size=(d,)).astype(np.float32))
+    layer = LREA(emb_dim=d, rank=6, lam=lam, init="glorot")
+    opt = tf.keras.optimizers.Adam(0.03)
+
+    def inputs():
+        return ({"emb": tf.gather(table, ids) * mask[..., None], "mask": tf.constant(mask)},
+                {"emb": tf.gather(table, tgt)})
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            seq, t = inputs()
+            logit = tf.linalg.matvec(layer(seq, t, training=True), head)
+            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(y, logit))
+            loss += tf.add_n(layer.losses + [0.0])
+        variables = layer.trainable_variables + [table, head]
+        opt.apply_gradients(zip(tape.gradient(loss, variables), variables))
+
+    layer(*inputs())
+    for _ in range(steps):
+        step()
+    seq, t = inputs()
+    v_train, v_inf = _paths(layer, seq, t)
+    return (float(np.linalg.norm(v_inf - v_train) / np.linalg.norm(v_train)),
+            float(layer.nonneg_loss(seq)))
+
+
+def test_gap_shrinks_when_nonneg_loss_is_trained_to_zero():
+    gap_free, nonneg_free = _toy_gap(0.0)
+    gap_con, nonneg_con = _toy_gap(10.0)
+    assert nonneg_con < 1e-2 < nonneg_free
+    assert gap_con < 0.25 * gap_free, (gap_con, gap_free)
+
+
+# ---- faithfulness test 3 ----------------------------------------------------------------
+def test_identity_r3():
+    """W_decomp^T (E_t * E_comp^T) == E_t * (W_decomp^T E_comp^T) (per row, E_t broadcast)."""
+    rng = np.random.default_rng(0)
+    layer = _build(rank=5)
+    _randomize(layer)
+    seq = random_sequence(3, L, D, [2, 9, 16], seed=2)
+    e_t = rng.normal(size=(3, D))
+    e_comp = layer.user_cache(seq)["e_comp"].numpy().astype(np.float64)     # [B, d, r]
+    wd = layer.w_decomp.numpy().astype(np.float64)
+    for b in range(3):
+        lhs = wd.T @ (e_t[b][None, :] * e_comp[b].T)
+        rhs = e_t[b][None, :] * (wd.T @ e_comp[b].T)
+        np.testing.assert_allclose(lhs, rhs, rtol=1e-10, atol=1e-12)
+
+
+# ---- faithfulness test 4 ----------------------------------------------------------------
+def test_nonneg_loss_is_exactly_zero_for_nonnegative_factors():
+    rng = np.random.default_rng(0)
+    layer = _build(rank=6, lam=0.3)
+    layer.w_comp.assign(rng.random(layer.w_comp.shape).astype(np.float32))
+    layer.w_decomp.assign(rng.random(layer.w_decomp.shape).astype(np.float32))
+    seq = random_sequence(4, L, D, [0, 3, 10, 16])
+    seq["emb"] = tf.abs(seq["emb"])
+    assert float(layer.nonneg_loss(seq)) == 0.0
+    layer(seq, random_target(4, D), training=True)
+    assert [float(x) for x in layer.losses] == [0.0]
+    # block init: W_decomp >= 0, so the first term is exactly 0 at initialisation
+    fresh = _build(rank=6)
+    assert float(tf.reduce_sum(tf.nn.relu(-fresh.w_decomp))) == 0.0
+
+
+def test_nonneg_loss_hand_computed_and_gradient_only_on_negative_entries():
+    rng = np.random.default_rng(1)
+    lam = 0.3
+    layer = _build(rank=6, lam=lam)
+    _randomize(layer, seed=1)
+    seq = random_sequence(4, L, D, [0, 3, 10, 16], seed=5)
+    wc, wd = layer.w_comp.numpy().astype(np.float64), layer.w_decomp.numpy().astype(np.float64)
+    e_s = seq["emb"].numpy().astype(np.float64)
+    e_comp = np.einsum("bld,lr->bdr", e_s, wc)
+    want = (np.square(np.maximum(0, -wd)).sum()
+            + np.mean(np.square(np.maximum(0, -e_comp)).sum(axis=(1, 2))))
+    assert want > 0
+    np.testing.assert_allclose(float(layer.nonneg_loss(seq)), want, rtol=1e-5)
+    layer(seq, random_target(4, D), training=True)
+    np.testing.assert_allclose(float(tf.add_n(layer.losses)), lam * want, rtol=1e-5)
+    layer(seq, random_target(4, D), training=False)
+    assert not layer.losses                            # auxiliary loss only when training
+
+    with tf.GradientTape() as tape:
+        loss = layer.nonneg_loss(seq)
+    g_comp, g_decomp = tape.gradient(loss, [layer.w_comp, layer.w_decomp])
+    # d/dW_decomp = -2 max(0, -W_decomp): zero exactly where W_decomp >= 0
+    np.testing.assert_allclose(g_decomp.numpy(), -2 * np.maximum(0, -wd), rtol=1e-5, atol=1e-6)
+    assert np.all(g_decomp.numpy()[wd >= 0] == 0.0)
+    # d/dW_comp = mean_b E_s,b (-2 max(0, -E_comp,b))^T: only negative E_comp entries count
+    want_comp = np.mean(np.einsum("bld,bdr->blr", e_s, -2 * np.maximum(0, -e_comp)), 0)
+    np.testing.assert_allclose(g_comp.numpy(), want_comp, rtol=1e-4, atol=1e-5)
+
+
+# ---- faithfulness test 5 ----------------------------------------------------------------
+def test_absorbed_path_needs_only_the_cache():
+    shapes = {}
+    for length in (16, 64):
+        layer = _build(rank=6, length=length)
+        seq = random_sequence(3, length, D, [1, 5, length])
+        cache = layer.user_cache(seq)
+        assert sorted(cache) == ["e_aux", "e_comp", "sigma"]
+        shapes[length] = {k: tuple(v.shape) for k, v in cache.items()}
+        # the cache alone (no sequence anywhere) is enough to score candidates
+        frozen = {k: tf.constant(v.numpy()) for k, v in cache.items()}
+        target = random_target(3, D)
+        np.testing.assert_allclose(layer.score(frozen, target).numpy(),
+                                   layer.score(cache, target).numpy())
+        # score's graph never sees an L-sized tensor
+        fn = tf.function(layer.score).get_concrete_function(
+            {k: tf.TensorSpec(v.shape, v.dtype) for k, v in frozen.items()},
+            {"emb": tf.TensorSpec([None, D], tf.float32)})
+        dims = {int(x) for op in fn.graph.get_operations() for t in op.outputs
+                if t.shape.rank for x in t.shape if x is not None}
+        assert length not in dims, sorted(dims)          # d=8, r=6, h=32, 3d=24, batch 3
+        captured = {id(x) for x in fn.captured_inputs}
+        assert id(layer.w_comp.handle) not in captured and id(layer.w_decomp.handle) not in captured
+    assert shapes[16] == shapes[64] == {"e_aux": (3, D, 6), "e_comp": (3, D, 6), "sigma": (3, D)}
+
+
+# ---- faithfulness test 6 + variable lengths ---------------------------------------------------
+def test_padding_changes_neither_path():
+    layer = _build(rank=6, lam=0.5)
+    _randomize(layer, seed=2)
+    seq = random_sequence(4, L, D, [0, 1, 7, 16], seed=6)
+    target = random_target(4, D)
+    train, absorbed = _paths(layer, seq, target, training=True)
+    loss = float(tf.add_n(layer.losses))
+    for garbage in (False, True):
+        seq2 = _pad_more(seq, 0, garbage) if garbage else seq
+        seq3 = _pad_more(seq, 5, garbage)
+        for s in (seq2, seq3):
+            t2, a2 = _paths(layer, s, target, training=True)
+            np.testing.assert_allclose(t2, train, atol=1e-5)
+            np.testing.assert_allclose(a2, absorbed, atol=1e-5)
+            np.testing.assert_allclose(float(tf.add_n(layer.losses)), loss, rtol=1e-6)
+
+
+def test_variable_lengths_use_the_first_rows_and_empty_rows_give_zeros():
+    """A user with n < L behaviors is scored with W_comp rows / W_decomp columns 0..n-1
+    (position 0 = most recent), exactly as if the window had length n."""
+    layer = _build(rank=6)
+    _randomize(layer, seed=3)
+    lengths = [0, 1, 4, 11, 16]
+    seq = random_sequence(5, L, D, lengths, seed=7)
+    target = random_target(5, D, seed=8)
+    train, absorbed = _paths(layer, seq, target)
+    np.testing.assert_array_equal(train[0], 0.0)
+    np.testing.assert_array_equal(absorbed[0], 0.0)
+    assert np.all(np.isfinite(train)) and np.all(np.isfinite(absorbed))
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        short = {k: v[b:b + 1, :n] for k, v in seq.items()}
+        t = {k: v[b:b + 1] for k, v in target.items()}
+        t_short, a_short = _paths(layer, short, t)
+        np.testing.assert_allclose(t_short[0], train[b], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(a_short[0], absorbed[b], rtol=1e-5, atol=1e-5)
+    # alignment: the most recent behavior meets W_comp row 0 -- moving it to the
+    # second slot (a newer behavior arriving) changes the compressed sequence
+    one = {k: v[1:2] for k, v in seq.items()}
+    shifted = {k: tf.roll(v, 1, axis=1) for k, v in one.items()}
+    c0 = layer.user_cache(one)["e_comp"].numpy()
+    c1 = layer.user_cache(shifted)["e_comp"].numpy()
+    e0 = one["emb"].numpy()[0, 0]
+    np.testing.assert_allclose(c0[0], np.outer(e0, layer.w_comp.numpy()[0]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(c1[0], np.outer(e0, layer.w_comp.numpy()[1]), rtol=1e-5, atol=1e-6)
+
+
+def test_block_init_is_a_projection():
+    for length, rank in ((16, 6), (16, 40), (1000, 128), (90, 128)):
+        wc, wd = block_init(length, rank)
+        p = wc @ wd
+        np.testing.assert_allclose(p @ p, p, atol=1e-5)                   # idempotent
+        assert (wd >= 0).all() and ((wd > 0).sum(0) == 1).all()             # one slot per position
+        if length <= rank:
+            np.testing.assert_allclose(p, np.eye(length), atol=1e-6)      # no compression
+
+
+def test_gradients_reach_w_comp_and_w_decomp():
+    layer = _build(rank=6, lam=0.3)
+    _randomize(layer, seed=4)
+    seq = random_sequence(4, L, D, [2, 5, 12, 16], seed=9)
+    target = random_target(4, D)
+    with tf.GradientTape() as tape:
+        v = layer(seq, target, training=False)
+        loss = tf.reduce_sum(tf.square(v))
+    grads = dict(zip(["w_comp", "w_decomp", "w_in", "w_o"],
+                     tape.gradient(loss, [layer.w_comp, layer.w_decomp, layer.w_in, layer.w_o])))
+    for name, g in grads.items():
+        assert g is not None and float(tf.reduce_max(tf.abs(g))) > 0, name
+
+
+def test_bad_config_is_rejected():
+    with pytest.raises(ValueError, match="phi"):
+        LREA(emb_dim=4, phi="gelu")
+    with pytest.raises(ValueError, match="init"):
+        LREA(emb_dim=4, init="zeros")
+    layer = LREA(emb_dim=4)
+    with pytest.raises(ValueError, match="static"):
+        layer.build({"emb": tf.TensorShape([None, None, 4])})
+
+
+# ---- grid and serving-gap helpers ------------------------------------------------------------
+def test_grid_and_absorbed_gap(tiny_data, tmp_path):
+    """One tiny cell through the whole grid command, then the serving-path gap of its run
+    (the model-level check of training path vs rank(user_tower(x)) on a whole split)."""
+    from tfmodels.methods import lrea_grid
+    parser = argparse.ArgumentParser()
+    lrea_grid.add_arguments(parser)
+    args = parser.parse_args(["--prepared", tiny_data, "--ranks", "8", "--lams", "0.3",
+                              "--work_dir", str(tmp_path), "--epochs", "1",
+                              "--steps_per_epoch", "3", "--batch_size", "16", "--long_len",
+                              "24", "--short_len", "5", "--emb_dim", "4", "--mlp_hidden", "8",
+                              "--din_hidden", "8,4", "--verbose", "0",
+                              "--early_stopping_patience", "0", "--absorbed_gap",
+                              "--long_module_config", '{"leaky_slope": 0.05}'])
+    assert args.ranks == "8" and args.seeds == "0"
+    assert lrea_grid.run(args) == 0
+    res = json.load(open(tmp_path / "results.json"))
+    assert [(r["rank"], r["lam"], r["seed"]) for r in res["rows"]] == [(8, 0.3, 0)]
+    assert os.path.getsize(tmp_path / "grid.png") > 0
+    assert "r=8 lam=0.3" in open(tmp_path / "results.md").read()
+    run_dir = res["rows"][0]["run_dir"]
+    assert json.load(open(os.path.join(run_dir, "config.json")))["long_module_config"] == \
+        {"leaky_slope": 0.05, "rank": 8, "lam": 0.3}
+    gap = json.load(open(os.path.join(run_dir, "absorbed-gap-test.json")))
+    assert gap["samples"] > 0
+    assert 0.0 <= gap["mean_abs_ctr_diff"] <= gap["max_abs_ctr_diff"] < LREA.cache_parity_tol
+    for k in ("auc_train_path", "auc_absorbed_path"):
+        assert 0.0 <= gap[k] <= 1.0
+    assert res["rows"][0]["mean_abs_ctr_diff"] == gap["mean_abs_ctr_diff"]
+
+
+def test_grid_defaults_and_report(tmp_path):
+    from tfmodels.methods import lrea_grid
+    parser = argparse.ArgumentParser()
+    lrea_grid.add_arguments(parser)
+    args = parser.parse_args([])
+    assert args.ranks == "32,64,128" and args.lams == "0.05,0.1,0.3,0.5,0.8"
+    ranks, lams = [32, 64, 128], [0.05, 0.1, 0.3, 0.5, 0.8]
+    summary = {lrea_grid.cell_name(r, lam): {"auc": {"mean": 0.7 + r / 1e4 + lam / 100,
+                                                     "std": 0.001}}
+               for r in ranks for lam in lams if (r, lam) != (32, 0.8)}
+    text = lrea_grid.format_matrix(summary, ranks, lams)
+    assert "| 128 | 0.7133 ± 0.0010 |" in text and text.count("–") == 1
+    lrea_grid.plot_heatmap(summary, ranks, lams, str(tmp_path / "g.png"), "t")
+    assert os.path.getsize(tmp_path / "g.png") > 0
+    with pytest.raises(ValueError, match="--ranks"):
+        lrea_grid._parse_list("32,x", int, "ranks")

@@ -1,0 +1,277 @@
+"""LREA experiment helpers: the paper's r x lambda sensitivity grid and the serving-path gap.
+
+* :func:`add_arguments` / :func:`run`: the grid of the paper's Table 3 (r in 32 / 64 /
+  128, lambda in 0.05 / 0.1 / 0.3 / 0.5 / 0.8) as one command. For every cell and seed
+  it trains the registered ``lrea`` model with ``long_module_config`` {"rank": r,
+  "lam": lambda} through :func:`tfmodels.train.train` / :func:`~tfmodels.train.evaluate`
+  (data prepared once with :func:`tfmodels.compare.prepare_data`), prints AUC / GAUC /
+  logloss per cell (mean +- std over seeds, :func:`tfmodels.compare.format_table`) and
+  an AUC matrix, and writes ``results.{md,json}`` and the heatmap ``grid.png`` into
+  the work directory. ``--absorbed_gap`` also measures :func:`absorbed_gap` per run.
+* :func:`absorbed_gap`: a trained LREA run evaluated with the training path
+  (``model(x)``, R3-R4) and with the absorbed serving path
+  (``model.rank(model.user_tower(x), x)``, R7): mean / max absolute CTR difference
+  and the AUC of each path (:func:`tfmodels.metrics.auc`).
+
+CLI wiring is left to ``tfmodels.cli``: a subcommand calls ``add_arguments(parser)``
+and ``run(args, extra)``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+
+PAPER_RANKS = (32, 64, 128)
+PAPER_LAMS = (0.05, 0.1, 0.3, 0.5, 0.8)
+
+
+# ---- serving-path gap ----------------------------------------------------------------------
+def absorbed_gap(run_dir: str, split: str = "test", data: Optional[str] = None,
+                 batch_size: Optional[int] = None, write: bool = True) -> Dict[str, object]:
+    """Training path vs absorbed serving path of a trained run on ``split``.
+
+    Returns ``mean_abs_ctr_diff``, ``max_abs_ctr_diff`` (|sigmoid(call) -
+    sigmoid(rank(user_tower))| over the split), ``auc_train_path``,
+    ``auc_absorbed_path``, ``logloss_*`` and ``samples``; also written to
+    ``<run_dir>/absorbed-gap-<split>.json`` unless ``write=False``.
+    """
+    import tfmodels  # noqa: F401
+    import tensorflow as tf
+    from tfmodels import metrics as M
+    from tfmodels import schema as S
+    from tfmodels import train as T
+
+    cfg, model = T.load_run(run_dir, data)
+    if batch_size:
+        cfg.batch_size = batch_size
+    if split not in S.SPLITS:
+        raise T.ConfigError(f"split must be one of {S.SPLITS}, got {split!r}")
+    if model.long_module is None:
+        raise T.ConfigError(f"run {run_dir!r} (model {cfg.model!r}) has no long module")
+
+    @tf.function(reduce_retracing=True)
+    def both(batch):
+        train_path = tf.sigmoid(model(batch, training=False))
+        cache = model.user_tower(batch, training=False)
+        served = tf.sigmoid(model.rank(cache, batch, training=False))
+        return train_path, served
+
+    labels, p_train, p_abs = [], [], []
+    for batch in T.dataset(cfg, split, training=False):
+        a, b = both(batch)
+        p_train.append(a.numpy())
+        p_abs.append(b.numpy())
+        labels.append(batch[S.LABEL].numpy())
+    if not labels:
+        raise T.ConfigError(f"the {split} split is empty")
+    y, pt, pa = np.concatenate(labels), np.concatenate(p_train), np.concatenate(p_abs)
+    diff = np.abs(pt.astype(np.float64) - pa.astype(np.float64))
+    out = {"run_dir": run_dir, "model": cfg.model, "split": split, "samples": int(y.size),
+           "long_module_config": cfg.long_module_config,
+           "mean_abs_ctr_diff": float(diff.mean()), "max_abs_ctr_diff": float(diff.max()),
+           "auc_train_path": M.auc(y, pt), "auc_absorbed_path": M.auc(y, pa),
+           "logloss_train_path": M.logloss(y, pt), "logloss_absorbed_path": M.logloss(y, pa)}
+    if write:
+        with open(os.path.join(run_dir, f"absorbed-gap-{split}.json"), "w") as f:
+            json.dump(out, f, indent=2, default=str)
+    return out
+
+
+# ---- the r x lambda grid ---------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    """Flags of the grid command: data as in ``lifelong compare``, the grid, train flags."""
+    from tfmodels.cli import _add_train_flags
+    parser.add_argument("--data", help="raw input: a MovieLens folder or a Taobao "
+                        "UserBehavior.csv; default: the synthetic generator")
+    parser.add_argument("--source", choices=["synthetic", "movielens", "taobao"],
+                        help="input kind (default: detected from --data)")
+    parser.add_argument("--prepared", help="use an already prepared dataset directory")
+    parser.add_argument("--ranks", default=",".join(map(str, PAPER_RANKS)),
+                        help="comma separated ranks r (default 32,64,128, the paper's)")
+    parser.add_argument("--lams", default=",".join(map(str, PAPER_LAMS)),
+                        help="comma separated lambdas (default 0.05,0.1,0.3,0.5,0.8, "
+                        "the paper's)")
+    parser.add_argument("--seeds", default="0", help="comma separated seeds (default 0)")
+    parser.add_argument("--work_dir", help="where data, runs and results go "
+                        "(default artifacts/lrea-grid-<time>)")
+    parser.add_argument("--absorbed_gap", action="store_true",
+                        help="also evaluate each run's absorbed serving path (R7) and "
+                        "report the CTR gap to the training path")
+    _add_train_flags(parser)   # --model (default lrea), --epochs, --long_len, ...
+
+
+def _parse_list(text: str, typ, flag: str) -> List:
+    try:
+        values = [typ(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--{flag} must be comma separated {typ.__name__}s, got {text!r}")
+    if not values:
+        raise ValueError(f"--{flag} is empty")
+    return values
+
+
+def cell_name(rank: int, lam: float) -> str:
+    return f"r={rank} lam={lam:g}"
+
+
+def format_matrix(summary: Dict[str, Dict], ranks: Sequence[int], lams: Sequence[float],
+                  metric: str = "auc") -> str:
+    lines = [f"{metric.upper()} (mean ± std over seeds), rows r, columns lambda", "",
+             "| r \\ λ | " + " | ".join(f"{lam:g}" for lam in lams) + " |",
+             "|---|" + "---|" * len(lams)]
+    for r in ranks:
+        cells = []
+        for lam in lams:
+            agg = summary.get(cell_name(r, lam), {}).get(metric)
+            cells.append(f"{agg['mean']:.4f} ± {agg['std']:.4f}" if agg else "–")
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_heatmap(summary: Dict[str, Dict], ranks: Sequence[int], lams: Sequence[float],
+                 path: str, title: str, metric: str = "auc") -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    grid = np.full((len(ranks), len(lams)), np.nan)
+    std = np.full_like(grid, np.nan)
+    for i, r in enumerate(ranks):
+        for j, lam in enumerate(lams):
+            agg = summary.get(cell_name(r, lam), {}).get(metric)
+            if agg:
+                grid[i, j], std[i, j] = agg["mean"], agg["std"]
+    fig, ax = plt.subplots(figsize=(1.3 * len(lams) + 2, 0.8 * len(ranks) + 1.8))
+    im = ax.imshow(grid, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(lams)), [f"{lam:g}" for lam in lams])
+    ax.set_yticks(range(len(ranks)), [str(r) for r in ranks])
+    ax.set_xlabel("λ (non-negativity loss weight)")
+    ax.set_ylabel("rank r")
+    finite = grid[np.isfinite(grid)]
+    mid = float(np.mean(finite)) if finite.size else 0.0
+    for i in range(len(ranks)):
+        for j in range(len(lams)):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.4f}\n±{std[i, j]:.4f}", ha="center",
+                        va="center", fontsize=7, color="white" if grid[i, j] < mid else "black")
+    fig.colorbar(im, ax=ax, label=f"test {metric.upper()}")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = None) -> int:
+    """Train and evaluate every (r, lambda) cell x seed; print and save the grid.
+
+    ``make_cfg(args, **overrides) -> TrainConfig`` defaults to the CLI's builder
+    (flags > --config file > defaults); ``extra`` goes to the data-prep step.
+    """
+    from tfmodels import compare as C
+    from tfmodels import registry
+    from tfmodels import train as T
+    import tensorflow as tf
+
+    if make_cfg is None:
+        from tfmodels.cli import _train_config as make_cfg
+    extra = list(extra or [])
+    model = getattr(args, "model", None) or "lrea"
+    if model not in registry.MODELS:
+        raise ValueError(f"unknown model {model!r}; registered: {', '.join(registry.names())}")
+    ranks = _parse_list(args.ranks, int, "ranks")
+    lams = _parse_list(args.lams, float, "lams")
+    seeds = _parse_list(args.seeds, int, "seeds")
+    base_cfg = getattr(args, "long_module_config", None)
+    base_cfg = json.loads(base_cfg) if isinstance(base_cfg, str) else dict(base_cfg or {})
+    work = args.work_dir or os.path.join("artifacts", f"lrea-grid-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(work, exist_ok=True)
+    data_dir = args.prepared or C.prepare_data(args, extra, os.path.join(work, "data"))
+    command = "lifelong " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
+        if sys.argv and sys.argv[0].endswith("lifelong") else "lrea grid ..."
+
+    rows = []
+    cells = [(r, lam) for r in ranks for lam in lams]
+    total = len(cells) * len(seeds)
+    n = 0
+    for r, lam in cells:
+        for seed in seeds:
+            n += 1
+            name = cell_name(r, lam)
+            print(f"[lrea-grid] ({n}/{total}) {name} seed={seed}", file=sys.stderr)
+            tf.keras.backend.clear_session()
+            lmc = {**base_cfg, "rank": r, "lam": lam}
+            cfg = make_cfg(args, data=data_dir, model=model, seed=seed, long_module_config=lmc,
+                           out_dir=os.path.join(work, "runs", f"{model}-r{r}-lam{lam:g}-s{seed}"))
+            summary = T.train(cfg)
+            result = T.evaluate(cfg.out_dir, cfg.eval_split)
+            rates = summary["train_examples_per_s"]
+            row = {"model": name, "rank": r, "lam": lam, "seed": seed,
+                   **{k: result.get(k) for k in C.METRICS}, "samples": result["samples"],
+                   "train_wall_s": summary["train_wall_s"],
+                   "train_examples_per_s": float(np.median(rates)) if rates else None,
+                   "run_dir": cfg.out_dir}
+            if getattr(args, "absorbed_gap", False):
+                gap = absorbed_gap(cfg.out_dir, cfg.eval_split)
+                row.update({k: gap[k] for k in ("mean_abs_ctr_diff", "max_abs_ctr_diff",
+                                                "auc_train_path", "auc_absorbed_path")})
+            rows.append(row)
+            print(f"[lrea-grid] {name} seed={seed}: AUC {result['auc']:.4f} "
+                  f"GAUC {result.get('gauc', float('nan')):.4f} "
+                  f"logloss {result['logloss']:.4f}", file=sys.stderr)
+
+    summary = C.summarize(rows)
+    text = [C.format_table(summary, command), "", format_matrix(summary, ranks, lams, "auc")]
+    if any("gauc" in r and r["gauc"] is not None for r in rows):
+        text += ["", format_matrix(summary, ranks, lams, "gauc")]
+    if getattr(args, "absorbed_gap", False):
+        text += ["", "| cell | mean |CTR diff| absorbed vs train | AUC train path | "
+                 "AUC absorbed path |", "|---|---|---|---|"]
+        for name in summary:
+            rs = [r for r in rows if r["model"] == name]
+            text.append(f"| {name} | {np.mean([r['mean_abs_ctr_diff'] for r in rs]):.2e} | "
+                        f"{np.mean([r['auc_train_path'] for r in rs]):.4f} | "
+                        f"{np.mean([r['auc_absorbed_path'] for r in rs]):.4f} |")
+    table = "\n".join(text)
+    print(table)
+    with open(os.path.join(work, "results.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(work, "results.json"), "w") as f:
+        json.dump({"command": command, "data": data_dir, "model": model, "ranks": ranks,
+                   "lams": lams, "seeds": seeds, "rows": rows, "summary": summary,
+                   "config": {k: v for k, v in vars(args).items() if k != "func"}},
+                  f, indent=2, default=str)
+    plot_heatmap(summary, ranks, lams, os.path.join(work, "grid.png"),
+                 f"{model} on {os.path.basename(os.path.abspath(data_dir))}")
+    print(f"[lrea-grid] results in {work}/results.{{md,json}} and grid.png", file=sys.stderr)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m tfmodels.methods.lrea_grid [grid flags]`` runs the grid;
+    ``python -m tfmodels.methods.lrea_grid gap --run RUN_DIR [--split test]`` prints
+    :func:`absorbed_gap` of a trained run (until the ``lifelong`` CLI wires both)."""
+    import argparse
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["gap"]:
+        p = argparse.ArgumentParser(prog="lrea_grid gap",
+                                    description="training path vs absorbed serving path")
+        p.add_argument("--run", required=True, help="run directory of a trained LREA model")
+        p.add_argument("--split", default="test")
+        p.add_argument("--data", help="evaluate on another prepared dataset")
+        a = p.parse_args(argv[1:])
+        print(json.dumps(absorbed_gap(a.run, a.split, data=a.data), indent=2, default=str))
+        return 0
+    p = argparse.ArgumentParser(prog="lrea_grid", description="LREA r x lambda grid "
+                                "(paper Table 3); extra flags go to the data-prep step")
+    add_arguments(p)
+    args, extra = p.parse_known_args(argv)
+    return run(args, extra)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
