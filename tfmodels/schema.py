@@ -57,7 +57,14 @@ HISTORY_FIELDS = {
     "hist_ts": tf.int64,        # unix seconds (or a monotone tick for data without time)
     "hist_engage": tf.float32,  # engagement signal: rating, behavior type code, completion ratio
     "hist_domain": tf.int64,
+    # OPTIONAL (TWIN V2, beam_jobs/cluster.py): members behind each row; a row of a
+    # clustered history is a virtual item of n >= 1 behaviors. Absent = 1 per row,
+    # so records written without it (beam_jobs/prepare.py) mean "every row is one
+    # behavior" and parse as before.
+    "hist_cluster_size": tf.int64,
 }
+# Optional history fields -> the per-row value when a record does not store them.
+OPTIONAL_HISTORY_DEFAULTS = {"hist_cluster_size": 1}
 IMPRESSION_FIELDS = {
     "imp_item_id": tf.int64,
     "imp_cate_id": tf.int64,
@@ -102,14 +109,19 @@ def encode_user_record(user_id: int, user_key: str, history: Mapping[str, Sequen
                        impressions: Mapping[str, Sequence]) -> bytes:
     """Serialize one per-user record, validating it against the schema.
 
-    ``history`` maps every name of :data:`HISTORY_FIELDS` to equally long
-    sequences in chronological order (oldest first); ``impressions`` maps every
-    name of :data:`IMPRESSION_FIELDS` to equally long sequences.
+    ``history`` maps every name of :data:`HISTORY_FIELDS` (those of
+    :data:`OPTIONAL_HISTORY_DEFAULTS` may be left out; they are then not written)
+    to equally long sequences in chronological order (oldest first);
+    ``impressions`` maps every name of :data:`IMPRESSION_FIELDS` to equally long
+    sequences.
     """
     feats = {"user_id": _int_feature([int(user_id)]),
              "user_key": _bytes_feature([str(user_key).encode("utf-8")])}
     for group, fields in (("history", HISTORY_FIELDS), ("impressions", IMPRESSION_FIELDS)):
         values = history if group == "history" else impressions
+        if group == "history":
+            fields = {k: v for k, v in fields.items()
+                      if k in values or k not in OPTIONAL_HISTORY_DEFAULTS}
         missing = set(fields) - set(values)
         if missing:
             raise RecordError(f"{group} is missing fields {sorted(missing)}")
@@ -132,7 +144,11 @@ def encode_user_record(user_id: int, user_key: str, history: Mapping[str, Sequen
         values = history.get(name, impressions.get(name))
         if any(int(v) < OOV_ID for v in values):
             raise RecordError(f"{name} holds padding/negative ids; real ids start at {OOV_ID}")
-    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
+    if "hist_cluster_size" in history and any(int(v) < 1 for v in history["hist_cluster_size"]):
+        raise RecordError("hist_cluster_size must be >= 1 (a row stands for n >= 1 behaviors)")
+    # deterministic: map order in the bytes must not depend on the process (Beam workers)
+    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(
+        deterministic=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -144,6 +160,7 @@ SEQUENCE_FIELDS = {            # suffix -> dtype; prefixed with "short_" / "long
     "engage": tf.float32,
     "gap_bucket": tf.int64,    # log2 bucket of (impression ts - behavior ts) in minutes
     "domain": tf.int64,
+    "cluster_size": tf.int64,  # behaviors behind the row (1 unless the history is clustered)
 }
 TARGET_FIELDS = {"target_item_id": tf.int64, "target_cate_id": tf.int64}
 CONTEXT_FIELDS = {"imp_ts": tf.int64}
