@@ -17,12 +17,20 @@ MODELS: Dict[str, Entry] = {
     "din": None,                                          # B2: short sequence only
     "din_l": "tfmodels.methods.din_long:DinLong",         # B3: DIN over the long sequence
     "avg_pool": "tfmodels.methods.avg_pool:AvgPooling",   # B1: mean of the long sequence
+    "twin": "tfmodels.methods.twin:Twin",                 # B9: TWIN (GSU top-100 + 4-head ESU)
+    "twin_v2": "tfmodels.methods.twin_v2:TwinV2",         # 2.4: TWIN V2 (alpha + ln n)
+    "twin_v2_no_ln_gsu": ("tfmodels.methods.twin_v2:TwinV2", {"gsu_log_n": False}),
+    "twin_v2_no_ln_esu": ("tfmodels.methods.twin_v2:TwinV2", {"esu_log_n": False}),
     "lrea": "tfmodels.methods.lrea:LREA",                 # 2.3: low-rank efficient attention
     "lrea_linear": "tfmodels.methods.lrea:LREALinear",    # 2.3 with phi linear (exact absorption)
     "encode": ("tfmodels.methods.encode:Encode", {}),     # 2.2 ENCODE
     "encode_no_loss": ("tfmodels.methods.encode:Encode", {"reduction_loss": False}),
     "encode_fixed_margin": ("tfmodels.methods.encode:Encode", {"margin": "fixed"}),
     "encode_dot": ("tfmodels.methods.encode:Encode", {"online_metric": "dot"}),
+    "cformer": "tfmodels.methods.cformer:CFormer",        # 2.1: C-Former (cached centroids)
+    "cformer_wo_denoise": ("tfmodels.methods.cformer:CFormer", {"denoise": False}),
+    "cformer_wo_recon": ("tfmodels.methods.cformer:CFormer", {"reconstruction": False}),
+    "cformer_wo_orth": ("tfmodels.methods.cformer:CFormer", {"orthogonality": False}),
 }
 
 

@@ -224,13 +224,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict:
             restore_best_weights=True))
     print(f"[train] model={cfg.model} data={cfg.data} S={cfg.short_len} L={cfg.long_len} "
           f"epochs={cfg.epochs} batch={cfg.batch_size} out={cfg.out_dir}", file=sys.stderr)
+    # A progress bar redrawn with \r is unreadable in a log file: one line per epoch there.
+    verbose = 2 if (cfg.verbose == 1 and not sys.stdout.isatty()) else cfg.verbose
     t0 = time.perf_counter()
     history = {}
     if initial_epoch < cfg.epochs:
         hist = model.fit(train_ds, validation_data=valid_ds, epochs=cfg.epochs,
                          initial_epoch=initial_epoch,
                          steps_per_epoch=cfg.steps_per_epoch or None,
-                         callbacks=callbacks, verbose=cfg.verbose)
+                         callbacks=callbacks, verbose=verbose)
         history = {k: [float(x) for x in v] for k, v in hist.history.items()}
     wall = time.perf_counter() - t0
     final = tf.train.Checkpoint(model=model)

@@ -1,0 +1,511 @@
+"""C-Former (METHODS 2.1; "Transformers are Good Clusterers", CIKM'25, seeds/000).
+
+J learnable clustering anchors attend over the user's lifelong behaviors
+(encoder), a light decoder reconstructs the behaviors from the refined anchors,
+and each behavior is explicitly assigned to its highest-attention anchor(s) to
+give denoised centroids. The centroids depend on the user only: ``user_cache``
+returns them and ``score`` is DIN target attention over J centroids, O(J d) per
+candidate and independent of L. Encoder and decoder never run in ``score``.
+
+Paper equations -> code:
+
+* (C1)-(C3) scaled dot-product multi-head attention: :class:`CFormerAttention`.
+* (C4) ``O, A = Transformer(Q, K, V)`` (cross-attention, Add&Norm, FFN,
+  Add&Norm): :class:`CFormerBlock` (``full=True``); the "1*" block is
+  :class:`CFormerAttention` alone.
+* (C5)-(C7) encoder with learnable anchors Q_1: :class:`CFormerEncoder`.
+* (C8)-(C10) decoder (behaviors as queries, refined anchors as keys/values):
+  :class:`CFormerDecoder`.
+* (C11)-(C14) denoise & assignment, cluster sizes n_j: :class:`DenoiseAssign`.
+* (C15) reconstruction loss: :func:`reconstruction_loss`.
+* (C16) orthogonality loss: :func:`orthogonality_loss`.
+* (C17)-(C19) total loss: :meth:`CFormer.call` (``add_loss`` in training; the
+  BCE comes from the model's task, see "beta" below).
+* (C18) E^lifelong = DIN target attention (G2) over the centroids masked by
+  n_j > 0: :meth:`CFormer.score`.
+
+[interp] choices (spec 2.1, defaults): post-LN blocks, FFN = Dense(4d, ReLU) ->
+Dense(d), h = 2 heads with d_k = d / h, A = mean of the heads' attention, no
+positional encoding, separate weights per layer, no residual in the 1* decoder,
+L_recon = mean over valid rows and dims (of the whole batch), L_orth with
+row-normalised anchors, empty clusters masked, alpha = 0.1, beta = 1.
+
+**beta.** (C19) is L = L_recon + alpha L_orth + beta L_bce. The model's task adds
+L_bce with weight 1, so this module adds (L_recon + alpha L_orth) / beta, i.e.
+it trains L / beta: the same objective up to a positive constant factor (same
+minimisers; Adam is invariant to the scale, SGD sees a learning rate / beta).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence, Union
+
+import tfmodels  # noqa: F401
+import tensorflow as tf
+
+from tfmodels.layers import NEG_INF, DinAttention, serializable
+from tfmodels.methods.base import LongSequenceModule
+
+Tensors = Dict[str, tf.Tensor]
+ONE_STAR = "1*"
+
+
+def _build(layer: tf.keras.layers.Layer, shape=None) -> None:
+    """Build a sublayer explicitly under its own name scope (readable variable names)."""
+    if not layer.built:
+        with tf.name_scope(layer.name):
+            layer.build(shape)
+
+
+# --------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------
+@serializable
+class CFormerAttention(tf.keras.layers.Layer):
+    """Multi-head cross-attention (C1-C3) that also returns its attention map.
+
+    head_a = softmax((Q W_a^Q)(K W_a^K)^T / sqrt(d_k)) (V W_a^V);
+    MultiHead = Concat_a(head_a) W^O.  Keys and values are the same tensor.
+
+    Shapes: query [B, Q, d], keys [B, K, d], key_mask [B, K] (float, or None = all
+    valid) -> (output [B, Q, d], attention [B, Q, K] = mean over heads).
+    Padded keys get logit -1e9 and weight exactly 0 (masked softmax, re-masked);
+    a query row without any valid key gets zero attention (output = W^O bias).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 2, head_dim: Optional[int] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.dim, self.num_heads = int(dim), int(num_heads)
+        if self.num_heads < 1:
+            raise ValueError(f"num_heads must be >= 1, got {num_heads}")
+        if head_dim is None and self.dim % self.num_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by num_heads {self.num_heads}; "
+                             "pass head_dim")
+        self.head_dim = None if head_dim is None else int(head_dim)
+
+    @property
+    def key_dim(self) -> int:
+        return self.head_dim or self.dim // self.num_heads
+
+    def build(self, input_shape=None):
+        d, hk = self.dim, self.num_heads * self.key_dim
+        init = "glorot_uniform"
+        # Per-head matrices W_a^Q, W_a^K, W_a^V [d, d_k] side by side: [d, h * d_k].
+        self.wq = self.add_weight("wq", shape=[d, hk], initializer=init)
+        self.wk = self.add_weight("wk", shape=[d, hk], initializer=init)
+        self.wv = self.add_weight("wv", shape=[d, hk], initializer=init)
+        self.bq = self.add_weight("bq", shape=[hk], initializer="zeros")
+        self.bk = self.add_weight("bk", shape=[hk], initializer="zeros")
+        self.bv = self.add_weight("bv", shape=[hk], initializer="zeros")
+        self.wo = self.add_weight("wo", shape=[hk, d], initializer=init)
+        self.bo = self.add_weight("bo", shape=[d], initializer="zeros")
+        super().build(input_shape)
+
+    def _heads(self, x, kernel, bias, parts: int = 1):
+        """[B, N, d] -> ``parts`` tensors [B, h, N, d_k] (one 2-D matmul, one transpose)."""
+        shape = tf.shape(x)
+        y = tf.matmul(tf.reshape(x, [-1, self.dim]), kernel) + bias
+        y = tf.reshape(y, [shape[0], shape[1], parts, self.num_heads, self.key_dim])
+        return tf.unstack(tf.transpose(y, [2, 0, 3, 1, 4]), num=parts)
+
+    def call(self, query, keys, key_mask=None):
+        (q,) = self._heads(query, self.wq, self.bq)                          # [B, h, Q, k]
+        k, v = self._heads(keys, tf.concat([self.wk, self.wv], 1),          # K and V share
+                           tf.concat([self.bk, self.bv], 0), parts=2)       # one matmul
+        logits = tf.matmul(q, k, transpose_b=True) * (1.0 / math.sqrt(self.key_dim))
+        if key_mask is None:
+            weights = tf.nn.softmax(logits, axis=-1)                         # [B, h, Q, K]
+        else:
+            # layers.masked_softmax with a broadcast mask [B, 1, 1, K]: padded logits
+            # -1e9, softmax, re-mask (no [B, h, Q, K] mask or fill materialised).
+            mask = tf.cast(key_mask, logits.dtype)[:, None, None, :]
+            logits = tf.where(mask > 0, logits, tf.cast(NEG_INF, logits.dtype))
+            weights = tf.nn.softmax(logits, axis=-1) * mask
+        heads = tf.transpose(tf.matmul(weights, v), [0, 2, 1, 3])          # [B, Q, h, k]
+        shape = tf.shape(query)
+        out = tf.matmul(tf.reshape(heads, [-1, self.num_heads * self.key_dim]), self.wo)
+        out = tf.reshape(out + self.bo, [shape[0], shape[1], self.dim])
+        return out, tf.reduce_mean(weights, axis=1)
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
+                "head_dim": self.head_dim}
+
+
+@serializable
+class CFormerBlock(tf.keras.layers.Layer):
+    """(C4) ``O, A = Transformer(Q, K, V)``: cross-attention, Add&Norm, FFN, Add&Norm.
+
+    [interp] post-LN (Vaswani): X = LN(Q + MHA(Q, K, V)); O = LN(X + FFN(X)),
+    FFN = Dense(ffn_mult * d, ReLU) -> Dense(d). No self-attention.
+
+    Shapes: query [B, Q, d], keys [B, K, d], key_mask [B, K] or None ->
+    (O [B, Q, d], A [B, Q, K]).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 2, head_dim: Optional[int] = None,
+                 ffn_mult: int = 4, **kwargs):
+        super().__init__(**kwargs)
+        self.dim, self.num_heads, self.head_dim = int(dim), int(num_heads), head_dim
+        self.ffn_mult = int(ffn_mult)
+        self.attention = CFormerAttention(dim, num_heads, head_dim, name="attention")
+        self.norm1 = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="norm1")
+        self.ffn1 = tf.keras.layers.Dense(self.ffn_mult * self.dim, activation="relu",
+                                          name="ffn1")
+        self.ffn2 = tf.keras.layers.Dense(self.dim, name="ffn2")
+        self.norm2 = tf.keras.layers.LayerNormalization(epsilon=1e-6, name="norm2")
+
+    def build(self, input_shape=None):
+        shape = tf.TensorShape([None, None, self.dim])
+        _build(self.attention, shape)
+        _build(self.norm1, shape)
+        _build(self.ffn1, shape)
+        _build(self.ffn2, tf.TensorShape([None, None, self.ffn_mult * self.dim]))
+        _build(self.norm2, shape)
+        super().build(input_shape)
+
+    def call(self, query, keys, key_mask=None):
+        att, weights = self.attention(query, keys, key_mask)
+        x = self.norm1(query + att)
+        return self.norm2(x + self.ffn2(self.ffn1(x))), weights
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim, "num_heads": self.num_heads,
+                "head_dim": self.head_dim, "ffn_mult": self.ffn_mult}
+
+
+# --------------------------------------------------------------------------------------
+# Encoder / decoder
+# --------------------------------------------------------------------------------------
+@serializable
+class CFormerEncoder(tf.keras.layers.Layer):
+    """(C5)-(C7): O_i, A_i = Transformer(Q_i, E^S, E^S); Q_{i+1} = O_i; i = 1..M.
+
+    Q_1 [J, d] is a learnable parameter shared by all users (random init).
+    Returns O^enc = O_M [B, J, d] and A = A_M [B, J, L] (each row sums to 1 over
+    the valid behaviors, 0 on padding; a user without behaviors gets A = 0).
+
+    Shapes: behaviors [B, L, d] (padded rows zero), mask [B, L] float.
+    """
+
+    def __init__(self, dim: int, num_clusters: int = 24, num_layers: int = 2,
+                 num_heads: int = 2, head_dim: Optional[int] = None, ffn_mult: int = 4,
+                 **kwargs):
+        super().__init__(**kwargs)
+        if num_clusters < 1 or num_layers < 1:
+            raise ValueError(f"num_clusters and num_layers must be >= 1, got "
+                             f"{num_clusters}, {num_layers}")
+        self.dim, self.num_clusters, self.num_layers = int(dim), int(num_clusters), int(num_layers)
+        self.num_heads, self.head_dim, self.ffn_mult = int(num_heads), head_dim, int(ffn_mult)
+        self.blocks = [CFormerBlock(dim, num_heads, head_dim, ffn_mult, name=f"layer_{i}")
+                       for i in range(self.num_layers)]
+
+    def build(self, input_shape=None):
+        # Q_1: "clustering anchor points", random init (the paper gives no scheme).
+        self.anchors = self.add_weight("anchors", shape=[self.num_clusters, self.dim],
+                                       initializer="glorot_uniform")
+        for block in self.blocks:
+            _build(block)
+        super().build(input_shape)
+
+    def call(self, behaviors, mask):
+        batch = tf.shape(behaviors)[0]
+        query = tf.broadcast_to(self.anchors[None], tf.stack([batch, self.num_clusters,
+                                                              self.dim]))
+        attention = None
+        for block in self.blocks:
+            query, attention = block(query, behaviors, mask)
+        return query, attention
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim, "num_clusters": self.num_clusters,
+                "num_layers": self.num_layers, "num_heads": self.num_heads,
+                "head_dim": self.head_dim, "ffn_mult": self.ffn_mult}
+
+
+def _parse_decoder_layers(value: Union[str, int]) -> Union[str, int]:
+    if isinstance(value, str) and value.strip() == ONE_STAR:
+        return ONE_STAR
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise ValueError(f"decoder_layers must be '1*' or an integer >= 1, got {value!r}")
+    return n
+
+
+@serializable
+class CFormerDecoder(tf.keras.layers.Layer):
+    """(C8)-(C10): Q~_1 = E^S; O~_i = Transformer(Q~_i, O^enc, O^enc); O^dec = O~_N.
+
+    ``num_layers="1*"`` (default, Table 5): ONE multi-head cross-attention, with no
+    FFN, no Add&Norm and [interp] no residual from E^S (a residual would make the
+    reconstruction trivial): O^dec = MultiHead(E^S, O^enc, O^enc). ``ffn_mult``
+    is then unused. An integer N stacks N full (C4) blocks (the paper's "1", "2").
+    Keys are the J anchors, all valid (no mask). Rows at padded query positions
+    are computed but ignored by the loss.
+
+    Shapes: behaviors [B, L, d], anchors [B, J, d] -> O^dec [B, L, d].
+    """
+
+    def __init__(self, dim: int, num_layers: Union[str, int] = ONE_STAR, num_heads: int = 2,
+                 head_dim: Optional[int] = None, ffn_mult: int = 4, **kwargs):
+        super().__init__(**kwargs)
+        self.dim, self.num_heads, self.head_dim = int(dim), int(num_heads), head_dim
+        self.num_layers, self.ffn_mult = _parse_decoder_layers(num_layers), int(ffn_mult)
+        if self.num_layers == ONE_STAR:
+            self.blocks = [CFormerAttention(dim, num_heads, head_dim, name="attention")]
+        else:
+            self.blocks = [CFormerBlock(dim, num_heads, head_dim, ffn_mult, name=f"layer_{i}")
+                           for i in range(self.num_layers)]
+
+    def build(self, input_shape=None):
+        for block in self.blocks:
+            _build(block)
+        super().build(input_shape)
+
+    def call(self, behaviors, anchors):
+        x = behaviors
+        for block in self.blocks:
+            x, _ = block(x, anchors)
+        return x
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim, "num_layers": self.num_layers,
+                "num_heads": self.num_heads, "head_dim": self.head_dim,
+                "ffn_mult": self.ffn_mult}
+
+
+# --------------------------------------------------------------------------------------
+# Denoise & assignment
+# --------------------------------------------------------------------------------------
+@serializable
+class DenoiseAssign(tf.keras.layers.Layer):
+    """(C11)-(C14): assign each valid behavior to its top-k anchors of A[:, i] and
+    aggregate μ_j = Σ_i A[j, i] E_i 𝟙(j ∈ c_i); n_j = Σ_i m_i 𝟙(j ∈ c_i).
+
+    k = 1 is the argmax (C11-C12); ties go to the lowest anchor index
+    (``tf.math.top_k``). μ uses the raw embeddings E (not value projections)
+    and is not renormalised. The assignment carries no gradient; gradients
+    reach the model through A[j, i] and E_i.
+
+    Shapes: attention [B, J, L], behaviors [B, L, d], mask [B, L] ->
+    dict(centroids [B, J, d], sizes [B, J] float, assign [B, L, J] in {0, 1},
+    mask [B, J] = 1 where n_j > 0).
+    """
+
+    def __init__(self, assignments: int = 1, **kwargs):
+        super().__init__(**kwargs)
+        if int(assignments) < 1:
+            raise ValueError(f"assignments (k) must be >= 1, got {assignments}")
+        self.assignments = int(assignments)
+
+    def call(self, attention, behaviors, mask):
+        num_clusters = attention.shape[1] or tf.shape(attention)[1]
+        if isinstance(num_clusters, int) and self.assignments > num_clusters:
+            raise ValueError(f"assignments k={self.assignments} > num_clusters J={num_clusters}")
+        per_item = tf.transpose(tf.stop_gradient(attention), [0, 2, 1])     # [B, L, J]
+        # (C11) argmax = top-1, (C13) top-k; top_k (unlike argmax) breaks ties
+        # deterministically, towards the lowest anchor index.
+        _, top = tf.math.top_k(per_item, k=self.assignments)                 # [B, L, k]
+        assign = tf.reduce_sum(tf.one_hot(top, num_clusters, dtype=attention.dtype), axis=2)
+        assign = assign * mask[..., None]                                     # [B, L, J]
+        behaviors = tf.where(mask[..., None] > 0, behaviors, tf.zeros_like(behaviors))
+        # (C12)/(C14): mu_j = sum_i A[j, i] 1(j in c_i) E_i.
+        centroids = tf.matmul(attention * tf.transpose(assign, [0, 2, 1]), behaviors)
+        sizes = tf.reduce_sum(assign, axis=1)                                 # [B, J]
+        return {"centroids": centroids, "sizes": sizes, "assign": assign,
+                "mask": tf.cast(sizes > 0, attention.dtype)}
+
+    def get_config(self):
+        return {**super().get_config(), "assignments": self.assignments}
+
+
+# --------------------------------------------------------------------------------------
+# Losses
+# --------------------------------------------------------------------------------------
+def reconstruction_loss(target: tf.Tensor, reconstruction: tf.Tensor,
+                        mask: tf.Tensor) -> tf.Tensor:
+    """(C15) L_recon = ||E^S - O^dec||^2, [interp] mean over valid rows and dims.
+
+    Shapes: target, reconstruction [B, L, d], mask [B, L] -> scalar. The mean runs
+    over every valid (user, position) of the batch; padded rows are excluded
+    with ``tf.where`` (so garbage there, even inf, changes nothing); no valid
+    row -> 0.
+    """
+    sq = tf.reduce_sum(tf.square(target - reconstruction), axis=-1)         # [B, L]
+    sq = tf.where(mask > 0, sq, tf.zeros_like(sq))
+    dim = tf.cast(tf.shape(target)[-1], sq.dtype)
+    return tf.math.divide_no_nan(tf.reduce_sum(sq), tf.reduce_sum(mask) * dim)
+
+
+def _safe_sqrt(x: tf.Tensor) -> tf.Tensor:
+    """sqrt with gradient 0 (not inf/NaN) at x = 0."""
+    pos = x > 0
+    return tf.where(pos, tf.sqrt(tf.where(pos, x, tf.ones_like(x))), tf.zeros_like(x))
+
+
+def orthogonality_loss(anchors: tf.Tensor, user_mask: Optional[tf.Tensor] = None) -> tf.Tensor:
+    """(C16) L_orth = ||Ô Ôᵀ - I_J||_F per user, mean over users.
+
+    [interp] Ô = rows of O^enc divided by their L2 norm (``tf.math.l2_normalize``;
+    its epsilon plays the spec's +1e-8 guard and keeps exact unit rows, so L_orth
+    is 0 up to rounding for mutually orthogonal anchors).
+
+    Shapes: anchors [B, J, d], user_mask [B] (1 = user has a valid behavior; the
+    mean runs over those; None = all users) -> scalar.
+    """
+    unit = tf.math.l2_normalize(anchors, axis=-1, epsilon=1e-16)
+    gram = tf.einsum("bjd,bkd->bjk", unit, unit)
+    eye = tf.eye(tf.shape(anchors)[1], dtype=anchors.dtype)
+    per_user = _safe_sqrt(tf.reduce_sum(tf.square(gram - eye), axis=[1, 2]))  # [B]
+    if user_mask is None:
+        return tf.reduce_mean(per_user)
+    per_user = tf.where(user_mask > 0, per_user, tf.zeros_like(per_user))
+    return tf.math.divide_no_nan(tf.reduce_sum(per_user), tf.reduce_sum(user_mask))
+
+
+# --------------------------------------------------------------------------------------
+# The long module
+# --------------------------------------------------------------------------------------
+@serializable
+class CFormer(LongSequenceModule):
+    """C-Former long module: cached denoised centroids + DIN over J of them.
+
+    Args (spec 2.1 flags):
+      num_clusters: J (24).
+      encoder_layers: M (2).
+      decoder_layers: N, ``"1*"`` (single cross-attention, default) or an int of
+        full blocks (1, 2).
+      num_heads: h (2); ``head_dim``: d_k (default d / h; the paper's "attention
+        dimension" grid).
+      ffn_mult: FFN width multiple in full blocks (4).
+      assignments: k (1); k = J makes μ = A E^S.
+      alpha: weight of L_orth (0.1).
+      beta: weight of L_bce (1.0); applied as a 1/beta factor on the auxiliary
+        losses (module docstring).
+      denoise: False = "w/o denoise": the refined anchors O^enc are the centroids
+        (all J valid for a user with at least one behavior).
+      reconstruction: False = "w/o recon loss": no decoder at all.
+      orthogonality: False = "w/o orth loss".
+      stop_grad_target: stop the gradient of L_recon into E^S (target side).
+      din_hidden / din_normalize: the DIN unit (G2) over centroids.
+
+    ``user_cache(seq)`` -> {"centroids" [B, J, d], "centroid_mask" [B, J]};
+    ``score(cache, target)`` -> [B, d]; the encoder/decoder never run there.
+    """
+
+    def __init__(self, emb_dim: int, num_clusters: int = 24, encoder_layers: int = 2,
+                 decoder_layers: Union[str, int] = ONE_STAR, num_heads: int = 2,
+                 head_dim: Optional[int] = None, ffn_mult: int = 4, assignments: int = 1,
+                 alpha: float = 0.1, beta: float = 1.0, denoise: bool = True,
+                 reconstruction: bool = True, orthogonality: bool = True,
+                 stop_grad_target: bool = False, din_hidden: Sequence[int] = (80, 40),
+                 din_normalize: Optional[str] = None, **kwargs):
+        super().__init__(emb_dim, **kwargs)
+        if int(assignments) > int(num_clusters):
+            raise ValueError(f"assignments k={assignments} > num_clusters J={num_clusters}")
+        if float(beta) <= 0:
+            raise ValueError(f"beta must be > 0, got {beta}")
+        self.num_clusters, self.encoder_layers = int(num_clusters), int(encoder_layers)
+        self.decoder_layers = _parse_decoder_layers(decoder_layers)
+        self.num_heads = int(num_heads)
+        self.head_dim = None if head_dim is None else int(head_dim)
+        self.ffn_mult, self.assignments = int(ffn_mult), int(assignments)
+        self.alpha, self.beta = float(alpha), float(beta)
+        self.denoise, self.reconstruction = bool(denoise), bool(reconstruction)
+        self.orthogonality, self.stop_grad_target = bool(orthogonality), bool(stop_grad_target)
+        self.din_hidden, self.din_normalize = list(din_hidden), din_normalize
+        d = self.emb_dim
+        self.encoder = CFormerEncoder(d, self.num_clusters, self.encoder_layers, self.num_heads,
+                                      self.head_dim, self.ffn_mult, name="encoder")
+        self.decoder = (CFormerDecoder(d, self.decoder_layers, self.num_heads, self.head_dim,
+                                       self.ffn_mult, name="decoder")
+                        if self.reconstruction else None)
+        self.assign = DenoiseAssign(self.assignments, name="assign")
+        self.din = DinAttention(self.din_hidden, din_normalize, name="centroid_din")
+
+    def build(self, input_shape=None):
+        # Every weight has a known shape (d = emb_dim): build all of them at once so
+        # the decoder (training only) exists before the first training step and
+        # user_cache/score work when called directly (serving) on a fresh layer.
+        _build(self.encoder)
+        if self.decoder is not None:
+            _build(self.decoder)
+        _build(self.din, tf.TensorShape([None, None, self.emb_dim]))
+        super().build(input_shape)
+
+    def _ensure_built(self):
+        # user_cache/score may be called directly (serving) before any __call__.
+        if not self.built:
+            _build(self, None)
+
+    # ---- user side -------------------------------------------------------------------
+    def encode(self, seq: Tensors) -> Tensors:
+        """Encoder pass (C5-C7): {"emb" E^S [B, L, d] (padded rows zeroed), "mask",
+        "anchors" O^enc [B, J, d], "attention" A [B, J, L]}."""
+        self._ensure_built()
+        mask = tf.cast(seq["mask"], tf.float32)
+        emb = tf.where(mask[..., None] > 0, seq["emb"], tf.zeros_like(seq["emb"]))
+        anchors, attention = self.encoder(emb, mask)
+        return {"emb": emb, "mask": mask, "anchors": anchors, "attention": attention}
+
+    def centroids_from(self, enc: Tensors) -> Tensors:
+        """(C11-C14) or, without denoise, the refined anchors: the cache dict."""
+        has_any = tf.cast(tf.reduce_any(enc["mask"] > 0, axis=1), tf.float32)   # [B]
+        if self.denoise:
+            out = self.assign(enc["attention"], enc["emb"], enc["mask"])
+            return {"centroids": out["centroids"], "centroid_mask": out["mask"]}
+        # w/o denoise: O^enc as centroids. [interp] all J valid for a user with a
+        # behavior; a user without any gets zero centroids, all masked (spec: masking).
+        mask = tf.broadcast_to(has_any[:, None], tf.shape(enc["anchors"])[:2])
+        return {"centroids": enc["anchors"] * has_any[:, None, None], "centroid_mask": mask}
+
+    def user_cache(self, seq: Tensors, training=None) -> Tensors:
+        return self.centroids_from(self.encode(seq))
+
+    # ---- per candidate -----------------------------------------------------------------
+    def score(self, cache: Tensors, target: Tensors, training=None) -> tf.Tensor:
+        """(C18) E^lifelong = DIN(centroids, e_t) masked by n_j > 0: O(J d) per candidate."""
+        self._ensure_built()
+        return self.din(cache["centroids"], cache["centroid_mask"], target["emb"])
+
+    # ---- losses --------------------------------------------------------------------------
+    def aux_losses(self, enc: Tensors) -> Tensors:
+        """The enabled auxiliary losses of one encoder pass: {"recon", "orth"} (scalars,
+        unweighted). Runs the decoder (C8-C10) when reconstruction is on."""
+        out = {}
+        if self.reconstruction:
+            decoded = self.decoder(enc["emb"], enc["anchors"])
+            target = tf.stop_gradient(enc["emb"]) if self.stop_grad_target else enc["emb"]
+            out["recon"] = reconstruction_loss(target, decoded, enc["mask"])
+        if self.orthogonality:
+            has_any = tf.cast(tf.reduce_any(enc["mask"] > 0, axis=1), tf.float32)
+            out["orth"] = orthogonality_loss(enc["anchors"], has_any)
+        return out
+
+    def weighted_aux_loss(self, losses: Tensors) -> tf.Tensor:
+        """(C19) divided by beta: (L_recon + alpha L_orth) / beta (the task adds L_bce)."""
+        total = tf.constant(0.0)
+        if "recon" in losses:
+            total += losses["recon"]
+        if "orth" in losses:
+            total += self.alpha * losses["orth"]
+        return total / self.beta
+
+    def call(self, seq: Tensors, target: Tensors, training=None) -> tf.Tensor:
+        enc = self.encode(seq)
+        if training and (self.reconstruction or self.orthogonality):
+            self.add_loss(self.weighted_aux_loss(self.aux_losses(enc)))
+        return self.score(self.centroids_from(enc), target, training=training)
+
+    def get_config(self):
+        return {**super().get_config(), "num_clusters": self.num_clusters,
+                "encoder_layers": self.encoder_layers, "decoder_layers": self.decoder_layers,
+                "num_heads": self.num_heads, "head_dim": self.head_dim,
+                "ffn_mult": self.ffn_mult, "assignments": self.assignments,
+                "alpha": self.alpha, "beta": self.beta, "denoise": self.denoise,
+                "reconstruction": self.reconstruction, "orthogonality": self.orthogonality,
+                "stop_grad_target": self.stop_grad_target, "din_hidden": self.din_hidden,
+                "din_normalize": self.din_normalize}
