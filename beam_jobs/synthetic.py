@@ -117,10 +117,10 @@ class SyntheticConfig:
 
     # --- sizes
     num_users: int = 2000
-    num_items: int = 20000
-    num_categories: int = 200
+    num_items: int = 2000
+    num_categories: int = 50
     # --- history length
-    mean_history: int = 1200      # history lengths drawn from a clipped lognormal around this
+    mean_history: int = 500      # history lengths drawn from a clipped lognormal around this
     min_history: int = 200
     max_history: int = 3000       # configurable up to 100,000+
     history_sigma: float = 0.5    # lognormal shape of the history length
@@ -136,7 +136,7 @@ class SyntheticConfig:
     recent_share_recent: float = 0.70  # same, inside the recent window
     item_popularity_exponent: float = 1.0  # 1 = uniform items within a category
     # --- impressions and labels
-    num_impressions: int = 8
+    num_impressions: int = 32
     impression_long_frac: float = 1.0 / 3.0
     impression_recent_frac: float = 1.0 / 3.0
     label_bias: float = -3.0

@@ -49,8 +49,7 @@ def test_model_ignores_padded_positions(tiny_data):
 def test_din_l_over_short_window_equals_din_attention_weights(tiny_data):
     """DIN-L's long DIN with L = S sees exactly what the short DIN sees."""
     fs = tiny_schema(tiny_data, short_len=5, long_len=5)
-    model = build_model(fs, "din_l", emb_dim=4, mlp_hidden=(8,), din_hidden=(8, 4),
-                        long_module_config={"hidden": [8, 4]})
+    model = build_model(fs, "din_l", emb_dim=4, mlp_hidden=(8,), din_hidden=(8, 4))
     batch = next(iter(D.make_dataset(S.split_pattern(tiny_data, "test"), 5, 5, 8)))
     model(batch)
     model.long_module.din.set_weights(model.short_din.get_weights())

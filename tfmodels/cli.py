@@ -3,7 +3,8 @@
 Kept to argument parsing and calls; each subcommand's module is imported only
 when that subcommand runs (``lifelong --help`` does not load TensorFlow).
 
-Subcommands: prepare, train, evaluate, compare. Errors in arguments or data end
+Subcommands: prepare, train, evaluate, compare, bench, export, precompute,
+serve. Errors in arguments or data end
 with exit code 2 and one line ``lifelong <cmd>: error: <reason>`` on stderr.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ TRAIN_FLAGS = {  # flag -> (type, help); defaults come from TrainConfig
     "emb_dim": (int, "embedding size per field (default 16; behaviors are 2x wide)"),
     "mlp_hidden": (str, "head MLP sizes, comma separated (default 200,80)"),
     "din_hidden": (str, "DIN attention MLP sizes (default 80,40)"),
+    "din_normalize": (str, "DIN attention weights: softmax (default) | none (the DIN paper's sum)"),
     "batch_size": (int, "batch size (default 256)"),
     "epochs": (int, "max epochs (default 3)"),
     "steps_per_epoch": (int, "cap steps per epoch; 0 = full pass (default 0)"),
@@ -122,8 +124,38 @@ def cmd_compare(args, extra: List[str]) -> int:
 
 
 def cmd_bench(args, extra: List[str]) -> int:
+    if args.what in SERVING_BENCHES:
+        from serving import bench as serving_bench
+        return serving_bench.run(args)
     from tfmodels import bench
     return bench.run(args)
+
+
+def cmd_export(args, extra: List[str]) -> int:
+    from serving import export
+    out = export.run(args)
+    print(json.dumps({"name": out["name"], "version": out["version"], "path": out["path"]}))
+    return 0
+
+
+def cmd_precompute(args, extra: List[str]) -> int:
+    from beam_jobs import precompute
+    store = None
+    if args.store:
+        from serving.cache_store import open_store
+        store = open_store(args.store)
+    try:
+        report = precompute.run(args, extra, store=store)
+    finally:
+        if store is not None:
+            store.close()
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_serve(args, extra: List[str]) -> int:
+    from serving import server
+    return server.run(args)
 
 
 # ---- parser --------------------------------------------------------------------------------
@@ -185,15 +217,57 @@ def build_parser(prepare_flags: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmarks that print numbers (storage, train)",
                        description="Benchmarks: `storage` (bytes on disk vs materialised "
                        "windows at several L), `train` (training examples/s vs L).")
-    from tfmodels import bench_args
-    bench_args.add_arguments(p)
+    if _ARGV_HINT.get("bench") in SERVING_BENCHES:
+        from serving import bench as serving_bench   # its flags; TensorFlow loads lazily
+        serving_bench.add_arguments(p)
+    else:
+        from tfmodels import bench_args
+        bench_args.add_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="export split-signature SavedModels for TF Serving",
+                       description="Write saved_models/<model>/<version>/ (signatures "
+                       "user_tower, rank, serving_default; docs/serving.md) atomically and "
+                       "refresh saved_models/models.config.")
+    _module_arguments(p, "export", "serving.export")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("precompute", help="per-user cache: Beam + tfx-bsl RunInference",
+                       description="Run the user_tower signature over per-user records with "
+                       "tfx-bsl RunInference (Apache Beam), write one cache TFRecord per user "
+                       "and optionally load them into a store. Extra flags are Beam options.")
+    _module_arguments(p, "precompute", "beam_jobs.precompute")
+    p.set_defaults(func=cmd_precompute, allow_extra=True)
+
+    p = sub.add_parser("serve", help="local gRPC server speaking TF Serving's API",
+                       description="Serve saved_models/ over TensorFlow Serving's gRPC API "
+                       "(Predict, GetModelMetadata, GetModelStatus); picks up new versions "
+                       "without a restart; binds to 127.0.0.1 by default.")
+    _module_arguments(p, "serve", "serving.server")
+    p.set_defaults(func=cmd_serve)
     return parser
+
+
+# `lifelong bench serving|precompute` are the serving benchmarks (serving/bench.py).
+SERVING_BENCHES = ("serving", "precompute")
+# Filled by main() from argv: which subcommand (and bench kind) is being parsed, so a
+# subcommand's flags are imported from its module only when it runs.
+_ARGV_HINT: dict = {}
+
+
+def _module_arguments(p: argparse.ArgumentParser, command: str, module: str) -> None:
+    if _ARGV_HINT.get("command") == command:
+        import importlib
+        importlib.import_module(module).add_arguments(p)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
+    rest = argv[argv.index(command) + 1:] if command else []
+    _ARGV_HINT.clear()
+    _ARGV_HINT.update(command=command, bench=next(
+        (a for a in rest if a in SERVING_BENCHES), None) if command == "bench" else None)
     parser = build_parser(prepare_flags=command == "prepare")
     args, extra = parser.parse_known_args(argv)
     if args.command is None:

@@ -10,6 +10,7 @@ user/candidate split of METHODS 1.5 is exposed at model level:
 """
 from __future__ import annotations
 
+import inspect
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import tfmodels  # noqa: F401
@@ -18,7 +19,8 @@ import tensorflow_recommenders as tfrs
 
 from tfmodels import registry
 from tfmodels import schema as S
-from tfmodels.layers import MLP, DinAttention, ItemEmbedding, id_mask, serializable
+from tfmodels.layers import (MLP, DinAttention, ItemEmbedding, id_mask, masked_softmax,
+                             serializable)
 
 Tensors = Dict[str, tf.Tensor]
 
@@ -63,6 +65,14 @@ class LifelongCTRModel(tfrs.models.Model):
         self.short_din = DinAttention(din_hidden, din_normalize, name="short_din")
         cls = registry.long_module_class(model_name)
         module_kwargs = {**registry.preset_config(model_name), **self.long_module_config}
+        if cls is not None:
+            # DIN-based long modules (DIN-L, C-Former's centroid attention) share the
+            # backbone's DIN unit settings unless their config says otherwise.
+            params = inspect.signature(cls.__init__).parameters
+            for key, value in (("din_hidden", self.din_hidden),
+                               ("din_normalize", self.din_normalize)):
+                if key in params and key not in module_kwargs:
+                    module_kwargs[key] = value
         self.long_module = (cls(emb_dim=d, name="long_module", **module_kwargs)
                             if cls is not None else None)
         self.head = MLP(mlp_hidden, activation="prelu", output_units=1, name="head")
@@ -118,19 +128,35 @@ class LifelongCTRModel(tfrs.models.Model):
                                            training=training)
 
     def _head(self, features, target, v_long, training=None):
+        """z = [e_t, DIN(E_short, e_t), v_long, e_u, e_c] -> logits [N] (G3).
+
+        User-level inputs (short window, user id, impression time) may have batch 1
+        while the targets have N rows (the ``rank`` signature: one user, N
+        candidates); they are broadcast against the N candidates here.
+        """
         short = self.embed_sequence(features, "short")
-        parts = [target["emb"], self.short_din(short["emb"], short["mask"], target["emb"])]
+        n = tf.shape(target["emb"])[0]
+        if short["emb"].shape[0] == 1 and target["emb"].shape[0] != 1:
+            v_short = din_one_user(self.short_din, short["emb"], short["mask"], target["emb"])
+        else:
+            v_short = self.short_din(short["emb"], short["mask"], target["emb"])
+        parts = [target["emb"], v_short]
         if v_long is not None:
             parts.append(v_long)
         if self.user_embedding is not None:
-            parts.append(self.user_embedding(features["user_id"]))
+            parts.append(_rows(self.user_embedding(features["user_id"]), n))
         if self.context_embedding is not None:
             hour = tf.math.floormod(features["imp_ts"] // 3600, 24)
-            parts.append(self.context_embedding(hour))
+            parts.append(_rows(self.context_embedding(hour), n))
         return tf.squeeze(self.head(tf.concat(parts, -1), training=training), -1)
 
     def rank(self, cache: Tensors, features: Mapping[str, tf.Tensor], training=None) -> tf.Tensor:
-        """Logits [B] from a cached user representation plus per-request features."""
+        """Logits [N] from a cached user representation plus per-request features.
+
+        Either everything has batch N (offline parity checks), or the user side has
+        batch 1 -- the cache, ``short_*`` [1, S], ``user_id`` / ``imp_ts`` [1] -- and
+        only ``target_*`` has N rows (serving: one user, N candidates).
+        """
         target = self.embed_target(features)
         v_long = (self.long_module.score(cache, target, training=training)
                   if self.long_module is not None else None)
@@ -162,6 +188,50 @@ class LifelongCTRModel(tfrs.models.Model):
     @classmethod
     def from_config(cls, config):
         return cls(**config)
+
+
+def _rows(x: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
+    """Broadcast per-user rows [1 or n, k] to [n, k] (no-op when already n rows)."""
+    return tf.broadcast_to(x, tf.stack([n, tf.shape(x)[-1]]))
+
+
+def din_one_user(din: DinAttention, keys: tf.Tensor, mask: tf.Tensor,
+                 query: tf.Tensor) -> tf.Tensor:
+    """The DIN unit (G2) of ONE user's keys against N candidates: ``din(keys, mask, query)``.
+
+    Shapes: keys [1, S, d], mask [1, S], query [N, d] -> [N, d]. Equal to
+    :class:`DinAttention` up to float reassociation (about 1e-7), but organised
+    for serving: with W = [W_a; W_b; W_c; W_d] the first layer is, per candidate n
+    and position l,
+
+        e_l (W_a + W_c) + b_1  +  e_t (W_b - W_c + diag(e_l) W_d).
+
+    The first term is ``din.precompute`` ([S, h0]) and the bracket
+    M_l = W_b - W_c + diag(e_l) W_d ([S, d, h0]) does not depend on the candidate
+    either, so both are computed once per request and all N x S pre-activations
+    come out of ONE GEMM query [N, d] x M [d, S * h0], already laid out as
+    [N, S, h0]. :class:`DinAttention` instead broadcasts the keys to an
+    [N, S, d] copy and runs N small batched matmuls against per-candidate
+    diag(e_t) W_d matrices; on 2 cores (d = 32, 80-40, N = 1,000) this path is
+    about 1.5-2.3x faster. The attention MLP's remaining layers (which dominate
+    what is left) run unchanged.
+    """
+    d = int(keys.shape[-1])
+    din._build_for_dim(d)
+    k = keys[0]                                                     # [S, d]
+    s = tf.shape(k)[0]
+    h0 = din.hidden[0]
+    _, w_query, w_cross = din._blocks()                             # [d, h0] each
+    key_proj = tf.reshape(din.precompute(keys)[0], [1, -1])         # [1, S*h0]
+    m = k[:, :, None] * w_cross[None] + w_query[None]               # [S, d, h0]
+    m = tf.reshape(tf.transpose(m, [1, 0, 2]), [d, -1])             # [d, S*h0]
+    pre = tf.reshape(tf.matmul(query, m) + key_proj, [-1, h0])     # [N*S, h0]
+    # The rest of the attention MLP on a 2-D [N*S, h0] matrix: plain MatMul + BiasAdd
+    # (a Dense layer on [N, S, h0] would go through tensordot's reshapes per layer).
+    logits = tf.reshape(din.rest(din.act1(pre)), tf.stack([-1, s]))  # [N, S]
+    mask = tf.broadcast_to(mask, tf.shape(logits))
+    w = masked_softmax(logits, mask) if din.normalize == "softmax" else logits * mask
+    return tf.matmul(w, k)                                          # [N, d]
 
 
 def build_model(feature_schema: S.FeatureSchema, model_name: str, **config) -> LifelongCTRModel:

@@ -13,10 +13,10 @@ from tfmodels.methods.base import LongSequenceModule
 
 @serializable
 class DinLong(LongSequenceModule):
-    def __init__(self, emb_dim: int, hidden=(80, 40), normalize=None, **kwargs):
+    def __init__(self, emb_dim: int, din_hidden=(80, 40), din_normalize=None, **kwargs):
         super().__init__(emb_dim, **kwargs)
-        self.hidden, self.normalize = list(hidden), normalize
-        self.din = DinAttention(hidden, normalize, name="long_din")
+        self.din_hidden, self.din_normalize = list(din_hidden), din_normalize
+        self.din = DinAttention(din_hidden, din_normalize, name="long_din")
 
     def user_cache(self, seq, training=None):
         return {"keys": seq["emb"], "mask": seq["mask"]}
@@ -25,4 +25,5 @@ class DinLong(LongSequenceModule):
         return self.din(cache["keys"], cache["mask"], target["emb"])
 
     def get_config(self):
-        return {**super().get_config(), "hidden": self.hidden, "normalize": self.normalize}
+        return {**super().get_config(), "din_hidden": self.din_hidden,
+                "din_normalize": self.din_normalize}
