@@ -6,6 +6,8 @@ module expands it into one window example per impression:
 
 * ``long_*``  = the last ``L`` behaviors strictly before the impression,
 * ``short_*`` = the last ``S`` behaviors strictly before the impression,
+* ``*_cluster_size`` = ``hist_cluster_size`` of each row (1 for records without
+  it; > 1 only for a TWIN V2 clustered history, see ``beam_jobs/cluster.py``),
 
 both *most recent first*, right-padded with 0, with ``*_len`` valid rows, and the
 impression-dependent ``*_gap_bucket`` (log2 minutes between behavior and
@@ -32,6 +34,13 @@ def parse_user_records(serialized: tf.Tensor, with_impressions: bool = True) -> 
     out = {}
     for name, value in parsed.items():
         out[name] = tf.sparse.to_dense(value) if isinstance(value, tf.SparseTensor) else value
+    # Optional history fields a record does not store get their default per row
+    # (hist_cluster_size: 1 = every row is one real behavior).
+    n_hist = tf.shape(out["hist_item_id"])[0]
+    for name, default in S.OPTIONAL_HISTORY_DEFAULTS.items():
+        value = out[name]
+        out[name] = tf.cond(tf.equal(tf.shape(value)[0], n_hist), lambda v=value: v,
+                            lambda v=value: tf.fill([n_hist], tf.constant(default, v.dtype)))
     return out
 
 
@@ -68,7 +77,11 @@ def window_history(history: Dict[str, tf.Tensor], cutoff: tf.Tensor, ref_ts: tf.
     for field in S.SEQUENCE_FIELDS:
         if field == "gap_bucket":
             continue
-        src = history[f"hist_{field}"]
+        src = history.get(f"hist_{field}")
+        if src is None:   # an optional field (hist_cluster_size) not given: its default
+            src = tf.fill(tf.shape(history["hist_item_id"]),
+                          tf.constant(S.OPTIONAL_HISTORY_DEFAULTS[f"hist_{field}"],
+                                      S.SEQUENCE_FIELDS[field]))
         src = tf.concat([src, tf.zeros([1], src.dtype)], axis=0)
         out[S.seq_name(prefix, field)] = tf.gather(src, safe)
     ts = tf.gather(tf.concat([history["hist_ts"], tf.zeros([1], tf.int64)], 0), safe)
@@ -81,7 +94,7 @@ def window_history(history: Dict[str, tf.Tensor], cutoff: tf.Tensor, ref_ts: tf.
 def impression_windows(record: Dict[str, tf.Tensor], short_len: int,
                        long_len: int) -> Dict[str, tf.Tensor]:
     """All window examples of one parsed user record, batched over its impressions [N, ...]."""
-    history = {k: record[k] for k in S.HISTORY_FIELDS}
+    history = {k: record[k] for k in S.HISTORY_FIELDS if k in record}
     cutoff = record["imp_hist_index"]
     ref_ts = record["imp_ts"]
     n = tf.shape(cutoff)[0]
@@ -99,7 +112,7 @@ def impression_windows(record: Dict[str, tf.Tensor], short_len: int,
 
 def _expand_user(serialized: tf.Tensor, short_len: int, long_len: int) -> tf.data.Dataset:
     record = parse_user_records(serialized)
-    history = {k: record[k] for k in S.HISTORY_FIELDS}
+    history = {k: record[k] for k in S.HISTORY_FIELDS if k in record}
     scalars = {"user_id": record["user_id"]}
     imps = {k: record[k] for k in S.IMPRESSION_FIELDS}
 
@@ -157,7 +170,7 @@ def user_history_features(serialized: tf.Tensor, schema: S.FeatureSchema,
     """
     def one(x):
         rec = parse_user_records(x, with_impressions=False)
-        history = {k: rec[k] for k in S.HISTORY_FIELDS}
+        history = {k: rec[k] for k in S.HISTORY_FIELDS if k in rec}
         h = tf.shape(rec["hist_ts"], out_type=tf.int64)[0]
         if snapshot_ts is None:
             ref = tf.cond(h > 0, lambda: rec["hist_ts"][-1], lambda: tf.constant(0, tf.int64))

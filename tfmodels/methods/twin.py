@@ -1,0 +1,239 @@
+"""TWIN (METHODS B9) and the cluster-aware target attention it shares with TWIN V2 (2.4).
+
+One efficient target attention serves both stages: the GSU ranks every behavior
+(or virtual item) of the long window by the relevance alpha and keeps the top k;
+the ESU is a 4-head softmax attention with the same parameters over those k.
+
+Behavior-feature split (paper Appendix A.2, spec T4/T5):
+
+* inherent features K_h = the behavior embedding (item id + category, the same
+  tables as the target, METHODS 1.2) -- user independent, so K_h W^h is cacheable
+  per item (:meth:`Twin.item_projection`; production refreshes it every 15 min);
+* cross features K_c = [K_c,1 .. K_c,J], one 8-dim embedding per user-item
+  feature of the window: ``gap_bucket`` (log2 time gap to the impression,
+  embedding table), ``engage`` (the engagement signal, a scalar embedded by a
+  Dense(8, tanh)), ``domain`` (action type / domain, embedding table). Each is
+  compressed to ONE dimension per head by its own w^c_j in R^8 (block-diagonal
+  W^c, Eq. 13 / T5).
+
+Equations -> code (per head a = 1..H, H = 4, d_k = 16):
+
+* (T4, Eq. 8)  alpha_a = (K_h W^h_a)(q W^q_a)^T / sqrt(d_k) + (K_c W^c_a) beta_a
+  -- :meth:`Twin.user_cache` computes K_h W^h_a (``keys``) and (K_c W^c_a) beta_a
+  (``cross``); :meth:`Twin.attend` adds the q W^q_a term per candidate.
+* (T5, Eq. 13) K_c W^c_a = [K_c,1 w^c_a,1, ..., K_c,J w^c_a,J] -- :meth:`Twin.cross_projection`.
+* (T6, Eq. 9)  alpha'_a = alpha_a + ln n (TWIN V2; ``gsu_log_n`` / ``esu_log_n``).
+* (T7) GSU: top-k (k = min(top_k, L)) by the mean over heads of alpha' (or alpha).
+* (T8, T9, Eq. 10) ESU: head_a = softmax(alpha'_a over the k)^T K W^v_a with
+  K = [K_h, K_c]; softmax(alpha + ln n)_i = n_i exp(alpha_i) / sum_j n_j exp(alpha_j).
+* (T10, Eq. 11) v_long = Concat(head_1..head_H) W^o.
+
+Split (METHODS 1.5): ``user_cache`` holds everything candidate independent
+(K_h W^h, (K_c W^c) beta, K W^v, ln n, mask); ``score`` runs q W^q, alpha over
+the window, the GSU top-k and the ESU. A cache of batch 1 (one user) serves B
+candidates without being copied B times.
+
+Conventions: padded rows are zeroed (embedding and cross features) and never
+selected while a valid row remains (their GSU key is -1e9 and valid keys are
+clipped to >= -1e8); a selected padded row is masked out of the ESU softmax
+(-1e9, re-masked); a window without any valid row gives a zero vector (W^v and
+W^o have no bias). No gradient flows through the selection (indices); the
+shared parameters train through the ESU's gathered alpha and values.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence
+
+import tfmodels  # noqa: F401
+import tensorflow as tf
+
+from tfmodels import schema as S
+from tfmodels.layers import NEG_INF, masked_softmax, serializable
+from tfmodels.methods.base import LongSequenceModule
+
+CROSS_FEATURES = ("gap_bucket", "engage", "domain")
+_VALID_FLOOR = -1e8      # GSU keys of valid rows are clipped here, padding sits at -1e9
+
+
+@serializable
+class Twin(LongSequenceModule):
+    """TWIN: GSU top-k + ESU multi-head target attention sharing one relevance (B9).
+
+    Args:
+      emb_dim: d, width of behavior/target embeddings (the inherent part K_h, q).
+      top_k: k of the GSU (100); the ESU sees min(k, L) rows.
+      num_heads: H (4).
+      key_dim: d_k per head (16).
+      value_dim: d_v per head (default max(1, d // H), so Concat(heads) is ~d wide).
+      cross_dim: embedding size of each cross feature (8).
+      cross_features: which of ``gap_bucket``, ``engage``, ``domain`` form K_c.
+      num_domains: size of the domain embedding table (ids >= it share the last row).
+      gsu_log_n, esu_log_n: add ln n (cluster size, ``seq["cluster_size"]``) to the
+        GSU keys / ESU logits (TWIN V2, T6). Both False for TWIN: n is not read.
+    Shapes: seq ``emb`` [B, L, d], ``mask`` [B, L], cross fields [B, L];
+      target ``emb`` [B, d] -> [B, d].
+    """
+
+    reads_fields = CROSS_FEATURES
+
+    def __init__(self, emb_dim: int, top_k: int = 100, num_heads: int = 4, key_dim: int = 16,
+                 value_dim: Optional[int] = None, cross_dim: int = 8,
+                 cross_features: Sequence[str] = CROSS_FEATURES, num_domains: int = 8,
+                 gsu_log_n: bool = False, esu_log_n: bool = False, **kwargs):
+        super().__init__(emb_dim, **kwargs)
+        unknown = [f for f in cross_features if f not in CROSS_FEATURES]
+        if unknown:
+            raise ValueError(f"unknown cross features {unknown}; choose from {CROSS_FEATURES}")
+        if top_k < 1 or num_heads < 1 or key_dim < 1 or cross_dim < 1 or num_domains < 2:
+            raise ValueError("top_k, num_heads, key_dim, cross_dim must be >= 1, num_domains >= 2")
+        self.top_k, self.num_heads, self.key_dim = int(top_k), int(num_heads), int(key_dim)
+        self.value_dim = int(value_dim) if value_dim else max(1, self.emb_dim // self.num_heads)
+        self.cross_dim, self.num_domains = int(cross_dim), int(num_domains)
+        self.cross_features = list(cross_features)
+        self.gsu_log_n, self.esu_log_n = bool(gsu_log_n), bool(esu_log_n)
+        self.uses_cluster_size = self.gsu_log_n or self.esu_log_n
+        # instance attribute: the serving signatures declare exactly what is read
+        self.reads_fields = tuple(self.cross_features) + (
+            ("cluster_size",) if self.uses_cluster_size else ())
+        c = self.cross_dim
+        self.gap_table = (tf.keras.layers.Embedding(S.NUM_GAP_BUCKETS, c, name="gap_emb")
+                          if "gap_bucket" in self.cross_features else None)
+        self.engage_dense = (tf.keras.layers.Dense(c, activation="tanh", name="engage_emb")
+                             if "engage" in self.cross_features else None)
+        self.domain_table = (tf.keras.layers.Embedding(self.num_domains, c, name="domain_emb")
+                             if "domain" in self.cross_features else None)
+
+    @property
+    def num_cross(self) -> int:
+        return len(self.cross_features)
+
+    def build(self, input_shape=None):
+        d, h, k, v, c, j = (self.emb_dim, self.num_heads, self.key_dim, self.value_dim,
+                            self.cross_dim, max(1, self.num_cross))
+        glorot = "glorot_uniform"   # a fresh initializer per weight (W^h != W^q at init)
+        self.w_h = self.add_weight("w_h", shape=[d, h, k], initializer=glorot)       # W^h_a
+        self.w_q = self.add_weight("w_q", shape=[d, h, k], initializer=glorot)       # W^q_a
+        # block-diagonal W^c: one w^c_{a,j} in R^c per head a and cross feature j
+        self.w_c = self.add_weight("w_c", shape=[j, c, h], initializer=glorot)
+        self.beta = self.add_weight("beta", shape=[h, j], initializer="ones")        # beta_a
+        self.w_v = self.add_weight("w_v", shape=[d + self.num_cross * c, h, v],
+                                   initializer=glorot)                                # W^v_a
+        self.w_o = self.add_weight("w_o", shape=[h * v, d], initializer=glorot)      # W^o
+        if self.engage_dense is not None:
+            self.engage_dense.build(tf.TensorShape([None, None, 1]))
+        super().build(input_shape)
+
+    def _ensure_built(self):
+        if not self.built:
+            self.build()
+
+    # ---- features -----------------------------------------------------------------------
+    def cross_embeddings(self, seq: Dict[str, tf.Tensor]) -> tf.Tensor:
+        """K_c split per feature: [B, L, J, cross_dim], zero on padded rows."""
+        mask = seq["mask"]
+        parts = []
+        for f in self.cross_features:
+            if f == "gap_bucket":
+                ids = tf.clip_by_value(tf.cast(seq["gap_bucket"], tf.int64), 0,
+                                       S.NUM_GAP_BUCKETS - 1)
+                e = self.gap_table(ids * tf.cast(mask, tf.int64))
+            elif f == "engage":
+                x = tf.cast(seq["engage"], tf.float32) * mask
+                e = self.engage_dense(x[..., None])
+            else:
+                ids = tf.clip_by_value(tf.cast(seq["domain"], tf.int64), 0, self.num_domains - 1)
+                e = self.domain_table(ids * tf.cast(mask, tf.int64))
+            parts.append(e * mask[..., None])
+        if not parts:
+            return tf.zeros(tf.concat([tf.shape(mask), [0, self.cross_dim]], 0))
+        return tf.stack(parts, axis=2)
+
+    def cross_projection(self, k_c: tf.Tensor) -> tf.Tensor:
+        """(T5) K_c W^c per head: [B, L, J, c] -> [B, L, H, J]; entry (a, j) = K_c,j . w^c_{a,j}."""
+        self._ensure_built()
+        if self.num_cross == 0:
+            return tf.zeros(tf.concat([tf.shape(k_c)[:2], [self.num_heads, 0]], 0))
+        return tf.einsum("bljc,jch->blhj", k_c, self.w_c)
+
+    def item_projection(self, item_emb: tf.Tensor) -> tf.Tensor:
+        """K_h W^h for inherent embeddings [..., d] -> [..., H, d_k] (cacheable per item)."""
+        self._ensure_built()
+        return tf.einsum("...d,dhk->...hk", item_emb, self.w_h)
+
+    # ---- the split ------------------------------------------------------------------------
+    def user_cache(self, seq, training=None):
+        """Candidate-independent tensors of one window.
+
+        Returns ``keys`` K_h W^h [B, L, H, d_k], ``cross`` (K_c W^c) beta [B, H, L],
+        ``values`` K W^v [B, L, H, d_v], ``log_n`` ln max(n, 1) [B, L] and ``mask`` [B, L].
+        """
+        self._ensure_built()
+        mask = tf.cast(seq["mask"], tf.float32)
+        emb = seq["emb"] * mask[..., None]
+        k_c = self.cross_embeddings(dict(seq, mask=mask))                      # [B, L, J, c]
+        keys = self.item_projection(emb)                                       # [B, L, H, dk]
+        if self.num_cross:
+            cross = tf.einsum("blhj,hj->bhl", self.cross_projection(k_c), self.beta)
+        else:
+            cross = tf.zeros_like(tf.transpose(keys[..., 0], [0, 2, 1]))
+        shape = tf.shape(k_c)
+        full = tf.concat([emb, tf.reshape(k_c, tf.stack(
+            [shape[0], shape[1], self.num_cross * self.cross_dim]))], -1)        # K = [K_h, K_c]
+        values = tf.einsum("blf,fhv->blhv", full, self.w_v)
+        if self.uses_cluster_size and "cluster_size" in seq:
+            n = tf.maximum(tf.cast(seq["cluster_size"], tf.float32), 1.0)      # never ln 0
+            log_n = tf.math.log(n) * mask
+        else:
+            log_n = tf.zeros_like(mask)
+        return {"keys": keys, "cross": cross, "values": values, "log_n": log_n, "mask": mask}
+
+    def attend(self, cache: Dict[str, tf.Tensor], target: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        """GSU + ESU for B candidates; returns every intermediate (for tests and reports).
+
+        ``alpha`` [B, H, L] (T4, without ln n), ``gsu_score`` [B, L], ``index`` [B, k],
+        ``selected_mask`` [B, k], ``weights`` [B, H, k] (ESU softmax), ``output`` [B, d].
+        """
+        self._ensure_built()
+        q = target["emb"]
+        batch = tf.shape(q)[0]
+        q_proj = tf.einsum("bd,dhk->bhk", q, self.w_q) / math.sqrt(self.key_dim)
+        one_user = cache["keys"].shape[0] == 1          # static: a serving cache of batch 1
+        if one_user:
+            alpha = tf.einsum("lhk,bhk->bhl", cache["keys"][0], q_proj) + cache["cross"]
+        else:
+            alpha = tf.einsum("blhk,bhk->bhl", cache["keys"], q_proj) + cache["cross"]
+        length = tf.shape(alpha)[2]
+        mask = tf.broadcast_to(cache["mask"], tf.stack([batch, length]))
+        log_n = tf.broadcast_to(cache["log_n"], tf.stack([batch, length]))
+        # GSU (T7): mean over heads of alpha (+ ln n); padding never outranks a valid row.
+        gsu = tf.reduce_mean(alpha, axis=1) + (log_n if self.gsu_log_n else 0.0)
+        gsu_key = tf.where(mask > 0, tf.maximum(gsu, _VALID_FLOOR), NEG_INF)
+        static_len = cache["keys"].shape[1]
+        k = min(self.top_k, static_len) if static_len is not None else tf.minimum(
+            self.top_k, length)
+        _, index = tf.math.top_k(tf.stop_gradient(gsu_key), k=k, sorted=True)   # [B, k]
+        sel_mask = tf.gather(mask, index, batch_dims=1)                          # [B, k]
+        logits = alpha + (log_n[:, None, :] if self.esu_log_n else 0.0)
+        sel_logits = tf.gather(logits, index, axis=2, batch_dims=1)              # [B, H, k]
+        sel_mask_h = tf.broadcast_to(sel_mask[:, None, :], tf.shape(sel_logits))
+        weights = masked_softmax(sel_logits, sel_mask_h)                         # (T8, T9)
+        if one_user:
+            values = tf.gather(cache["values"][0], index)                        # [B, k, H, dv]
+        else:
+            values = tf.gather(cache["values"], index, batch_dims=1)
+        heads = tf.einsum("bhk,bkhv->bhv", weights, values)
+        out = tf.matmul(tf.reshape(heads, tf.stack([batch, self.num_heads * self.value_dim])),
+                        self.w_o)                                                # (T10)
+        return {"alpha": alpha, "gsu_score": gsu, "index": index, "selected_mask": sel_mask,
+                "weights": weights, "output": out}
+
+    def score(self, cache, target, training=None):
+        return self.attend(cache, target)["output"]
+
+    def get_config(self):
+        return {**super().get_config(), "top_k": self.top_k, "num_heads": self.num_heads,
+                "key_dim": self.key_dim, "value_dim": self.value_dim,
+                "cross_dim": self.cross_dim, "cross_features": list(self.cross_features),
+                "num_domains": self.num_domains, "gsu_log_n": self.gsu_log_n,
+                "esu_log_n": self.esu_log_n}
