@@ -109,15 +109,16 @@ class LREA(LongSequenceModule):
     #: Tolerance of the shared cached-path checks (``testing.layer_test`` /
     #: ``model_test``), absolute, on module outputs resp. logits. With LeakyReLU the
     #: absorbed path (R7) only approximates the training path (R6), so 1e-5 cannot
-    #: hold once W_decomp has left its initialisation. 1e-2 covers the helpers'
-    #: setting (tiny dims, a few Adam steps at lr 1e-2): the measured logit gap there
-    #: is 1.5e-3 (block init, r = 128 > L = 24), 6.6e-4 (r = 8), 4.2e-3 (glorot init);
+    #: hold once W_decomp has left its initialisation. 0.1 covers the helpers'
+    #: setting (tiny dims, 6 Adam steps at lr 1e-2): the measured logit gap there is
+    #: 0.077 with the backbone's N(0, dim^-1/2) embedding init at emb_dim 4 (it was
+    #: 1.5e-3 with Keras' U(-0.05, 0.05) init: the gap grows with the embedding scale);
     #: at initialisation it is 0 with the block init, so ``layer_test`` still sees
     #: < 1e-5. Wiring errors (a missing sigma term, a transposed matrix) are caught
     #: at 1e-5 by the same code run with phi linear (``LREALinear``, tol 1e-5) and by
     #: tests/test_lrea.py. It is NOT a bound for trained models: the serving gap on
     #: real data is measured by ``tfmodels.methods.lrea_grid.absorbed_gap``.
-    cache_parity_tol: float = 1e-2
+    cache_parity_tol: float = 0.1
 
     def __init__(self, emb_dim: int, rank: int = 128, lam: float = 0.3,
                  hidden: Optional[int] = None, phi: str = "leaky_relu",
