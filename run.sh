@@ -7,4 +7,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 bash scripts/setup_env.sh
-exec .venv/bin/lifelong compare --work_dir "${WORK_DIR:-artifacts/main}" "$@"
+# Defaults sized for a 2-core machine (about 10 minutes); later flags override them.
+exec .venv/bin/lifelong compare --work_dir "${WORK_DIR:-artifacts/main}" --long_len 500 --epochs 2 --synthetic_users 1000 "$@"
