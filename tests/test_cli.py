@@ -17,7 +17,9 @@ def run_cli(*args):
                           text=True, timeout=300)
 
 
-@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "compare"])
+@pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "compare", "bench",
+                                     "cluster", "cluster-bench", "cluster-quality",
+                                     "lrea-grid"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--help"])

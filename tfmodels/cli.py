@@ -123,6 +123,30 @@ def cmd_compare(args, extra: List[str]) -> int:
     return compare.run(args, extra, _train_config)
 
 
+# Subcommands whose flags live in their own module (imported only when that
+# subcommand runs, so `lifelong --help` stays fast): name -> (module, help, extras
+# are Beam pipeline options).
+MODULE_COMMANDS = {
+    "cluster": ("beam_jobs.cluster", "TWIN V2 hierarchical clustering of histories (Beam)", True),
+    "cluster-bench": ("beam_jobs.cluster_bench",
+                      "TWIN V2 clustering speed and accuracy per user (benchmark)", False),
+    "cluster-quality": ("tfmodels.cluster_quality",
+                        "C-Former vs K-means silhouette on a trained run", False),
+    "lrea-grid": ("tfmodels.methods.lrea_grid",
+                  "LREA sensitivity grid over rank r and lambda (one command)", False),
+}
+
+
+def cmd_module(args, extra: List[str]) -> int:
+    import importlib
+    module = importlib.import_module(MODULE_COMMANDS[args.command][0])
+    if args.command == "lrea-grid":
+        result = module.run(args, extra, _train_config)
+    else:
+        result = module.run(args, extra)
+    return result if isinstance(result, int) else 0
+
+
 def cmd_bench(args, extra: List[str]) -> int:
     if args.what in SERVING_BENCHES:
         from serving import bench as serving_bench
@@ -159,8 +183,11 @@ def cmd_serve(args, extra: List[str]) -> int:
 
 
 # ---- parser --------------------------------------------------------------------------------
-def build_parser(prepare_flags: bool = True) -> argparse.ArgumentParser:
-    """The full parser; ``prepare_flags=False`` skips importing Beam for other commands."""
+def build_parser(prepare_flags: bool = True, command: Optional[str] = None
+                 ) -> argparse.ArgumentParser:
+    """The parser. Flags of ``prepare`` and of :data:`MODULE_COMMANDS` are added only
+    for the command being run (``prepare_flags`` / ``command``), so other commands
+    and ``--help`` do not import Beam or TensorFlow."""
     parser = argparse.ArgumentParser(
         prog="lifelong", description="Lifelong user-behavior CTR: prepare data with Beam, "
         "train and evaluate Keras models.")
@@ -214,9 +241,12 @@ def build_parser(prepare_flags: bool = True) -> argparse.ArgumentParser:
     _add_train_flags(p, with_model=False)
     p.set_defaults(func=cmd_compare, allow_extra=True)
 
-    p = sub.add_parser("bench", help="benchmarks that print numbers (storage, train)",
+    p = sub.add_parser("bench", help="benchmarks that print numbers (storage, train, "
+                       "serving, precompute)",
                        description="Benchmarks: `storage` (bytes on disk vs materialised "
-                       "windows at several L), `train` (training examples/s vs L).")
+                       "windows at several L), `train` (training examples/s vs L), `serving` "
+                       "(rank / one-shot / identity gRPC latency; `lifelong bench serving "
+                       "--help`), `precompute` (user-cache users/s and bytes per user).")
     if _ARGV_HINT.get("bench") in SERVING_BENCHES:
         from serving import bench as serving_bench   # its flags; TensorFlow loads lazily
         serving_bench.add_arguments(p)
@@ -245,6 +275,12 @@ def build_parser(prepare_flags: bool = True) -> argparse.ArgumentParser:
                        "without a restart; binds to 127.0.0.1 by default.")
     _module_arguments(p, "serve", "serving.server")
     p.set_defaults(func=cmd_serve)
+
+    for name, (module_name, help_, beam_extra) in MODULE_COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_ + (
+            ". Extra flags are Beam pipeline options." if beam_extra else "."))
+        _module_arguments(p, name, module_name)
+        p.set_defaults(func=cmd_module, allow_extra=beam_extra or name == "lrea-grid")
     return parser
 
 
@@ -268,7 +304,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     _ARGV_HINT.clear()
     _ARGV_HINT.update(command=command, bench=next(
         (a for a in rest if a in SERVING_BENCHES), None) if command == "bench" else None)
-    parser = build_parser(prepare_flags=command == "prepare")
+    parser = build_parser(prepare_flags=command == "prepare", command=command)
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
