@@ -1,0 +1,13 @@
+"""Serving path: split-signature SavedModels, user-cache store, gRPC server and client.
+
+* :mod:`serving.export` -- ``user_tower`` / ``rank`` / ``serving_default`` SavedModels in
+  TensorFlow Serving's layout, plus ``models.config``;
+* :mod:`serving.cache_store` -- per-user cache entries in SQLite (default) or Redis;
+* :mod:`serving.server` -- a local server speaking TF Serving's gRPC API
+  (PredictionService Predict / GetModelMetadata, ModelService GetModelStatus);
+* :mod:`serving.client` -- the thin ranking client (no TensorFlow on its import path);
+* :mod:`serving.bench` -- ``lifelong bench serving``;
+* ``serving/tf_serving.sh`` -- the production command (the real ``tensorflow/serving`` image).
+
+See ``docs/serving.md``. Importing this package imports nothing heavy.
+"""

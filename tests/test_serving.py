@@ -1,0 +1,716 @@
+"""Serving path end to end: export, local gRPC server, thin client, cache store, bad input.
+
+Every registered model is exported once (tiny dims, module-scoped), served by one
+in-process :class:`serving.server.LocalServer` on localhost, and checked through
+the real gRPC path: ``rank(cached user_tower)`` == in-process ``serving_default``
+for >= 50 users. Then a hypothesis fuzz of malformed Predict requests, a version
+swap under concurrent load, explicit bad-input cases, path escapes and users
+without a cache entry.
+"""
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import tfmodels  # noqa: F401
+import tensorflow as tf
+
+from serving import export as E
+from serving import protos
+from serving.cache_store import CacheEntry, RedisCacheStore, SQLiteCacheStore, open_store
+from serving.client import NoCacheEntryError, RankingClient
+from serving.server import Limits, LocalServer
+from tfmodels import data as D
+from tfmodels import registry
+from tfmodels import schema as S
+from tfmodels.model import build_model
+from tfmodels.testing import write_tiny_dataset
+
+SHORT, LONG = 5, 24
+CFG = dict(emb_dim=4, mlp_hidden=(8,), din_hidden=(8, 4))
+NUM_USERS = 60
+N_CAND = 6
+TS = 1_600_000_000
+MAX_CANDIDATES = 500
+MAX_BYTES = 4 << 20
+CTX_MODEL = "din_l_ctx"   # din_l reading user_id and imp_ts ([1] -> [N] broadcast), softmax DIN
+# Every registered model (SERVING_TEST_MODELS=a,b narrows it while developing).
+MODELS = [m for m in os.environ.get("SERVING_TEST_MODELS", "").split(",") if m] or \
+    registry.names()
+MODELS = sorted(set(MODELS) | {"din_l", "avg_pool"}) + [CTX_MODEL]
+Code = grpc.StatusCode
+
+
+# ---- fixtures ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return write_tiny_dataset(str(tmp_path_factory.mktemp("serving_data")),
+                              num_users=NUM_USERS, seed=3)
+
+
+@pytest.fixture(scope="module")
+def schema(data_dir):
+    return S.FeatureSchema.from_data_dir(data_dir, SHORT, LONG)
+
+
+@pytest.fixture(scope="module")
+def records(data_dir):
+    files = sorted(tf.io.gfile.glob(S.split_pattern(data_dir, "test")))
+    return [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+
+
+@pytest.fixture(scope="module")
+def features(records, schema):
+    feats = D.user_history_features(tf.constant(records), schema)
+    return {k: v.numpy() for k, v in feats.items()}
+
+
+def _build(schema, name, seed=0):
+    tf.keras.utils.set_random_seed(seed)
+    if name == CTX_MODEL:
+        return build_model(schema, "din_l", use_user_embedding=True, use_context=True,
+                           din_normalize="softmax", **CFG)
+    return build_model(schema, name, **CFG)
+
+
+def export_models(names, data_dir, base):
+    """Export each model (seeded by its place in MODELS) to ``base``; return the Keras
+    model's in-process CTRs of the parity rows (every test user x its candidates)."""
+    schema = S.FeatureSchema.from_data_dir(data_dir, SHORT, LONG)
+    files = sorted(tf.io.gfile.glob(S.split_pattern(data_dir, "test")))
+    records = [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+    feats = {k: v.numpy() for k, v in D.user_history_features(tf.constant(records),
+                                                              schema).items()}
+    items, cates = _candidates(len(records))
+    expected = {}
+    for name in names:
+        model = _build(schema, name, seed=MODELS.index(name))
+        E.export_model(model, base, name, 1)
+        rows = _rows(feats, model.feature_names("all"), items, cates)
+        expected[name] = model.predict_ctr({k: tf.constant(v) for k, v in rows.items()}).numpy()
+    return expected
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, data_dir):
+    base = str(tmp_path_factory.mktemp("saved_models"))
+    return base, export_models(MODELS, data_dir, base)
+
+
+@pytest.fixture(scope="module")
+def server(exported):
+    srv = LocalServer(exported[0], port=0, poll_interval_s=0,
+                      limits=Limits(max_request_bytes=MAX_BYTES, max_candidates=MAX_CANDIDATES))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    s = SQLiteCacheStore(str(tmp_path_factory.mktemp("cache") / "cache.db"))
+    yield s
+    s.close()
+
+
+def _records_request(client, records, name=None):
+    req = client._request("user_tower", None, name)
+    protos.fill_tensor_proto(req.inputs["records"], np.array(records, dtype=object))
+    return req
+
+
+def _candidates(n_users, seed=0, n=N_CAND):
+    rng = np.random.default_rng(seed)
+    return rng.integers(2, 62, size=(n_users, n)), rng.integers(2, 8, size=(n_users, n))
+
+
+def _rows(features, names, items, cates):
+    """serving_default rows: every user tiled to its candidates."""
+    n_users, n = items.shape
+    batch = {k: np.repeat(features[k], n, axis=0) for k in names
+             if k not in ("target_item_id", "target_cate_id", "imp_ts")}
+    batch["target_item_id"] = items.reshape(-1).astype(np.int64)
+    batch["target_cate_id"] = cates.reshape(-1).astype(np.int64)
+    if "imp_ts" in names:
+        batch["imp_ts"] = np.full(n_users * n, TS, np.int64)
+    return batch
+
+
+def _cache_users(client, name, records, store):
+    out = client.predict(_records_request(client, records), timeout_s=60)
+    uids = out.pop("user_id")
+    store.put_many((name, int(u), 1, {k: v[i:i + 1] for k, v in out.items()})
+                   for i, u in enumerate(uids))
+    return uids, out
+
+
+# ---- parity through gRPC for every registered model ----------------------------------------
+@pytest.mark.parametrize("name", MODELS)
+def test_rank_of_cached_user_tower_equals_serving_default(name, exported, server, store,
+                                                          records, features, schema):
+    model = _build(schema, name)          # names and class only (weights are in the export)
+    client = RankingClient(server.address, name, store, timeout_s=30)
+    uids, out = _cache_users(client, name, records, store)
+    assert len(uids) >= 50 and list(uids) == list(features["user_id"])
+    short_names = [n for n in model.feature_names("rank") if n.startswith("short_")]
+    for n in short_names:   # the short window the tower saw is what rank receives
+        np.testing.assert_array_equal(out[n], features[n])
+    items, cates = _candidates(len(uids))
+    got = np.stack([client.rank(int(u), (items[i], cates[i]), imp_ts=TS)
+                    for i, u in enumerate(uids)])
+    names = model.feature_names("all")
+    rows = _rows(features, names, items, cates)
+    # in-process serving_default of the exported model (the server's own servable, no gRPC)
+    one_shot = server.manager.get(name).run("serving_default", {k: rows[k] for k in names})
+    one_shot = one_shot["ctr"].reshape(got.shape)
+    keras = exported[1][name]            # the Keras model in the exporting process
+    tol = max(1e-5, getattr(model.long_module, "cache_parity_tol", 1e-5))
+    assert np.abs(one_shot - keras.reshape(got.shape)).max() <= 1e-5
+    gap = float(np.abs(got - one_shot).max())
+    assert gap <= tol, f"{name}: rank(cached user_tower) differs from serving_default by {gap}"
+    # and serving_default through gRPC (one request, all rows) is the in-process one
+    req = client._request("serving_default", None)
+    for k in names:
+        protos.fill_tensor_proto(req.inputs[k], rows[k])
+    via_grpc = client.predict(req)["ctr"].reshape(got.shape)
+    assert np.abs(via_grpc - one_shot).max() <= 1e-6
+
+
+def test_export_layout_and_signature_contract(exported, schema):
+    base = exported[0]
+    config = open(os.path.join(base, E.CONFIG_FILE)).read()
+    for name in MODELS:
+        assert f'name: "{name}"' in config and f'base_path: "/models/{name}"' in config
+        meta = E.read_export_meta(os.path.join(base, name, "1"))
+        sig = meta["signatures"]
+        model = _build(schema, name)
+        assert sorted(sig["serving_default"]["inputs"]) == sorted(model.feature_names("all"))
+        assert list(sig["user_tower"]["inputs"]) == ["records"]
+        assert sig["user_tower"]["inputs"]["records"] == {"dtype": "string", "shape": [None]}
+        tower_out = sig["user_tower"]["outputs"]
+        assert tower_out["user_id"] == {"dtype": "int64", "shape": [None]}
+        for k in meta["cache_keys"]:
+            assert tower_out[k]["shape"][0] is None                        # batch first
+            assert sig["rank"]["inputs"][k]["shape"] == [1] + tower_out[k]["shape"][1:]
+        assert sig["rank"]["inputs"]["target_item_id"] == {"dtype": "int64", "shape": [None]}
+        assert sig["rank"]["outputs"]["ctr"] == {"dtype": "float32", "shape": [None]}
+        expect_rank = set(meta["cache_keys"]) | set(model.feature_names("rank"))
+        assert set(sig["rank"]["inputs"]) == expect_rank
+        assert not any(n.startswith(".tmp") for n in os.listdir(os.path.join(base, name)))
+    ctx = E.read_export_meta(os.path.join(base, CTX_MODEL, "1"))["signatures"]["rank"]["inputs"]
+    assert ctx["user_id"]["shape"] == [1] and ctx["imp_ts"]["shape"] == [1]
+
+
+def test_metadata_and_status(server):
+    from tensorflow_serving.apis import (get_model_metadata_pb2, get_model_status_pb2,
+                                         model_service_pb2_grpc, prediction_service_pb2_grpc)
+    with grpc.insecure_channel(server.address) as ch:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(ch)
+        req = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        req.model_spec.name = "din_l"
+        resp = stub.GetModelMetadata(req, timeout=10)
+        sig_map = get_model_metadata_pb2.SignatureDefMap()
+        resp.metadata["signature_def"].Unpack(sig_map)
+        assert {"user_tower", "rank", "serving_default"} <= set(sig_map.signature_def)
+        assert resp.model_spec.version.value == 1
+        req.model_spec.name = "nope"
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GetModelMetadata(req, timeout=10)
+        assert e.value.code() == Code.NOT_FOUND
+        mstub = model_service_pb2_grpc.ModelServiceStub(ch)
+        sreq = get_model_status_pb2.GetModelStatusRequest()
+        sreq.model_spec.name = "avg_pool"
+        st_ = mstub.GetModelStatus(sreq, timeout=10).model_version_status
+        assert [(s.version, s.state) for s in st_] == [
+            (1, get_model_status_pb2.ModelVersionStatus.AVAILABLE)]
+        sreq.model_spec.name = "nope"
+        with pytest.raises(grpc.RpcError) as e:
+            mstub.GetModelStatus(sreq, timeout=10)
+        assert e.value.code() == Code.NOT_FOUND
+
+
+# ---- bad input ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def base_requests(server, store, records, features):
+    """A valid rank request (din_l: float cache keys + mask) and serving_default request."""
+    client = RankingClient(server.address, "din_l", store, timeout_s=30)
+    uids, _ = _cache_users(client, "din_l", records, store)
+    entry = store.get("din_l", int(uids[3]))
+    items, cates = _candidates(1, seed=5)
+    rank = client.rank_request(entry, (items[0], cates[0]))
+    default_client = RankingClient(server.address, "avg_pool", store, timeout_s=30)
+    user = {k: v[1:2] for k, v in features.items()}
+    default = default_client.one_shot_request(int(uids[1]), user, (items[0], cates[0]))
+    assert len(client.predict(rank)["ctr"]) == N_CAND
+    assert len(default_client.predict(default)["ctr"]) == N_CAND
+    return client, rank, default
+
+
+def _status(client, request):
+    try:
+        client._predict(request, timeout=30)
+        return Code.OK, ""
+    except grpc.RpcError as e:
+        return e.code(), e.details()
+
+
+def _copy(req):
+    return type(req).FromString(req.SerializeToString())
+
+
+def _set(req, name, value):
+    if name in req.inputs:
+        del req.inputs[name]
+    protos.fill_tensor_proto(req.inputs[name], value)
+
+
+BAD_CASES = {
+    "unknown model": (lambda r: setattr(r.model_spec, "name", "nope"),
+                      Code.NOT_FOUND, "model 'nope' not found"),
+    "unknown version": (lambda r: r.model_spec.version.__setattr__("value", 7),
+                        Code.NOT_FOUND, "version 7 not found"),
+    "unknown label": (lambda r: (r.model_spec.ClearField("version"),
+                                 setattr(r.model_spec, "version_label", "canary")),
+                      Code.NOT_FOUND, "no version label 'canary'"),
+    "unknown signature": (lambda r: setattr(r.model_spec, "signature_name", "foo"),
+                          Code.NOT_FOUND, "no signature 'foo'"),
+    "missing input": (lambda r: r.inputs.pop("target_cate_id"),
+                      Code.INVALID_ARGUMENT, "missing input(s) ['target_cate_id']"),
+    "unknown input": (lambda r: _set(r, "bogus", np.zeros([1], np.int64)),
+                      Code.INVALID_ARGUMENT, "unknown input(s) ['bogus']"),
+    "wrong dtype": (lambda r: _set(r, "target_item_id", np.zeros([N_CAND], np.float32)),
+                    Code.INVALID_ARGUMENT, "'target_item_id' has dtype DT_FLOAT, expected DT_INT64"),
+    "wrong shape": (lambda r: _set(r, "short_item_id", np.full([1, SHORT + 1], 2, np.int64)),
+                    Code.INVALID_ARGUMENT, "'short_item_id' has shape [1, 6], expected [1, 5]"),
+    "wrong rank": (lambda r: _set(r, "target_item_id", np.full([N_CAND, 1], 2, np.int64)),
+                   Code.INVALID_ARGUMENT, "'target_item_id' has shape [6, 1], expected [?]"),
+    "candidates disagree": (lambda r: _set(r, "target_cate_id", np.full([3], 2, np.int64)),
+                            Code.INVALID_ARGUMENT, "disagree on the batch"),
+    "empty candidates": (lambda r: (_set(r, "target_item_id", np.zeros([0], np.int64)),
+                                    _set(r, "target_cate_id", np.zeros([0], np.int64))),
+                         Code.INVALID_ARGUMENT, "empty batch"),
+    "truncated content": (lambda r: setattr(r.inputs["keys"], "tensor_content",
+                                            r.inputs["keys"].tensor_content[:-4]),
+                          Code.INVALID_ARGUMENT, "tensor_content has"),
+    "id out of vocabulary": (lambda r: _set(r, "target_item_id", np.full([N_CAND], 999, np.int64)),
+                             Code.INVALID_ARGUMENT,
+                             "input 'target_item_id' holds ids outside [0, 62)"),
+    "negative id": (lambda r: _set(r, "short_cate_id", np.full([1, SHORT], -3, np.int64)),
+                    Code.INVALID_ARGUMENT, "input 'short_cate_id' holds ids outside"),
+    "nan in cache": (lambda r: _set(r, "keys", np.full([1, LONG, 8], np.nan, np.float32)),
+                     Code.INVALID_ARGUMENT, "input 'keys' holds NaN or Inf"),
+    "bad output_filter": (lambda r: r.output_filter.append("logits"),
+                          Code.INVALID_ARGUMENT, "output_filter names unknown output(s)"),
+    "too many candidates": (lambda r: (_set(r, "target_item_id", np.full([MAX_CANDIDATES + 1], 2,
+                                                                         np.int64)),
+                                       _set(r, "target_cate_id", np.full([MAX_CANDIDATES + 1], 2,
+                                                                         np.int64))),
+                            Code.RESOURCE_EXHAUSTED, "the cap is 500"),
+    "oversized request": (lambda r: _set(r, "keys", np.zeros([1, LONG, 8 + MAX_BYTES // 96],
+                                                              np.float32)),
+                          Code.RESOURCE_EXHAUSTED, "larger than max"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_rank_request_gets_status_naming_the_problem(case, base_requests):
+    client, rank, _ = base_requests
+    mutate, code, text = BAD_CASES[case]
+    req = _copy(rank)
+    mutate(req)
+    got, details = _status(client, req)
+    assert got == code, f"{case}: {got} {details}"
+    assert text in details, f"{case}: {details!r}"
+    assert _status(client, rank)[0] == Code.OK       # the server stays up
+
+
+def test_bad_serving_default_rows(base_requests):
+    client, _, default = base_requests
+    req = _copy(default)
+    _set(req, "long_item_id", np.full([N_CAND + 1, LONG], 2, np.int64))
+    code, details = _status(client, req)
+    assert code == Code.INVALID_ARGUMENT and "disagree on the batch" in details
+    req = _copy(default)
+    req.inputs["short_item_id"].tensor_shape.unknown_rank = True
+    code, details = _status(client, req)
+    assert code == Code.INVALID_ARGUMENT and "unknown rank" in details
+
+
+# ---- fuzz ---------------------------------------------------------------------------------
+_INT_NAMES = ("target_item_id", "target_cate_id", "short_item_id", "short_cate_id")
+
+
+@st.composite
+def malformed(draw):
+    """(mutation applied to a copy of a valid request, expected status code)."""
+    kind = draw(st.sampled_from([
+        "model", "version", "signature", "label", "drop", "extra", "dtype", "rank", "dim",
+        "disagree", "content", "typed_count", "id_high", "id_negative", "nan", "too_many",
+        "oversized", "unknown_rank", "negative_dim", "empty", "output_filter", "bad_dtype_enum"]))
+    # NaN/Inf only have a float input to go into in the rank request (the cache keys)
+    target = "rank" if kind == "nan" else draw(st.sampled_from(["rank", "default"]))
+    name_txt = st.text(st.characters(codec="ascii", categories=("L", "N", "P")),
+                       min_size=1, max_size=12)
+
+    def mutate(req):
+        names = sorted(req.inputs)
+        n_rows = max(len(req.inputs["target_item_id"].tensor_content) // 8, 1)
+        if kind == "model":
+            req.model_spec.name = draw(name_txt.filter(lambda s: s not in MODELS))
+        elif kind == "version":
+            req.model_spec.version.value = draw(st.integers(2, 2 ** 40))
+        elif kind == "signature":
+            req.model_spec.signature_name = draw(name_txt.filter(
+                lambda s: s not in ("rank", "serving_default", "user_tower")))
+        elif kind == "label":
+            req.model_spec.version_label = draw(name_txt)
+        elif kind == "drop":
+            del req.inputs[draw(st.sampled_from(names))]
+        elif kind == "extra":
+            _set(req, draw(name_txt.filter(lambda s: s not in names)), np.zeros([1], np.int64))
+        elif kind == "dtype":
+            name = draw(st.sampled_from(names))
+            old = protos.to_ndarray(req.inputs[name])
+            new = draw(st.sampled_from([np.float32, np.float64, np.int32, np.int64, np.int8]))
+            if np.dtype(new) == old.dtype:
+                new = np.float64
+            _set(req, name, old.astype(new))
+        elif kind == "rank":
+            name = draw(st.sampled_from(names))
+            old = protos.to_ndarray(req.inputs[name])
+            _set(req, name, old[None] if old.ndim <= 1 or draw(st.booleans())
+                 else old.reshape(-1))
+        elif kind == "dim":
+            name = draw(st.sampled_from([n for n in names if n not in
+                                         ("target_item_id", "target_cate_id")]
+                                        if target == "rank" else ["short_item_id", "long_item_id"]))
+            old = protos.to_ndarray(req.inputs[name])
+            axis = old.ndim - 1
+            extra = draw(st.integers(1, 4))
+            pad = [(0, 0)] * old.ndim
+            pad[axis] = (0, extra)
+            _set(req, name, np.pad(old, pad))
+        elif kind == "disagree":
+            name = draw(st.sampled_from(["target_item_id", "target_cate_id"]))
+            _set(req, name, np.full([n_rows + draw(st.integers(1, 9))], 2, np.int64))
+        elif kind == "content":
+            name = draw(st.sampled_from(names))
+            c = req.inputs[name].tensor_content
+            cut = draw(st.integers(1, 7))
+            req.inputs[name].tensor_content = (c[:-cut] if draw(st.booleans()) and len(c) > cut
+                                               else c + b"\x01" * cut)
+        elif kind == "typed_count":
+            name = draw(st.sampled_from([n for n in names if n in _INT_NAMES]))
+            shape = protos.tensor_shape(req.inputs[name])
+            req.inputs[name].tensor_content = b""
+            count = draw(st.integers(2, 40).filter(lambda c: c != int(np.prod(shape))))
+            req.inputs[name].int64_val.extend([2] * count)
+        elif kind == "id_high":
+            name = draw(st.sampled_from(_INT_NAMES))
+            arr = protos.to_ndarray(req.inputs[name]).copy()
+            arr.reshape(-1)[draw(st.integers(0, arr.size - 1))] = draw(st.integers(62, 2 ** 40))
+            _set(req, name, arr)
+        elif kind == "id_negative":
+            name = draw(st.sampled_from(_INT_NAMES))
+            arr = protos.to_ndarray(req.inputs[name]).copy()
+            arr.reshape(-1)[draw(st.integers(0, arr.size - 1))] = draw(st.integers(-2 ** 40, -1))
+            _set(req, name, arr)
+        elif kind == "nan":
+            arr = protos.to_ndarray(req.inputs["keys"]).copy()
+            arr.reshape(-1)[draw(st.integers(0, arr.size - 1))] = draw(
+                st.sampled_from([np.nan, np.inf, -np.inf]))
+            _set(req, "keys", arr)
+        elif kind == "too_many":
+            n = draw(st.integers(MAX_CANDIDATES + 1, 4 * MAX_CANDIDATES))
+            if target == "rank":
+                for k in ("target_item_id", "target_cate_id"):
+                    _set(req, k, np.full([n], 2, np.int64))
+            else:
+                for k in names:
+                    old = protos.to_ndarray(req.inputs[k])
+                    _set(req, k, np.broadcast_to(old[:1], (n,) + old.shape[1:]))
+        elif kind == "oversized":
+            _set(req, "padding_blob", np.zeros([MAX_BYTES // 4 + draw(st.integers(1, 50_000))],
+                                               np.float32))
+        elif kind == "unknown_rank":
+            req.inputs[draw(st.sampled_from(names))].tensor_shape.unknown_rank = True
+        elif kind == "negative_dim":
+            dims = req.inputs[draw(st.sampled_from(names))].tensor_shape.dim
+            dims[draw(st.integers(0, len(dims) - 1))].size = draw(st.integers(-5, -1))
+        elif kind == "empty":
+            for k in (names if target == "default" else ["target_item_id", "target_cate_id"]):
+                old = protos.to_ndarray(req.inputs[k])
+                _set(req, k, old[:0])
+        elif kind == "output_filter":
+            req.output_filter.append(draw(name_txt.filter(lambda s: s != "ctr")))
+        elif kind == "bad_dtype_enum":
+            req.inputs[draw(st.sampled_from(names))].dtype = draw(
+                st.sampled_from([0, 8, 18, 20, 21, 99]))
+
+    expected = {"model": Code.NOT_FOUND, "version": Code.NOT_FOUND,
+                "signature": Code.NOT_FOUND, "label": Code.NOT_FOUND,
+                "too_many": Code.RESOURCE_EXHAUSTED,
+                "oversized": Code.RESOURCE_EXHAUSTED}.get(kind, Code.INVALID_ARGUMENT)
+    return target, mutate, expected, kind
+
+
+def test_fuzz_malformed_predict_requests(base_requests, server):
+    client, rank, default = base_requests
+    answered = []
+
+    @settings(max_examples=240, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(case=malformed())
+    def one(case):
+        target, mutate, expected, kind = case
+        req = _copy(rank if target == "rank" else default)
+        mutate(req)
+        code, details = _status(client, req)
+        assert code == expected, f"{kind} on {target}: {code} {details}"
+        assert details, f"{kind}: empty status message"
+        answered.append(kind)
+
+    one()
+    assert len(answered) >= 200
+    assert len(set(answered)) >= 20                 # every kind of malformation was tried
+    assert _status(client, rank)[0] == Code.OK      # zero crashes: still serving
+    assert _status(client, default)[0] == Code.OK
+
+
+# ---- version swap under load ---------------------------------------------------------------------
+def test_version_swap_under_concurrent_load(tmp_path, schema, features):
+    base = str(tmp_path / "saved_models")
+    name = "swap"
+    models = {1: _build(schema, "avg_pool", seed=11)}
+    E.export_model(models[1], base, name, 1)
+    srv = LocalServer(base, port=0, poll_interval_s=0.1)
+    four = {k: v[:4] for k, v in features.items()}
+    rows = _rows(four, models[1].feature_names("all"), *_candidates(4, seed=9, n=3))
+    rows = {k: v for k, v in rows.items() if k in models[1].feature_names("all")}
+    expected = {}
+
+    def expect(v):
+        expected[v] = models[v].predict_ctr({k: tf.constant(x) for k, x in rows.items()}).numpy()
+
+    expect(1)
+    client = RankingClient(srv.address, name, timeout_s=30)
+    req = client._request("serving_default", None)
+    for k, v in rows.items():
+        protos.fill_tensor_proto(req.inputs[k], v)
+    stop = threading.Event()
+    seen, failures = [], []
+
+    def worker():
+        for _ in range(5000):                     # bounded loop on localhost
+            if stop.is_set():
+                return
+            try:
+                resp = client._predict(req, timeout=30)
+                seen.append((resp.model_spec.version.value,
+                             protos.to_ndarray(resp.outputs["ctr"])))
+            except Exception as e:       # any failure fails the test
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    try:
+        for t in threads:
+            t.start()
+        for v in (2, 3):
+            time.sleep(0.3)
+            models[v] = _build(schema, "avg_pool", seed=11 + v)
+            expect(v)
+            E.export_model(models[v], base, name)          # next free number: v
+            deadline = time.time() + 60
+            while time.time() < deadline and v not in {s[0] for s in seen[-50:]}:
+                time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        client.close()
+        srv.stop()
+    assert not failures, failures[:3]
+    assert len(seen) >= 100, len(seen)
+    versions = [v for v, _ in seen]
+    assert {1, 3} <= set(versions), sorted(set(versions))
+    assert versions[-1] == 3
+    for v, ctr in seen:                              # never a half-loaded version
+        assert np.abs(ctr - expected[v]).max() <= 1e-5
+    status = srv.manager.status(name)
+    assert sorted(status) == [1, 2, 3] and 1 not in srv.manager._models[name]   # policy: 2 kept
+
+
+# ---- paths --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["../evil", "a/b", "..", ".hidden", "", "a\\b", "x" * 200,
+                                 "/abs", "a..b", None, 3])
+def test_model_names_escaping_the_base_are_rejected(bad, tmp_path):
+    with pytest.raises(E.ExportError, match="invalid model name"):
+        E.version_dir(str(tmp_path), bad, 1)
+
+
+@pytest.mark.parametrize("bad", ["../1", -1, 0, "1.5", "abc", True, 2 ** 63, "1/../../2", 1.0])
+def test_bad_versions_are_rejected(bad, tmp_path):
+    with pytest.raises(E.ExportError, match="invalid version"):
+        E.version_dir(str(tmp_path), "m", bad)
+
+
+def test_symlink_escaping_the_base_is_rejected(tmp_path, schema):
+    base, outside = tmp_path / "base", tmp_path / "outside"
+    base.mkdir()
+    outside.mkdir()
+    os.symlink(outside, base / "linked")
+    with pytest.raises(E.ExportError, match="outside the base path"):
+        E.export_model(_build(schema, "din"), str(base), "linked", 1)
+    assert not os.listdir(outside)
+
+
+# ---- users without a cache entry ------------------------------------------------------------------
+def test_user_without_cache_entry(server, store, features):
+    client = RankingClient(server.address, "avg_pool", store, timeout_s=30)
+    items, cates = _candidates(1, seed=4)
+    with pytest.raises(NoCacheEntryError, match="no cache entry for user 987654 of model "
+                                                "'avg_pool'.*precompute.*fallback"):
+        client.rank(987654, (items[0], cates[0]))
+    names = [n for n in server.manager.get("avg_pool").signatures["serving_default"].inputs
+             if not n.startswith("target_")]
+    user = {k: features[k][7:8] for k in names}
+    fallback_client = RankingClient(server.address, "avg_pool", store, timeout_s=30,
+                                    fallback=lambda uid: user if uid == 987654 else None)
+    got = fallback_client.rank(987654, (items[0], cates[0]))
+    rows = {k: np.repeat(v, N_CAND, axis=0) for k, v in user.items()}
+    rows.update(target_item_id=items[0].astype(np.int64), target_cate_id=cates[0].astype(np.int64))
+    want = server.manager.get("avg_pool").run("serving_default", rows)["ctr"]
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    with pytest.raises(NoCacheEntryError):
+        fallback_client.rank(123456, (items[0], cates[0]))
+
+
+# ---- cache store ------------------------------------------------------------------------------------
+def _entries():
+    rng = np.random.default_rng(0)
+    return [CacheEntry("m", 3, u, {"f32": rng.normal(size=(1, 4, 3)).astype(np.float32),
+                                   "f64": rng.normal(size=(1, 2)),
+                                   "i64": rng.integers(0, 9, size=(1, 5)),
+                                   "i32": rng.integers(0, 9, size=(1, 2)).astype(np.int32),
+                                   "b": np.array([[True, False]]),
+                                   "u8": np.arange(3, dtype=np.uint8)[None],
+                                   "empty": np.zeros((1, 0), np.float32)})
+            for u in (2, 3, 4)]
+
+
+def _check_store(store):
+    entries = _entries()
+    assert store.put_many(entries) == 3
+    store.put(("other", 2, 1, {"x": np.ones([1, 2], np.float32)}))
+    assert store.count("m") == 3 and store.count() == 4
+    for e in entries:
+        got = store.get("m", e.user_id)
+        assert (got.model_name, got.model_version, got.user_id) == ("m", 3, e.user_id)
+        for k, v in e.tensors.items():
+            assert got.tensors[k].dtype == v.dtype and got.tensors[k].shape == v.shape
+            np.testing.assert_array_equal(got.tensors[k], v)
+    assert store.get("m", 99) is None and store.get("nope", 2) is None
+    store.put(CacheEntry("m", 4, 2, {"x": np.zeros([1, 1], np.float32)}))    # overwrite
+    assert store.get("m", 2).model_version == 4 and store.count("m") == 3
+    assert store.delete("m", 2) and not store.delete("m", 2)
+    errors = []
+
+    def reader():
+        try:
+            for _ in range(50):
+                assert store.get("m", 3).user_id == 3
+        except Exception as e:  # pragma: no cover
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_sqlite_store(tmp_path):
+    with open_store(f"sqlite:{tmp_path / 'c.db'}") as store:
+        assert isinstance(store, SQLiteCacheStore)
+        _check_store(store)
+    with pytest.raises(ValueError, match="unknown cache store"):
+        open_store("mongodb://x")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+def test_redis_store(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        store = open_store(f"redis://127.0.0.1:{port}/0")
+        assert isinstance(store, RedisCacheStore)
+        deadline = time.time() + 20
+        while True:
+            try:
+                store._mini.execute("PING")
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.1)
+        _check_store(store)
+        store.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_client_import_path_has_no_tensorflow():
+    code = ("import sys; import serving.client, serving.cache_store; "
+            "from serving import protos; m = protos.messages(); protos.messages(metadata=True); "
+            "print(m.source, 'tensorflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         timeout=120)
+    assert out.stdout.split() == ["private-pool", "False"], out.stderr[-2000:]
+
+
+def test_tensor_proto_roundtrip_matches_tensorflow():
+    from tensorflow.core.framework import tensor_pb2
+    for arr in (np.arange(6, dtype=np.int64).reshape(2, 3), np.float32([[1.5, -2]]),
+                np.array([b"a", b"bc"], dtype=object), np.float16([1, 2]), np.array([True])):
+        p = protos.make_tensor_proto(arr, tensor_pb2.TensorProto)
+        np.testing.assert_array_equal(tf.make_ndarray(p), arr)
+        np.testing.assert_array_equal(protos.to_ndarray(p), arr)
+        np.testing.assert_array_equal(protos.to_ndarray(tf.make_tensor_proto(arr)), arr)
+
+
+def test_tf_serving_script_dry_run(tmp_path):
+    """The production command: the real image on saved_models/ with models.config and
+    per-model batching (rank deployments are not batched)."""
+    (tmp_path / "models.config").write_text("model_config_list {}\n")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "serving", "tf_serving.sh")
+    out = subprocess.run(["bash", script, "--dry_run", "--rest_api_timeout_in_ms=5000"],
+                         capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, BASE=str(tmp_path)))
+    assert out.returncode == 0, out.stderr
+    cmd = out.stdout
+    for part in ("docker run", f"{tmp_path}:/models:ro", "tensorflow/serving:2.19.1",
+                 "--model_config_file=/models/models.config", "--enable_batching=true",
+                 "--enable_per_model_batching_parameters=true", "-p 127.0.0.1:8500:8500",
+                 "--rest_api_timeout_in_ms=5000"):
+        assert part in cmd, part
