@@ -10,7 +10,12 @@ from tfmodels.model import build_model
 from tfmodels.testing import layer_test, model_test, tiny_schema
 
 
-@pytest.mark.parametrize("name", registry.names())
+# Named variants (paper ablations: the same class with preset kwargs) go through the
+# layer test with their preset below; the full model test runs once per base entry.
+BASE_NAMES = [n for n in registry.names() if not registry.preset_config(n)]
+
+
+@pytest.mark.parametrize("name", BASE_NAMES)
 def test_model(name, tiny_data, tmp_path):
     out = model_test(name, tiny_data, str(tmp_path))
     tol = getattr(registry.long_module_class(name), "cache_parity_tol", 1e-5)
@@ -19,7 +24,7 @@ def test_model(name, tiny_data, tmp_path):
 
 @pytest.mark.parametrize("name", [n for n in registry.names() if registry.MODELS[n]])
 def test_long_module_layer(name):
-    layer_test(registry.long_module_class(name))
+    layer_test(registry.long_module_class(name), registry.preset_config(name))
 
 
 def test_unknown_model_is_rejected():
