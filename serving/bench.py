@@ -11,6 +11,10 @@
 * an identity servable (no model; decodes the request and returns zeros) sent
   exactly the ``rank`` request: the floor of gRPC + serialization.
 
+``rank`` is exported with ``jit_rank`` (XLA; ``--no_jit_rank`` to measure without)
+and the server runs with ``--inter_op -1`` (its default, TF Serving's
+``--tensorflow_inter_op_parallelism=-1``): the recommended ranking deployment.
+
 Models are untrained exports with small dimensions built from a synthetic
 vocabulary (the cost of a forward pass does not depend on the weights'
 values). The rank and identity configurations of one N are measured in
@@ -68,6 +72,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="precompute: users (default 1000)")
     p.add_argument("--precompute_long_len", type=int, default=1000,
                    help="precompute: L (default 1000)")
+    p.add_argument("--no_jit_rank", dest="jit_rank", action="store_false",
+                   help="serving: export rank WITHOUT XLA (default: `lifelong export --jit_rank`, "
+                   "the recommended ranking deployment)")
+    p.add_argument("--inter_op", type=int, default=-1,
+                   help="serving: the server's --inter_op (default -1, its default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default artifacts/bench-<what>-<time>)")
 
@@ -197,10 +206,12 @@ def bench_serving(args) -> Dict:
     for L in lens:
         for m in dict.fromkeys(rank_models + [args.one_shot_model]):
             name = f"{m}_L{L}"
-            exports[(m, L)] = export_model(_model(args, m, L), base, name, 1)["name"]
+            exports[(m, L)] = export_model(_model(args, m, L), base, name, 1,
+                                           jit_rank=args.jit_rank)["name"]
             print(f"[bench] exported {name}", file=sys.stderr, flush=True)
     identity = [f"identity_{m}_L{L}" for m in rank_models for L in lens]
-    proc, address = start_server(base, identity, os.path.join(args.out, "server.log"))
+    proc, address = start_server(base, identity, os.path.join(args.out, "server.log"),
+                                 ["--inter_op", str(args.inter_op)])
     print(f"[bench] server pid {proc.pid} on {address}", file=sys.stderr, flush=True)
     store = SQLiteCacheStore(os.path.join(work, "cache.db"))
     clients: Dict[Tuple[str, str, int], RankingClient] = {}

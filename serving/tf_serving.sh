@@ -31,6 +31,10 @@
 #   batched, i.e. a deployment that serves serving_default (one-shot, many small requests);
 #   rank deployments carry none and are not batched (a rank request already is a batch of
 #   N candidates). The global file below only sizes the shared batch thread pool.
+# * --tensorflow_inter_op_parallelism=-1: ops run in the request's own thread (no hand-off
+#   to a shared pool); the lowest latency for small ranking graphs (docs/benchmarks.md).
+# * --xla_cpu_compilation_enabled=true: needed by versions exported with
+#   `lifelong export --jit_rank` (rank compiled with XLA); harmless for the others.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 BASE="${BASE:-$(cd "$here/.." && pwd)/saved_models}"
@@ -77,6 +81,8 @@ cmd=(docker run --rm --name lifelong-tf-serving
   --enable_per_model_batching_parameters=true
   --batching_parameters_file=/config/batching_parameters.txt
   --grpc_max_threads=64
+  --tensorflow_inter_op_parallelism=-1
+  --xla_cpu_compilation_enabled=true
   "${args[@]+"${args[@]}"}")
 
 if [ "$dry_run" = 1 ]; then

@@ -184,6 +184,41 @@ def test_rank_of_cached_user_tower_equals_serving_default(name, exported, server
     assert np.abs(via_grpc - one_shot).max() <= 1e-6
 
 
+@pytest.mark.parametrize("name", MODELS)
+def test_jit_rank_export_equals_plain_rank(name, exported, server, records, schema,
+                                          tmp_path):
+    """`export --jit_rank` (XLA) ranks like the plain export, and still rejects bad ids
+    (the checks run outside the XLA cluster, which would drop an Assert)."""
+    from serving.server import SavedModelServable
+    plain = server.manager.get(name)
+    # The same weights as the plain export: rebuilt with its seed, exported with jit_rank.
+    jit_model = _build(schema, name, seed=MODELS.index(name))
+    out = E.export_model(jit_model, str(tmp_path), name, 1, jit_rank=True)
+    assert E.read_export_meta(out["path"])["jit_rank"] is True
+    jit = SavedModelServable(name, 1, out["path"])
+    try:
+        tower = plain.run("user_tower", {"records": np.array(records[:8], dtype=object)})
+        rank_inputs = set(plain.signatures["rank"].inputs)
+        items, cates = _candidates(8, seed=5)
+        for i in range(8):
+            feed = {k: v[i:i + 1] for k, v in tower.items() if k in rank_inputs}
+            feed["target_item_id"] = items[i].astype(np.int64)
+            feed["target_cate_id"] = cates[i].astype(np.int64)
+            for k in ("user_id", "imp_ts"):
+                if k in rank_inputs:
+                    feed[k] = (tower["user_id"][i:i + 1] if k == "user_id"
+                               else np.array([TS], np.int64))
+            a = plain.run("rank", feed)["ctr"]
+            b = jit.run("rank", feed)["ctr"]
+            np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
+        bad = dict(feed, target_item_id=np.array([10 ** 9], np.int64),
+                   target_cate_id=np.array([2], np.int64))
+        with pytest.raises(tf.errors.InvalidArgumentError, match="target_item_id"):
+            jit.run("rank", bad)
+    finally:
+        jit.close()
+
+
 def test_export_layout_and_signature_contract(exported, schema):
     base = exported[0]
     config = open(os.path.join(base, E.CONFIG_FILE)).read()

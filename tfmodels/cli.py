@@ -239,6 +239,9 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
     p.add_argument("--work_dir", help="where data, runs and results go "
                    "(default artifacts/compare-<time>)")
     _add_train_flags(p, with_model=False)
+    p.add_argument("--resume", action="store_true",
+                   help="reuse runs in --work_dir that already finished with the same "
+                   "config and continue interrupted ones from their checkpoint")
     p.set_defaults(func=cmd_compare, allow_extra=True)
 
     p = sub.add_parser("bench", help="benchmarks that print numbers (storage, train, "

@@ -11,7 +11,7 @@ import os
 import shlex
 import sys
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -90,6 +90,39 @@ def plot(summary: Dict[str, Dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def finished_run(cfg) -> Optional[Tuple[Dict, Dict]]:
+    """(run summary, metrics) of a run directory that already holds a finished run of
+    exactly this configuration, else None (``compare --resume`` skips those, so an
+    interrupted comparison, or a second one sharing baselines, does not retrain)."""
+    run_path = os.path.join(cfg.out_dir, "run.json")
+    metrics_path = os.path.join(cfg.out_dir, f"metrics-{cfg.eval_split}.json")
+    if not (os.path.exists(run_path) and os.path.exists(metrics_path)):
+        return None
+    with open(run_path) as f:
+        summary = json.load(f)
+    with open(metrics_path) as f:
+        result = json.load(f)
+    if summary.get("config") != _config_dict(cfg):
+        return None
+    return summary, result
+
+
+def _config_dict(cfg) -> Dict:
+    import dataclasses
+    # Round-trip through JSON so tuples and lists compare equal.
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+
+
+def same_config(cfg) -> bool:
+    """Whether the run directory was started with exactly this config (so its
+    checkpoint may be continued); a different config there is trained afresh."""
+    path = os.path.join(cfg.out_dir, "config.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f) == _config_dict(cfg)
+
+
 def run(args, extra: List[str], make_cfg: Callable) -> int:
     from tfmodels import registry
     from tfmodels import train as T
@@ -118,8 +151,15 @@ def run(args, extra: List[str], make_cfg: Callable) -> int:
             tf.keras.backend.clear_session()
             cfg = make_cfg(args, data=data_dir, model=model, seed=seed,
                            out_dir=os.path.join(work, "runs", f"{model}-s{seed}"))
-            summary = T.train(cfg)
-            result = T.evaluate(cfg.out_dir, cfg.eval_split)
+            done = finished_run(cfg) if getattr(args, "resume", False) else None
+            if done is not None:
+                summary, result = done
+                print(f"[compare] reusing finished run {cfg.out_dir} (same config)",
+                      file=sys.stderr)
+            else:
+                summary = T.train(cfg, resume=getattr(args, "resume", False)
+                                  and same_config(cfg))
+                result = T.evaluate(cfg.out_dir, cfg.eval_split)
             rates = summary["train_examples_per_s"]
             rows.append({"model": model, "seed": seed, **{k: result.get(k) for k in METRICS},
                          "samples": result["samples"], "train_wall_s": summary["train_wall_s"],
