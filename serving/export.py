@@ -39,6 +39,7 @@ signatures are identical either way. ``keras_object=True`` saves the model objec
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -190,10 +191,13 @@ class ServingSignatures:
 
     ``jit_rank``: compile the ``rank`` computation (after the input checks) with XLA
     (``jit_compile``). Measured here at N = 100 candidates it takes the in-process
-    ``rank`` call from about 1.9 ms to 1.3 ms (docs/benchmarks.md): the ranking graph
-    is hundreds of tiny ops whose per-op cost dominates, and XLA fuses them. A real
-    TensorFlow Serving then needs ``--xla_cpu_compilation_enabled=true``
-    (``serving/tf_serving.sh`` passes it); off by default for that reason.
+    ``rank`` call from about 1.9 ms to 1.3 ms (docs/serving.md section 6): the ranking
+    graph is hundreds of tiny ops whose per-op cost dominates, and XLA fuses them.
+    Candidates are padded to power-of-two buckets so that XLA compiles per bucket, not
+    per distinct N (the first request of a new bucket pays the compilation, tens to
+    hundreds of ms). A real TensorFlow Serving then needs
+    ``--xla_cpu_compilation_enabled=true`` (``serving/tf_serving.sh`` passes it); off
+    by default for that reason.
     """
 
     def __init__(self, model, jit_rank: bool = False):
@@ -274,9 +278,22 @@ class ServingSignatures:
             cache = {k: inputs[k] for k in self.cache_keys}
             features = {k: v for k, v in inputs.items() if k not in cache}
             return tf.sigmoid(self.model.rank(cache, features, training=False))
-        if self.jit_rank:
-            score = tf.function(score, jit_compile=True, autograph=False)
-        return {CTR: score(inputs)}
+        if not self.jit_rank:
+            return {CTR: score(inputs)}
+        # XLA compiles once per input shape: the candidates are padded (id 0, the
+        # padding id) to the next power of two >= 8, so a server sees at most ~14
+        # compilations (N up to 10^5) instead of one per distinct N; the padded rows
+        # are scored independently and cut off.
+        n = tf.shape(inputs["target_item_id"])[0]
+        bits = tf.cast(tf.math.ceil(tf.math.log(tf.cast(tf.maximum(n, 1), tf.float64))
+                                    / math.log(2.0)), tf.int32)
+        bucket = tf.maximum(8, tf.bitwise.left_shift(1, bits))
+        bucket = tf.where(bucket < n, bucket * 2, bucket)     # guard float rounding
+        padded = dict(inputs)
+        for k in ("target_item_id", "target_cate_id"):
+            padded[k] = tf.pad(inputs[k], [[0, bucket - n]])
+        jitted = tf.function(score, jit_compile=True, autograph=False)
+        return {CTR: jitted(padded)[:n]}
 
     def _serving_default(self, inputs):
         inputs = _checked(inputs, self.fs, "serving_default")
