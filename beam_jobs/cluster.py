@@ -1063,15 +1063,8 @@ def _verify_shards(out: str, num_shards: int, splits: Sequence[str]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m beam_jobs.cluster --data D --output O [Beam options]``."""
-    parser = argparse.ArgumentParser(prog="cluster", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args, beam_args = parser.parse_known_args(argv)
-    try:
-        run(args, beam_args)
-    except ClusterError as e:
-        print(f"cluster: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from beam_jobs import beam_main
+    return beam_main("cluster", __doc__, add_arguments, run, ClusterError, argv)
 
 
 if __name__ == "__main__":

@@ -1187,15 +1187,8 @@ def _verify_shards(out: str, num_shards: int) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m beam_jobs.prepare ...`` (the console entry point calls :func:`run`)."""
-    parser = argparse.ArgumentParser(prog="prepare", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args, beam_args = parser.parse_known_args(argv)
-    try:
-        run(args, beam_args)
-    except PrepareError as e:
-        print(f"prepare: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from beam_jobs import beam_main
+    return beam_main("prepare", __doc__, add_arguments, run, PrepareError, argv)
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ class SavedModelServable(Servable):
     """
 
     def __init__(self, name: str, version: int, path: str,
-                 threads: "SessionThreads" = None):
+                 threads: Optional[SessionThreads] = None):
         self.name, self.version, self.path = name, int(version), path
         self._graph = tf.Graph()
         self._sess = tf.compat.v1.Session(graph=self._graph,

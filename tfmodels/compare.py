@@ -142,6 +142,7 @@ def run(args, extra: List[str], make_cfg: Callable) -> int:
     command = "lifelong " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
         if sys.argv and sys.argv[0].endswith("lifelong") else "lifelong compare ..."
 
+    resume = bool(getattr(args, "resume", False))
     rows = []
     total = len(models) * len(seeds)
     for i, model in enumerate(models):
@@ -151,14 +152,13 @@ def run(args, extra: List[str], make_cfg: Callable) -> int:
             tf.keras.backend.clear_session()
             cfg = make_cfg(args, data=data_dir, model=model, seed=seed,
                            out_dir=os.path.join(work, "runs", f"{model}-s{seed}"))
-            done = finished_run(cfg) if getattr(args, "resume", False) else None
+            done = finished_run(cfg) if resume else None
             if done is not None:
                 summary, result = done
                 print(f"[compare] reusing finished run {cfg.out_dir} (same config)",
                       file=sys.stderr)
             else:
-                summary = T.train(cfg, resume=getattr(args, "resume", False)
-                                  and same_config(cfg))
+                summary = T.train(cfg, resume=resume and same_config(cfg))
                 result = T.evaluate(cfg.out_dir, cfg.eval_split)
             rates = summary["train_examples_per_s"]
             rows.append({"model": model, "seed": seed, **{k: result.get(k) for k in METRICS},
