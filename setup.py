@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "tensorboard==2.21.0",          # TF 2.21 no longer bundles it; Keras TensorBoard callback
     "numpy>=1.26",
     "scikit-learn>=1.5",
+    "numba>=0.60",                  # compiled k-means of the TWIN V2 clustering job (beam_jobs/cluster_numba.py)
     "matplotlib>=3.8",
 ]
 EXTRAS = {"test": ["pytest>=8", "hypothesis>=6.100"], "redis": ["redis>=5"]}

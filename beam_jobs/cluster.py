@@ -14,9 +14,9 @@ the tf.data windows carry ``long_cluster_size`` and the TWIN V2 layer adds ln n.
 Equations / steps -> code
 =========================
 
-* (T1, Eq. 3) C = h_comp(S): :func:`hierarchical_clustering` (level-synchronous,
-  batched) and :func:`hierarchical_clustering_queue` (the literal queue of
-  Algorithm 1, one k-means call per set; reference and scikit-learn backend).
+* (T1, Eq. 3) C = h_comp(S): :func:`hierarchical_clustering` (compiled queue, or
+  level-synchronous batched NumPy) and :func:`hierarchical_clustering_queue` (the
+  literal queue in Python, one k-means call per set; scikit-learn reference).
 * Algorithm 1 lines 3-8 (getGroup): :func:`engagement_groups`, M = 5 equal ranges
   of the engagement ratio p in [0, 1]. Signal per dataset (``--engage_mode``):
 
@@ -50,21 +50,26 @@ Equations / steps -> code
 * cluster accuracy (Table 4) = mean over items of cos(k_v, centroid of its
   cluster): :func:`cluster_accuracy`.
 
-Why a NumPy k-means and not scikit-learn
+Why our own k-means and not scikit-learn
 ----------------------------------------
 Algorithm 1 runs hundreds of tiny k-means per user (at T = 14,500: ~700 sets,
 most with |V| < 50). scikit-learn's ``KMeans`` pays ~1.2 ms per call whatever the
 size (``../shared/ANCHORS.md``: 1.19 s/user), so the per-call overhead IS the
-cost. :func:`hierarchical_clustering` runs the recursion level by level and
-splits all sets of one level that share a delta in a few batched k-means calls
-(sets packed by size into padded [sets, max |V|, d + 1] tensors; one batched
-matmul gives all distances, one gives the member sums and counts), so a level
-costs a handful of NumPy calls per Lloyd iteration instead of one Python k-means
-per set. Measured by ``beam_jobs/cluster_bench.py`` (table in
-``docs/methods/twin_v2.md``): 12-16x faster than scikit-learn on the same
-machine and run at T = 14,500 (e.g. 0.12 vs 1.99 s CPU per user) and 8x at T = 1,000, at equal
-cluster accuracy; :func:`hierarchical_clustering_queue` with scikit-learn stays
-as the well-kept reference (``cluster_bench --backends sklearn``).
+cost. Two backends (``--backend``):
+
+* ``numba`` (default when numba is installed, :mod:`beam_jobs.cluster_numba`):
+  the literal queue of Algorithm 1 compiled, one k-means per set in tight loops
+  over a contiguous [|V|, d] buffer; ~0.05 s CPU per user at T = 14,500.
+* ``numpy`` (fallback): :func:`hierarchical_clustering` runs the recursion level
+  by level and splits all sets of one level that share a delta in a few batched
+  k-means calls (sets packed by size into padded [sets, max |V|, d + 1] tensors;
+  one batched matmul gives all distances, one gives the member sums and counts);
+  ~0.13 s CPU per user at T = 14,500.
+
+Both are measured by ``beam_jobs/cluster_bench.py`` (table in
+``docs/methods/twin_v2.md``) against scikit-learn on the same machine and run, at
+equal cluster accuracy; :func:`hierarchical_clustering_queue` with scikit-learn
+stays as the well-kept reference (``cluster_bench --backends sklearn``).
 
 Item embeddings K_s
 ===================
@@ -130,6 +135,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from beam_jobs import cluster_numba
+
 GAMMA = 20                    # maximum cluster size (exclusive): final sizes <= 19
 NUM_GROUPS = 5                # M, equal ranges of the engagement ratio
 MAX_ITER = 20                 # Lloyd iterations per k-means
@@ -139,6 +146,7 @@ MAX_CLUSTER_HISTORY = 100_000
 KEEP_RECENT = 100
 REFRESH_DAYS = 14.0
 VARIANTS = ("adaptive", "binary", "balanced_binary")
+BACKENDS = ("auto", "numba", "numpy")
 ENGAGE_MODES = ("auto", "ratio", "rating", "type", "none")
 ENGAGE_BY_SOURCE = {"synthetic": "ratio", "movielens": "rating", "taobao": "type"}
 FALLBACK_DIM = 32
@@ -391,8 +399,14 @@ def _emit_order_labels(n: int, segments: List[np.ndarray]) -> np.ndarray:
 def hierarchical_clustering(emb: np.ndarray, groups: Optional[np.ndarray] = None,
                             gamma: int = GAMMA, variant: str = "adaptive",
                             max_iter: int = MAX_ITER, seed: int = 0,
-                            stats: Optional[Dict[str, int]] = None) -> np.ndarray:
-    """Algorithm 1, level-synchronous and batched: cluster label per behavior [T].
+                            stats: Optional[Dict[str, int]] = None,
+                            backend: str = "auto") -> np.ndarray:
+    """Algorithm 1: cluster label per behavior [T].
+
+    ``backend``: ``numba`` (the compiled per-set queue, :mod:`beam_jobs.cluster_numba`),
+    ``numpy`` (level-synchronous and batched, below) or ``auto`` (numba when it is
+    installed, else numpy). Both give valid clusterings with the same guarantees;
+    their random streams differ, so labels differ between backends for one seed.
 
     ``emb`` [T, d] (rows in time order), ``groups`` [T] engagement group ids.
     Every set of size >= gamma at one level is split in the same batched k-means
@@ -405,14 +419,23 @@ def hierarchical_clustering(emb: np.ndarray, groups: Optional[np.ndarray] = None
         raise ClusterError(f"unknown variant {variant!r}; expected one of {VARIANTS}")
     if gamma < 2:
         raise ClusterError(f"gamma must be >= 2, got {gamma}")
+    if backend not in BACKENDS:
+        raise ClusterError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
     emb = np.ascontiguousarray(emb, dtype=np.float32)
+    if emb.ndim != 2:
+        raise ClusterError(f"emb must be [T, d], got shape {emb.shape}")
     t = emb.shape[0]
     labels = np.full(t, -1, np.int64)
     if t == 0:
         return labels
     groups = np.zeros(t, np.int64) if groups is None else np.asarray(groups, np.int64)
-    rng = np.random.default_rng(seed)
+    if groups.shape != (t,):
+        raise ClusterError(f"groups must have shape ({t},), got {groups.shape}")
     stats = stats if stats is not None else {}
+    if backend == "numba" or (backend == "auto" and cluster_numba.AVAILABLE):
+        return cluster_numba.hierarchical_clustering_numba(
+            emb, groups, gamma, variant, max_iter, seed, KMEANS_TOL, DELTA_POWER, stats)
+    rng = np.random.default_rng(seed)
     next_label = 0
     # current level: points laid out contiguously per set, time order inside a set
     pts = np.argsort(groups, kind="stable")
@@ -649,7 +672,8 @@ def cluster_record(rec: Mapping[str, Any], embedder: Embedder, engage_mode: str,
                    keep_recent: int = KEEP_RECENT,
                    max_cluster_history: int = MAX_CLUSTER_HISTORY, gamma: int = GAMMA,
                    variant: str = "adaptive", max_iter: int = MAX_ITER, seed: int = 0,
-                   stats: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+                   stats: Optional[Dict[str, Any]] = None,
+                   backend: str = "auto") -> List[Dict[str, Any]]:
     """One parsed per-user record -> clustered records (one per snapshot group).
 
     ``rec``: ``user_id``, ``user_key`` and NumPy arrays of :data:`HIST` / :data:`IMPS`.
@@ -669,7 +693,8 @@ def cluster_record(rec: Mapping[str, Any], embedder: Embedder, engage_mode: str,
             emb = embedder(rows["hist_item_id"], rows["hist_cate_id"])
             grp = engagement_groups(rows["hist_engage"], engage_mode)
             labels = hierarchical_clustering(emb, grp, gamma, variant, max_iter,
-                                             seed=_seed(seed, rec["user_key"], gi), stats=stats)
+                                             seed=_seed(seed, rec["user_key"], gi), stats=stats,
+                                             backend=backend)
             vi = virtual_items(labels, emb, rows)
             stats["accuracy_sum"] = stats.get("accuracy_sum", 0.0) + cluster_accuracy(
                 emb, labels) * len(labels)
@@ -753,6 +778,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(M = 1); auto: by the dataset source (synthetic ratio, movielens "
                         "rating, taobao type)")
     g.add_argument("--max_iter", type=int, default=MAX_ITER, help="Lloyd iterations (default 20)")
+    g.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="k-means implementation: numba (compiled per-set queue), numpy "
+                        "(batched Lloyd), auto = numba when installed (default)")
     g.add_argument("--seed", type=int, default=0, help="seed of the k-means++ draws")
     g.add_argument("--embeddings", default=None,
                    help="a `lifelong train` run directory: cluster on its item embeddings "
@@ -813,7 +841,17 @@ def resolve_settings(args: argparse.Namespace, meta: Mapping[str, Any]) -> Dict[
             "max_cluster_history": int(args.max_cluster_history),
             "embeddings": args.embeddings or f"fallback:category_anchored_random(d="
                                               f"{args.fallback_dim})",
-            "fallback_dim": int(args.fallback_dim), "kmeans": "numpy batched Lloyd (k-means++)"}
+            "fallback_dim": int(args.fallback_dim), "backend": _backend(args.backend),
+            "kmeans": "Lloyd (k-means++), " + {"numba": "compiled per-set queue",
+                                               "numpy": "numpy batched"}[_backend(args.backend)]}
+
+
+def _backend(name: str) -> str:
+    if name == "auto":
+        return "numba" if cluster_numba.AVAILABLE else "numpy"
+    if name == "numba" and not cluster_numba.AVAILABLE:
+        raise ClusterError("--backend numba: numba is not installed (pip install numba)")
+    return name
 
 
 def _sum_counts(parts: Iterable[Mapping[str, Any]]) -> Dict[str, Any]:
@@ -864,7 +902,8 @@ def _beam_dofn():
             stats: Dict[str, Any] = {"users": 1, "input_rows": int(len(rec["hist_ts"]))}
             outs = cluster_record(rec, self._embedder, s["engage_mode"], s["snapshot_ts"],
                                   s["refresh_s"], s["keep_recent"], s["max_cluster_history"],
-                                  s["gamma"], s["variant"], s["max_iter"], s["seed"], stats)
+                                  s["gamma"], s["variant"], s["max_iter"], s["seed"], stats,
+                                  s.get("backend", "auto"))
             self._counts = _sum_counts([self._counts, {self._split: stats}])
             self._users.inc()
             for o in outs:

@@ -22,6 +22,7 @@ Prints a Markdown table and the command line; ``--out`` also writes JSON + Markd
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
@@ -45,8 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="history lengths T to time (default 1000,14500,100000)")
     parser.add_argument("--variants", default=",".join(C.VARIANTS),
                         help="adaptive,binary,balanced_binary (default all three)")
-    parser.add_argument("--backends", default="numpy,sklearn",
-                        help="numpy (batched, the job's) and/or sklearn (queue reference)")
+    parser.add_argument("--backends", default="numba,numpy,sklearn",
+                        help="numba (compiled queue, the job's default), numpy (batched "
+                             "fallback) and/or sklearn (queue reference); "
+                             "default numba,numpy,sklearn")
     parser.add_argument("--sklearn_max", type=int, default=14500,
                         help="skip the sklearn backend above this T (default 14500)")
     parser.add_argument("--repeats", type=int, default=3, help="users per (T, variant) (default 3)")
@@ -84,9 +87,10 @@ def time_clustering(sizes: List[int], variants: List[str], backends: List[str], 
                 for variant in variants:
                     if backend == "sklearn" and variant == "balanced_binary":
                         continue                      # no balanced assignment in sklearn
-                    fn = (C.hierarchical_clustering if backend == "numpy" else
-                          lambda *a, **k: C.hierarchical_clustering_queue(*a, backend="sklearn",
-                                                                          **k))
+                    if backend == "sklearn":
+                        fn = functools.partial(C.hierarchical_clustering_queue, backend="sklearn")
+                    else:
+                        fn = functools.partial(C.hierarchical_clustering, backend=backend)
                     fn(users[0]["emb"][:2000], users[0]["groups"][:2000], variant=variant)  # warm
                     walls, cpus, accs, ncl = [], [], [], []
                     for i, u in enumerate(users):
@@ -184,7 +188,7 @@ def run(args: argparse.Namespace, extra: Optional[List[str]] = None) -> Dict[str
     variants = [v.strip() for v in str(args.variants).split(",") if v.strip()]
     backends = [b.strip() for b in str(args.backends).split(",") if b.strip()]
     bad = [v for v in variants if v not in C.VARIANTS] + [b for b in backends
-                                                          if b not in ("numpy", "sklearn")]
+                                                          if b not in ("numba", "numpy", "sklearn")]
     if bad:
         raise C.ClusterError(f"unknown variant/backend {bad}")
     command = "python -m beam_jobs.cluster_bench " + " ".join(

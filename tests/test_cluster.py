@@ -15,6 +15,10 @@ from beam_jobs import cluster as C
 from tfmodels import schema as S
 
 VARIANTS = C.VARIANTS
+from beam_jobs import cluster_numba as CN
+
+# the job's default backend is numba when installed; both backends must hold every guarantee
+BACKENDS = ["numba", "numpy"] if CN.AVAILABLE else ["numpy"]
 
 
 def _blobs(t, d=16, k=12, seed=0, noise=0.4):
@@ -37,10 +41,11 @@ def _check_partition(labels, groups, gamma, t):
 
 
 # ---- Algorithm 1 -------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", ["blobs", "identical", "one", "empty", "duplicates", "two_groups",
                                   "gamma_small", "huge"])
-def test_partition_sizes_and_termination(variant, case):
+def test_partition_sizes_and_termination(variant, case, backend):
     rng = np.random.default_rng(1)
     gamma = 20
     if case == "blobs":
@@ -64,7 +69,7 @@ def test_partition_sizes_and_termination(variant, case):
               else np.repeat([0, 3], [150, 250]))
     stats = {}
     labels = C.hierarchical_clustering(emb, groups, gamma=gamma, variant=variant, seed=3,
-                                       stats=stats)
+                                       stats=stats, backend=backend)
     _check_partition(labels, groups, gamma, t)
     if case in ("identical", "duplicates") and variant != "balanced_binary":
         assert stats.get("chunk_fallbacks", 0) > 0
@@ -97,7 +102,7 @@ def test_delta_is_floor_power_and_balanced_halves(monkeypatch):
     emb = _blobs(3000)
     for variant in VARIANTS:
         calls.clear()
-        C.hierarchical_clustering(emb, None, variant=variant, seed=0)
+        C.hierarchical_clustering(emb, None, variant=variant, seed=0, backend="numpy")
         assert calls
         for sizes, k, balanced, out in calls:
             assert np.all(sizes >= C.GAMMA)
@@ -112,6 +117,52 @@ def test_delta_is_floor_power_and_balanced_halves(monkeypatch):
                     c0 = int((row == 0).sum())
                     assert c0 == (n + 1) // 2 and int((row == 1).sum()) == n // 2
     assert [C.num_splits(n) for n in (20, 38, 39, 101, 102, 14500)] == [2, 2, 3, 3, 4, 17]
+
+
+@pytest.mark.skipif(not CN.AVAILABLE, reason="numba not installed")
+def test_numba_delta_balanced_halves_and_determinism():
+    """Faithfulness 2 for the compiled backend: every k-means call is on a set >= gamma with
+    delta = floor(|V|^0.3) (binary: 2); balanced halves; same seed -> same labels."""
+    emb = _blobs(3000)
+    groups = C.engagement_groups(np.random.default_rng(0).random(3000), "ratio")
+    for variant in VARIANTS:
+        stats = {"trace": None}
+        labels = C.hierarchical_clustering(emb, groups, variant=variant, seed=5, stats=stats,
+                                           backend="numba")
+        trace = stats["trace"]
+        assert len(trace) == stats["kmeans_sets"] > 0
+        assert np.all(trace[:, 0] >= C.GAMMA)
+        want = ([C.num_splits(int(n)) for n in trace[:, 0]] if variant == "adaptive"
+                else [2] * len(trace))
+        np.testing.assert_array_equal(trace[:, 1], want)
+        again = C.hierarchical_clustering(emb, groups, variant=variant, seed=5, backend="numba")
+        np.testing.assert_array_equal(labels, again)
+    x = _blobs(41, d=6)
+    a = np.full(41, -1, np.int64)
+    CN._kmeans_set(x, 2, 20, C.KMEANS_TOL, True, a)
+    assert (a == 0).sum() == 21 and (a == 1).sum() == 20
+
+
+@pytest.mark.skipif(not CN.AVAILABLE, reason="numba not installed")
+def test_numba_kmeans_recovers_separated_blobs_and_matches_numpy_accuracy():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(30, 4)) * 0.01 + 5,
+                        rng.normal(size=(30, 4)) * 0.01 - 5]).astype(np.float32)
+    a = np.full(60, -1, np.int64)
+    assert CN._kmeans_set(x, 2, 20, C.KMEANS_TOL, False, a) == 2
+    assert len(set(a[:30])) == 1 and len(set(a[30:])) == 1 and a[0] != a[-1]
+    emb = _blobs(2000, k=40)
+    groups = np.zeros(2000, np.int64)
+    acc = {b: C.cluster_accuracy(emb, C.hierarchical_clustering(emb, groups, seed=1, backend=b))
+           for b in ("numba", "numpy")}
+    assert abs(acc["numba"] - acc["numpy"]) < 0.02, acc
+
+
+def test_unknown_backend_and_bad_shapes_rejected():
+    with pytest.raises(C.ClusterError, match="backend"):
+        C.hierarchical_clustering(_blobs(30), None, backend="faiss")
+    with pytest.raises(C.ClusterError, match="groups"):
+        C.hierarchical_clustering(_blobs(30), np.zeros(29), backend="numpy")
 
 
 def test_kmeans_recovers_separated_blobs():
