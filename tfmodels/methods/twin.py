@@ -159,7 +159,12 @@ class Twin(LongSequenceModule):
     def item_projection(self, item_emb: tf.Tensor) -> tf.Tensor:
         """K_h W^h for inherent embeddings [..., d] -> [..., H, d_k] (cacheable per item)."""
         self._ensure_built()
-        return tf.einsum("...d,dhk->...hk", item_emb, self.w_h)
+        # a plain matmul over the flattened rows: with tf.einsum("...d,dhk->...hk") the
+        # gradient w.r.t. W^h alone took 2.5 s per training batch (B = 128, L = 500, CPU)
+        # against 0.1 s for the whole step now (TF's ellipsis-einsum gradient)
+        d, h, k = self.emb_dim, self.num_heads, self.key_dim
+        flat = tf.matmul(tf.reshape(item_emb, [-1, d]), tf.reshape(self.w_h, [d, h * k]))
+        return tf.reshape(flat, tf.concat([tf.shape(item_emb)[:-1], [h, k]], 0))
 
     # ---- the split ------------------------------------------------------------------------
     def user_cache(self, seq, training=None):
