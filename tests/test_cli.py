@@ -102,3 +102,24 @@ def test_compare_resume_reuses_finished_runs(tiny_data, tmp_path, capsys):
     assert "reusing" not in capsys.readouterr().err
     assert json.load(open(os.path.join(work, "runs", "din-s0", "run.json")))[
         "config"]["epochs"] == 2
+
+
+def test_compare_routes_twin_v2_to_the_clustered_dataset(tmp_path):
+    """One compare call covers raw baselines and TWIN V2: cluster-aware models train on
+    --clustered, the others on --prepared; a TWIN V2 without clusters is refused."""
+    from tfmodels import compare
+    raw, clu = tmp_path / "raw", tmp_path / "clu"
+    raw.mkdir()
+    clu.mkdir()
+    (raw / "meta.json").write_text(json.dumps({"source": "synthetic"}))
+    (clu / "meta.json").write_text(json.dumps({"source": "synthetic", "clustering": {}}))
+    got = compare.data_for_models(["din", "twin", "twin_v2", "twin_v2_no_ln_gsu"], str(raw),
+                                  str(clu))
+    assert got == {"din": str(raw), "twin": str(raw), "twin_v2": str(clu),
+                   "twin_v2_no_ln_gsu": str(clu)}
+    # --prepared itself clustered: every model on it
+    assert set(compare.data_for_models(["twin_v2", "din"], str(clu), None).values()) == {str(clu)}
+    with pytest.raises(ValueError, match="needs a clustered history"):
+        compare.data_for_models(["din", "twin_v2"], str(raw), None)
+    with pytest.raises(ValueError, match="not a `lifelong cluster` output"):
+        compare.data_for_models(["twin_v2"], str(raw), str(raw))

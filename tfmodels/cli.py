@@ -233,6 +233,8 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
     p.add_argument("--source", choices=["synthetic", "movielens", "taobao"],
                    help="input kind (default: detected from --data)")
     p.add_argument("--prepared", help="use an already prepared dataset directory instead")
+    p.add_argument("--clustered", help="a `lifelong cluster` output of the same data: the "
+                   "cluster-aware models (twin_v2*) train on it, all others on --prepared")
     p.add_argument("--models", default="din,din_l,avg_pool",
                    help="comma separated registered models (default din,din_l,avg_pool)")
     p.add_argument("--seeds", default="0", help="comma separated seeds, e.g. 0,1,2 (default 0)")

@@ -123,6 +123,45 @@ def same_config(cfg) -> bool:
         return json.load(f) == _config_dict(cfg)
 
 
+def is_clustered(data_dir: str) -> bool:
+    """Whether a prepared dataset is the output of ``lifelong cluster`` (meta.json says so)."""
+    path = os.path.join(data_dir, "meta.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return "clustering" in json.load(f)
+
+
+def data_for_models(models: List[str], data_dir: str, clustered: Optional[str]) -> Dict[str, str]:
+    """Dataset per model: cluster-aware methods (TWIN V2) train on ``clustered``, every
+    other model on ``data_dir``, so one compare call covers raw baselines and TWIN V2 on
+    the same impressions. Raises a ValueError naming the fix when a TWIN V2 model has no
+    clustered dataset (on a raw history every n = 1 and TWIN V2 silently equals TWIN)."""
+    from tfmodels import registry
+    if clustered is not None:
+        if not os.path.isdir(clustered):
+            raise ValueError(f"--clustered {clustered!r} is not a directory")
+        if not is_clustered(clustered):
+            raise ValueError(f"--clustered {clustered!r} is not a `lifelong cluster` output "
+                             f"(its meta.json has no 'clustering' section)")
+    out = {}
+    for m in models:
+        cls = registry.long_module_class(m)
+        if cls is not None and getattr(cls, "needs_clustered_data", False):
+            if clustered is not None:
+                out[m] = clustered
+            elif is_clustered(data_dir):
+                out[m] = data_dir
+            else:
+                raise ValueError(
+                    f"model {m!r} needs a clustered history: run `lifelong cluster --data "
+                    f"{data_dir} --output CLUSTERED` and pass --clustered CLUSTERED "
+                    f"(or --prepared CLUSTERED)")
+        else:
+            out[m] = data_dir
+    return out
+
+
 def run(args, extra: List[str], make_cfg: Callable) -> int:
     from tfmodels import registry
     from tfmodels import train as T
@@ -139,6 +178,7 @@ def run(args, extra: List[str], make_cfg: Callable) -> int:
     work = args.work_dir or os.path.join("artifacts", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(work, exist_ok=True)
     data_dir = args.prepared or prepare_data(args, extra, os.path.join(work, "data"))
+    model_data = data_for_models(models, data_dir, getattr(args, "clustered", None))
     command = "lifelong " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
         if sys.argv and sys.argv[0].endswith("lifelong") else "lifelong compare ..."
 
@@ -150,7 +190,7 @@ def run(args, extra: List[str], make_cfg: Callable) -> int:
             n = i * len(seeds) + j + 1
             print(f"[compare] ({n}/{total}) model={model} seed={seed}", file=sys.stderr)
             tf.keras.backend.clear_session()
-            cfg = make_cfg(args, data=data_dir, model=model, seed=seed,
+            cfg = make_cfg(args, data=model_data[model], model=model, seed=seed,
                            out_dir=os.path.join(work, "runs", f"{model}-s{seed}"))
             done = finished_run(cfg) if resume else None
             if done is not None:
@@ -174,7 +214,8 @@ def run(args, extra: List[str], make_cfg: Callable) -> int:
     with open(os.path.join(work, "results.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(work, "results.json"), "w") as f:
-        json.dump({"command": command, "data": data_dir, "rows": rows, "summary": summary,
+        json.dump({"command": command, "data": data_dir, "data_per_model": model_data,
+                   "rows": rows, "summary": summary,
                    "config": {k: v for k, v in vars(args).items() if k != "func"}},
                   f, indent=2, default=str)
     plot(summary, os.path.join(work, "results.png"), os.path.basename(os.path.abspath(data_dir)))

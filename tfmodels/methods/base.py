@@ -37,6 +37,9 @@ class LongSequenceModule(tf.keras.layers.Layer):
     #: :mod:`tfmodels.testing`; only a module whose training path is not algebraically
     #: equal to its serving path (LREA with LeakyReLU) raises it, and says why.
     cache_parity_tol: float = 1e-5
+    #: True for a method trained on a clustered history (``lifelong cluster`` output,
+    #: TWIN V2): ``lifelong compare --clustered PATH`` trains it on PATH.
+    needs_clustered_data: bool = False
 
     def __init__(self, emb_dim: int, **kwargs):
         super().__init__(**kwargs)

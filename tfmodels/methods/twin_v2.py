@@ -39,6 +39,7 @@ class TwinV2(Twin):
     """Cluster-aware TWIN: ln n added to the GSU keys and the ESU logits (both by default)."""
 
     reads_fields = CROSS_FEATURES + ("cluster_size",)
+    needs_clustered_data = True
 
     def __init__(self, emb_dim: int, gsu_log_n: bool = True, esu_log_n: bool = True, **kwargs):
         super().__init__(emb_dim, gsu_log_n=gsu_log_n, esu_log_n=esu_log_n, **kwargs)
