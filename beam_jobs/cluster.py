@@ -903,7 +903,7 @@ def _beam_dofn():
             outs = cluster_record(rec, self._embedder, s["engage_mode"], s["snapshot_ts"],
                                   s["refresh_s"], s["keep_recent"], s["max_cluster_history"],
                                   s["gamma"], s["variant"], s["max_iter"], s["seed"], stats,
-                                  s.get("backend", "auto"))
+                                  s["backend"])
             self._counts = _sum_counts([self._counts, {self._split: stats}])
             self._users.inc()
             for o in outs:

@@ -39,6 +39,8 @@ from beam_jobs import cluster as C
 # The item space of the benchmark users, pinned (not the generator's defaults, which
 # other work may resize): 20,000 items in 200 categories.
 ITEM_SPACE = {"num_items": 20000, "num_categories": 200}
+# the job's concrete backends (cluster.BACKENDS without "auto") + the scikit-learn reference
+BENCH_BACKENDS = tuple(b for b in C.BACKENDS if b != "auto") + ("sklearn",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,10 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="history lengths T to time (default 1000,14500,100000)")
     parser.add_argument("--variants", default=",".join(C.VARIANTS),
                         help="adaptive,binary,balanced_binary (default all three)")
-    parser.add_argument("--backends", default="numba,numpy,sklearn",
+    parser.add_argument("--backends", default=",".join(BENCH_BACKENDS),
                         help="numba (compiled queue, the job's default), numpy (batched "
                              "fallback) and/or sklearn (queue reference); "
-                             "default numba,numpy,sklearn")
+                             f"default {','.join(BENCH_BACKENDS)}")
     parser.add_argument("--sklearn_max", type=int, default=14500,
                         help="skip the sklearn backend above this T (default 14500)")
     parser.add_argument("--repeats", type=int, default=3, help="users per (T, variant) (default 3)")
@@ -188,7 +190,7 @@ def run(args: argparse.Namespace, extra: Optional[List[str]] = None) -> Dict[str
     variants = [v.strip() for v in str(args.variants).split(",") if v.strip()]
     backends = [b.strip() for b in str(args.backends).split(",") if b.strip()]
     bad = [v for v in variants if v not in C.VARIANTS] + [b for b in backends
-                                                          if b not in ("numba", "numpy", "sklearn")]
+                                                          if b not in BENCH_BACKENDS]
     if bad:
         raise C.ClusterError(f"unknown variant/backend {bad}")
     command = "python -m beam_jobs.cluster_bench " + " ".join(
