@@ -15,6 +15,7 @@ gradients, the shared layer/model tests and the grid / serving-gap helpers.
 import argparse
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -380,7 +381,7 @@ def test_bad_config_is_rejected():
 
 
 # ---- grid and serving-gap helpers ------------------------------------------------------------
-def test_grid_and_absorbed_gap(tiny_data, tmp_path):
+def test_grid_and_absorbed_gap(tiny_data, tmp_path, capsys):
     """One tiny cell through the whole grid command, then the serving-path gap of its run
     (the model-level check of training path vs rank(user_tower(x)) on a whole split)."""
     from tfmodels.methods import lrea_grid
@@ -409,6 +410,25 @@ def test_grid_and_absorbed_gap(tiny_data, tmp_path):
         assert 0.0 <= gap[k] <= 1.0
     assert res["rows"][0]["mean_abs_ctr_diff"] == gap["mean_abs_ctr_diff"]
 
+    # --resume: the finished run, copied into another work directory, is reused as it is
+    # (not retrained, gap not re-measured); without --resume it would be trained again.
+    other = tmp_path / "copy"
+    shutil.copytree(run_dir, other / "runs" / os.path.basename(run_dir))
+    args2 = parser.parse_args(["--prepared", tiny_data, "--ranks", "8", "--lams", "0.3",
+                               "--work_dir", str(other), "--epochs", "1",
+                               "--steps_per_epoch", "3", "--batch_size", "16", "--long_len",
+                               "24", "--short_len", "5", "--emb_dim", "4", "--mlp_hidden", "8",
+                               "--din_hidden", "8,4", "--verbose", "0",
+                               "--early_stopping_patience", "0", "--absorbed_gap", "--resume",
+                               "--long_module_config", '{"leaky_slope": 0.05}'])
+    assert lrea_grid.run(args2) == 0
+    err = capsys.readouterr().err
+    assert "reusing finished run" in err
+    row2 = json.load(open(other / "results.json"))["rows"][0]
+    for k in ("auc", "gauc", "logloss", "mean_abs_ctr_diff", "train_wall_s"):
+        assert row2[k] == res["rows"][0][k], k
+    assert row2["run_dir"].startswith(str(other))
+
 
 def test_grid_defaults_and_report(tmp_path):
     from tfmodels.methods import lrea_grid
@@ -426,3 +446,31 @@ def test_grid_defaults_and_report(tmp_path):
     assert os.path.getsize(tmp_path / "g.png") > 0
     with pytest.raises(ValueError, match="--ranks"):
         lrea_grid._parse_list("32,x", int, "ranks")
+
+
+def test_grid_designs():
+    """--design paper is Table 3's layout: r swept at lambda = 0.3, lambda swept at
+    r = 128, the shared cell once; --design full the whole product."""
+    from tfmodels.methods import lrea_grid
+    ranks, lams = lrea_grid.PAPER_RANKS, lrea_grid.PAPER_LAMS
+    paper = lrea_grid.grid_cells(ranks, lams)
+    assert paper == [(32, 0.3), (64, 0.3), (128, 0.3), (128, 0.05), (128, 0.1),
+                     (128, 0.5), (128, 0.8)]
+    full = lrea_grid.grid_cells(ranks, lams, "full")
+    assert len(full) == 15 and set(paper) <= set(full) and len(set(full)) == 15
+    # an anchor outside the lists still yields its sweeps
+    assert lrea_grid.grid_cells([32, 64], [0.1], "paper", (16, 0.5)) == \
+        [(32, 0.5), (64, 0.5), (16, 0.1)]
+    with pytest.raises(ValueError, match="--design"):
+        lrea_grid.grid_cells(ranks, lams, "diagonal")
+    parser = argparse.ArgumentParser()
+    lrea_grid.add_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.design, args.anchor_rank, args.anchor_lam, args.resume) == \
+        ("paper", None, None, False)
+    assert lrea_grid.resolve_anchor(ranks, lams) == (128, 0.3)
+    assert lrea_grid.resolve_anchor([8], [0.3]) == (8, 0.3)       # one cell stays one cell
+    assert lrea_grid.resolve_anchor([8, 16], [0.1, 0.2, 0.4]) == (16, 0.2)
+    assert lrea_grid.resolve_anchor([8], [0.1], 4, 0.7) == (4, 0.7)
+    with pytest.raises(ValueError, match="anchors"):
+        lrea_grid.resolve_anchor([8], [0.1], 0, 0.1)

@@ -102,9 +102,18 @@ def finished_run(cfg) -> Optional[Tuple[Dict, Dict]]:
         summary = json.load(f)
     with open(metrics_path) as f:
         result = json.load(f)
-    if summary.get("config") != _config_dict(cfg):
+    if not _same_training(summary.get("config"), _config_dict(cfg)):
         return None
     return summary, result
+
+
+def _same_training(a: Optional[Dict], b: Dict) -> bool:
+    """Equal configs up to ``out_dir``: where a run lives is not what was trained, so a
+    finished run copied or moved into another work directory is still reused."""
+    if a is None:
+        return False
+    return {k: v for k, v in a.items() if k != "out_dir"} == \
+        {k: v for k, v in b.items() if k != "out_dir"}
 
 
 def _config_dict(cfg) -> Dict:
@@ -120,7 +129,7 @@ def same_config(cfg) -> bool:
     if not os.path.exists(path):
         return False
     with open(path) as f:
-        return json.load(f) == _config_dict(cfg)
+        return _same_training(json.load(f), _config_dict(cfg))
 
 
 def is_clustered(data_dir: str) -> bool:

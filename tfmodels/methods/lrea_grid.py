@@ -1,7 +1,9 @@
 """LREA experiment helpers: the paper's r x lambda sensitivity grid and the serving-path gap.
 
 * :func:`add_arguments` / :func:`run`: the grid of the paper's Table 3 (r in 32 / 64 /
-  128, lambda in 0.05 / 0.1 / 0.3 / 0.5 / 0.8) as one command. For every cell and seed
+  128, lambda in 0.05 / 0.1 / 0.3 / 0.5 / 0.8) as one command. ``--design paper`` (the
+  default) runs the cells Table 3 reports: r swept at lambda = 0.3 and lambda swept at
+  r = 128 (7 cells); ``--design full`` every r x lambda pair (15). For every cell and seed
   it trains the registered ``lrea`` model with ``long_module_config`` {"rank": r,
   "lam": lambda} through :func:`tfmodels.train.train` / :func:`~tfmodels.train.evaluate`
   (data prepared once with :func:`tfmodels.compare.prepare_data`), prints AUC / GAUC /
@@ -29,6 +31,8 @@ import numpy as np
 
 PAPER_RANKS = (32, 64, 128)
 PAPER_LAMS = (0.05, 0.1, 0.3, 0.5, 0.8)
+PAPER_ANCHOR = (128, 0.3)   # Table 3: r swept at lambda = 0.3, lambda swept at r = 128
+DESIGNS = ("paper", "full")
 
 
 # ---- serving-path gap ----------------------------------------------------------------------
@@ -97,7 +101,21 @@ def add_arguments(parser) -> None:
     parser.add_argument("--lams", default=",".join(map(str, PAPER_LAMS)),
                         help="comma separated lambdas (default 0.05,0.1,0.3,0.5,0.8, "
                         "the paper's)")
+    parser.add_argument("--design", choices=DESIGNS, default="paper",
+                        help="paper: the cells of the paper's Table 3, r swept at "
+                        "--anchor_lam and lambda swept at --anchor_rank; full: every "
+                        "r x lambda pair (default paper)")
+    parser.add_argument("--anchor_rank", type=int,
+                        help="r at which lambda is swept in --design paper (default: the "
+                        "largest of --ranks, 128 as in the paper)")
+    parser.add_argument("--anchor_lam", type=float,
+                        help="lambda at which r is swept in --design paper (default 0.3, "
+                        "the paper's, when in --lams, else the middle of --lams)")
     parser.add_argument("--seeds", default="0", help="comma separated seeds (default 0)")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse every run directory under WORK_DIR/runs that already "
+                        "holds a finished run of the same configuration (also one copied "
+                        "there from another work directory)")
     parser.add_argument("--work_dir", help="where data, runs and results go "
                         "(default artifacts/lrea-grid-<time>)")
     parser.add_argument("--absorbed_gap", action="store_true",
@@ -118,6 +136,37 @@ def _parse_list(text: str, typ, flag: str) -> List:
 
 def cell_name(rank: int, lam: float) -> str:
     return f"r={rank} lam={lam:g}"
+
+
+def resolve_anchor(ranks: Sequence[int], lams: Sequence[float],
+                   anchor_rank: Optional[int] = None,
+                   anchor_lam: Optional[float] = None) -> tuple:
+    """The (r, lambda) the paper design sweeps around: given values win; else the largest
+    r and lambda = 0.3 (the paper's Table 3) when listed, else the middle lambda."""
+    if anchor_rank is None:
+        anchor_rank = max(ranks)
+    if anchor_lam is None:
+        anchor_lam = PAPER_ANCHOR[1] if PAPER_ANCHOR[1] in lams else \
+            sorted(lams)[len(lams) // 2]
+    if anchor_rank <= 0 or anchor_lam < 0:
+        raise ValueError(f"anchors must be r > 0 and lambda >= 0, got "
+                         f"({anchor_rank}, {anchor_lam})")
+    return int(anchor_rank), float(anchor_lam)
+
+
+def grid_cells(ranks: Sequence[int], lams: Sequence[float], design: str = "paper",
+               anchor: Sequence = PAPER_ANCHOR) -> List[tuple]:
+    """(r, lambda) cells to train, in order. ``paper``: every r at the anchor lambda, then
+    every other lambda at the anchor r (the layout of the paper's Table 3, the anchor cell
+    once); ``full``: the whole r x lambda product."""
+    if design == "full":
+        return [(r, lam) for r in ranks for lam in lams]
+    if design != "paper":
+        raise ValueError(f"--design must be one of {DESIGNS}, got {design!r}")
+    a_rank, a_lam = int(anchor[0]), float(anchor[1])
+    cells = [(r, a_lam) for r in ranks]
+    cells += [(a_rank, lam) for lam in lams if (a_rank, lam) not in cells]
+    return cells
 
 
 def format_matrix(summary: Dict[str, Dict], ranks: Sequence[int], lams: Sequence[float],
@@ -195,7 +244,14 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
         if sys.argv and sys.argv[0].endswith("lifelong") else "lrea grid ..."
 
     rows = []
-    cells = [(r, lam) for r in ranks for lam in lams]
+    design = getattr(args, "design", "full")
+    anchor = resolve_anchor(ranks, lams, getattr(args, "anchor_rank", None),
+                            getattr(args, "anchor_lam", None))
+    cells = grid_cells(ranks, lams, design, anchor)
+    # the matrix shows every rank / lambda that has a cell (the anchors included)
+    ranks = sorted({r for r, _ in cells})
+    lams = sorted({lam for _, lam in cells})
+    resume = bool(getattr(args, "resume", False))
     total = len(cells) * len(seeds)
     n = 0
     for r, lam in cells:
@@ -207,8 +263,14 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
             lmc = {**base_cfg, "rank": r, "lam": lam}
             cfg = make_cfg(args, data=data_dir, model=model, seed=seed, long_module_config=lmc,
                            out_dir=os.path.join(work, "runs", f"{model}-r{r}-lam{lam:g}-s{seed}"))
-            summary = T.train(cfg)
-            result = T.evaluate(cfg.out_dir, cfg.eval_split)
+            done = C.finished_run(cfg) if resume else None
+            if done is not None:
+                summary, result = done
+                print(f"[lrea-grid] reusing finished run {cfg.out_dir} (same config)",
+                      file=sys.stderr)
+            else:
+                summary = T.train(cfg, resume=resume and C.same_config(cfg))
+                result = T.evaluate(cfg.out_dir, cfg.eval_split)
             rates = summary["train_examples_per_s"]
             row = {"model": name, "rank": r, "lam": lam, "seed": seed,
                    **{k: result.get(k) for k in C.METRICS}, "samples": result["samples"],
@@ -216,7 +278,12 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
                    "train_examples_per_s": float(np.median(rates)) if rates else None,
                    "run_dir": cfg.out_dir}
             if getattr(args, "absorbed_gap", False):
-                gap = absorbed_gap(cfg.out_dir, cfg.eval_split)
+                gap_path = os.path.join(cfg.out_dir, f"absorbed-gap-{cfg.eval_split}.json")
+                if done is not None and os.path.exists(gap_path):
+                    with open(gap_path) as f:
+                        gap = json.load(f)
+                else:
+                    gap = absorbed_gap(cfg.out_dir, cfg.eval_split)
                 row.update({k: gap[k] for k in ("mean_abs_ctr_diff", "max_abs_ctr_diff",
                                                 "auc_train_path", "auc_absorbed_path")})
             rows.append(row)
@@ -242,7 +309,7 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
         f.write(table + "\n")
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump({"command": command, "data": data_dir, "model": model, "ranks": ranks,
-                   "lams": lams, "seeds": seeds, "rows": rows, "summary": summary,
+                   "lams": lams, "design": design, "anchor": list(anchor), "seeds": seeds, "rows": rows, "summary": summary,
                    "config": {k: v for k, v in vars(args).items() if k != "func"}},
                   f, indent=2, default=str)
     plot_heatmap(summary, ranks, lams, os.path.join(work, "grid.png"),
