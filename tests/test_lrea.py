@@ -393,13 +393,22 @@ def test_grid_and_absorbed_gap(tiny_data, tmp_path, capsys):
                               "24", "--short_len", "5", "--emb_dim", "4", "--mlp_hidden", "8",
                               "--din_hidden", "8,4", "--verbose", "0",
                               "--early_stopping_patience", "0", "--absorbed_gap",
+                              "--baselines", "din_l",
                               "--long_module_config", '{"leaky_slope": 0.05}'])
     assert args.ranks == "8" and args.seeds == "0"
     assert lrea_grid.run(args) == 0
     res = json.load(open(tmp_path / "results.json"))
-    assert [(r["rank"], r["lam"], r["seed"]) for r in res["rows"]] == [(8, 0.3, 0)]
+    # the baseline first (plain config, no LREA keys), then the one cell
+    assert [(r["model"], r["rank"], r["lam"], r["seed"]) for r in res["rows"]] == \
+        [("din_l", None, None, 0), ("r=8 lam=0.3", 8, 0.3, 0)]
+    assert json.load(open(os.path.join(res["rows"][0]["run_dir"], "config.json")))[
+        "long_module_config"] == {}
     assert os.path.getsize(tmp_path / "grid.png") > 0
-    assert "r=8 lam=0.3" in open(tmp_path / "results.md").read()
+    md = open(tmp_path / "results.md").read()
+    assert "r=8 lam=0.3" in md and "Δ vs din_l" in md
+    delta = res["rows"][1]["auc"] - res["rows"][0]["auc"]
+    assert f"| r=8 lam=0.3 | {res['rows'][1]['auc']:.4f} ± 0.0000 | {delta:+.4f} |" in md
+    res["rows"] = res["rows"][1:]
     run_dir = res["rows"][0]["run_dir"]
     assert json.load(open(os.path.join(run_dir, "config.json")))["long_module_config"] == \
         {"leaky_slope": 0.05, "rank": 8, "lam": 0.3}
@@ -413,18 +422,19 @@ def test_grid_and_absorbed_gap(tiny_data, tmp_path, capsys):
     # --resume: the finished run, copied into another work directory, is reused as it is
     # (not retrained, gap not re-measured); without --resume it would be trained again.
     other = tmp_path / "copy"
-    shutil.copytree(run_dir, other / "runs" / os.path.basename(run_dir))
+    shutil.copytree(tmp_path / "runs", other / "runs")
     args2 = parser.parse_args(["--prepared", tiny_data, "--ranks", "8", "--lams", "0.3",
                                "--work_dir", str(other), "--epochs", "1",
                                "--steps_per_epoch", "3", "--batch_size", "16", "--long_len",
                                "24", "--short_len", "5", "--emb_dim", "4", "--mlp_hidden", "8",
                                "--din_hidden", "8,4", "--verbose", "0",
                                "--early_stopping_patience", "0", "--absorbed_gap", "--resume",
+                               "--baselines", "din_l",
                                "--long_module_config", '{"leaky_slope": 0.05}'])
     assert lrea_grid.run(args2) == 0
     err = capsys.readouterr().err
-    assert "reusing finished run" in err
-    row2 = json.load(open(other / "results.json"))["rows"][0]
+    assert err.count("reusing finished run") == 2
+    row2 = json.load(open(other / "results.json"))["rows"][1]
     for k in ("auc", "gauc", "logloss", "mean_abs_ctr_diff", "train_wall_s"):
         assert row2[k] == res["rows"][0][k], k
     assert row2["run_dir"].startswith(str(other))
@@ -466,8 +476,8 @@ def test_grid_designs():
     parser = argparse.ArgumentParser()
     lrea_grid.add_arguments(parser)
     args = parser.parse_args([])
-    assert (args.design, args.anchor_rank, args.anchor_lam, args.resume) == \
-        ("paper", None, None, False)
+    assert (args.design, args.anchor_rank, args.anchor_lam, args.resume, args.baselines) == \
+        ("paper", None, None, False, "din,avg_pool,din_l")
     assert lrea_grid.resolve_anchor(ranks, lams) == (128, 0.3)
     assert lrea_grid.resolve_anchor([8], [0.3]) == (8, 0.3)       # one cell stays one cell
     assert lrea_grid.resolve_anchor([8, 16], [0.1, 0.2, 0.4]) == (16, 0.2)

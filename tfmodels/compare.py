@@ -116,6 +116,28 @@ def _same_training(a: Optional[Dict], b: Dict) -> bool:
         {k: v for k, v in b.items() if k != "out_dir"}
 
 
+def train_or_reuse(cfg, resume: bool, tag: str = "compare") -> Tuple[Dict, Dict, bool]:
+    """Train and evaluate one run, or with ``resume`` reuse a finished run of the same
+    config in ``cfg.out_dir`` (an unfinished one continues from its checkpoint).
+    Returns (run summary, metrics, reused) and logs one line per run."""
+    from tfmodels import train as T
+    done = finished_run(cfg) if resume else None
+    if done is not None:
+        print(f"[{tag}] reusing finished run {cfg.out_dir} (same config)", file=sys.stderr)
+        return done[0], done[1], True
+    summary = T.train(cfg, resume=resume and same_config(cfg))
+    return summary, T.evaluate(cfg.out_dir, cfg.eval_split), False
+
+
+def result_row(model: str, seed: int, summary: Dict, result: Dict, run_dir: str) -> Dict:
+    """One row of a comparison table: metrics, samples, training time and speed."""
+    rates = summary["train_examples_per_s"]
+    return {"model": model, "seed": seed, **{k: result.get(k) for k in METRICS},
+            "samples": result["samples"], "train_wall_s": summary["train_wall_s"],
+            "train_examples_per_s": float(np.median(rates)) if rates else None,
+            "run_dir": run_dir}
+
+
 def _config_dict(cfg) -> Dict:
     import dataclasses
     # Round-trip through JSON so tuples and lists compare equal.
@@ -173,7 +195,6 @@ def data_for_models(models: List[str], data_dir: str, clustered: Optional[str]) 
 
 def run(args, extra: List[str], make_cfg: Callable) -> int:
     from tfmodels import registry
-    from tfmodels import train as T
     import tensorflow as tf
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -201,19 +222,8 @@ def run(args, extra: List[str], make_cfg: Callable) -> int:
             tf.keras.backend.clear_session()
             cfg = make_cfg(args, data=model_data[model], model=model, seed=seed,
                            out_dir=os.path.join(work, "runs", f"{model}-s{seed}"))
-            done = finished_run(cfg) if resume else None
-            if done is not None:
-                summary, result = done
-                print(f"[compare] reusing finished run {cfg.out_dir} (same config)",
-                      file=sys.stderr)
-            else:
-                summary = T.train(cfg, resume=resume and same_config(cfg))
-                result = T.evaluate(cfg.out_dir, cfg.eval_split)
-            rates = summary["train_examples_per_s"]
-            rows.append({"model": model, "seed": seed, **{k: result.get(k) for k in METRICS},
-                         "samples": result["samples"], "train_wall_s": summary["train_wall_s"],
-                         "train_examples_per_s": float(np.median(rates)) if rates else None,
-                         "run_dir": cfg.out_dir})
+            summary, result, _ = train_or_reuse(cfg, resume)
+            rows.append(result_row(model, seed, summary, result, cfg.out_dir))
             print(f"[compare] {model} seed={seed}: AUC {result['auc']:.4f} "
                   f"GAUC {result.get('gauc', float('nan')):.4f} "
                   f"logloss {result['logloss']:.4f}", file=sys.stderr)

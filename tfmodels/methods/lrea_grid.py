@@ -33,6 +33,8 @@ PAPER_RANKS = (32, 64, 128)
 PAPER_LAMS = (0.05, 0.1, 0.3, 0.5, 0.8)
 PAPER_ANCHOR = (128, 0.3)   # Table 3: r swept at lambda = 0.3, lambda swept at r = 128
 DESIGNS = ("paper", "full")
+BASELINES = ("din", "avg_pool", "din_l")
+REFERENCE = "din_l"          # the paper's claim: LREA within about 0.1% AUC of DIN-L
 
 
 # ---- serving-path gap ----------------------------------------------------------------------
@@ -112,6 +114,11 @@ def add_arguments(parser) -> None:
                         help="lambda at which r is swept in --design paper (default 0.3, "
                         "the paper's, when in --lams, else the middle of --lams)")
     parser.add_argument("--seeds", default="0", help="comma separated seeds (default 0)")
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help="models trained beside the grid, same data, flags and seeds, "
+                        "so one command gives the paper's comparison too (default "
+                        "din,avg_pool,din_l; '' for none); every cell is read against "
+                        "din_l when it is listed")
     parser.add_argument("--resume", action="store_true",
                         help="reuse every run directory under WORK_DIR/runs that already "
                         "holds a finished run of the same configuration (also one copied "
@@ -183,6 +190,25 @@ def format_matrix(summary: Dict[str, Dict], ranks: Sequence[int], lams: Sequence
     return "\n".join(lines)
 
 
+def format_vs_reference(summary: Dict[str, Dict], cells: Sequence[tuple],
+                        reference: str = REFERENCE, tol: float = 0.001) -> str:
+    """Each cell's AUC minus the reference model's (DIN-L), with the paper's reading:
+    'within' when the cell is at most ``tol`` (0.1 AUC point) below it or above it."""
+    ref = summary[reference]["auc"]
+    lines = [f"AUC of each cell minus {reference} ({ref['mean']:.4f} ± {ref['std']:.4f}, "
+             f"{len(summary[reference].get('seeds', []))} seeds); the paper's claim is 'within "
+             f"about 0.1%' (here: Δ ≥ −{tol:g})", "",
+             f"| cell | AUC | Δ vs {reference} | within |", "|---|---|---|---|"]
+    for r, lam in cells:
+        agg = summary.get(cell_name(r, lam), {}).get("auc")
+        if not agg:
+            continue
+        delta = agg["mean"] - ref["mean"]
+        lines.append(f"| {cell_name(r, lam)} | {agg['mean']:.4f} ± {agg['std']:.4f} | "
+                     f"{delta:+.4f} | {'yes' if delta >= -tol else 'no'} |")
+    return "\n".join(lines)
+
+
 def plot_heatmap(summary: Dict[str, Dict], ranks: Sequence[int], lams: Sequence[float],
                  path: str, title: str, metric: str = "auc") -> None:
     import matplotlib
@@ -223,15 +249,17 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
     """
     from tfmodels import compare as C
     from tfmodels import registry
-    from tfmodels import train as T
     import tensorflow as tf
 
     if make_cfg is None:
         from tfmodels.cli import _train_config as make_cfg
     extra = list(extra or [])
     model = getattr(args, "model", None) or "lrea"
-    if model not in registry.MODELS:
-        raise ValueError(f"unknown model {model!r}; registered: {', '.join(registry.names())}")
+    baselines = [b.strip() for b in str(getattr(args, "baselines", "") or "").split(",")
+                 if b.strip()]
+    for m in [model] + baselines:
+        if m not in registry.MODELS:
+            raise ValueError(f"unknown model {m!r}; registered: {', '.join(registry.names())}")
     ranks = _parse_list(args.ranks, int, "ranks")
     lams = _parse_list(args.lams, float, "lams")
     seeds = _parse_list(args.seeds, int, "seeds")
@@ -252,8 +280,18 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
     ranks = sorted({r for r, _ in cells})
     lams = sorted({lam for _, lam in cells})
     resume = bool(getattr(args, "resume", False))
-    total = len(cells) * len(seeds)
+    total = (len(cells) + len(baselines)) * len(seeds)
     n = 0
+    for b in baselines:
+        for seed in seeds:
+            n += 1
+            print(f"[lrea-grid] ({n}/{total}) baseline {b} seed={seed}", file=sys.stderr)
+            tf.keras.backend.clear_session()
+            cfg = make_cfg(args, data=data_dir, model=b, seed=seed, long_module_config={},
+                           out_dir=os.path.join(work, "runs", f"{b}-s{seed}"))
+            summary, result, _ = C.train_or_reuse(cfg, resume, "lrea-grid")
+            rows.append({**C.result_row(b, seed, summary, result, cfg.out_dir),
+                         "rank": None, "lam": None})
     for r, lam in cells:
         for seed in seeds:
             n += 1
@@ -263,23 +301,12 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
             lmc = {**base_cfg, "rank": r, "lam": lam}
             cfg = make_cfg(args, data=data_dir, model=model, seed=seed, long_module_config=lmc,
                            out_dir=os.path.join(work, "runs", f"{model}-r{r}-lam{lam:g}-s{seed}"))
-            done = C.finished_run(cfg) if resume else None
-            if done is not None:
-                summary, result = done
-                print(f"[lrea-grid] reusing finished run {cfg.out_dir} (same config)",
-                      file=sys.stderr)
-            else:
-                summary = T.train(cfg, resume=resume and C.same_config(cfg))
-                result = T.evaluate(cfg.out_dir, cfg.eval_split)
-            rates = summary["train_examples_per_s"]
-            row = {"model": name, "rank": r, "lam": lam, "seed": seed,
-                   **{k: result.get(k) for k in C.METRICS}, "samples": result["samples"],
-                   "train_wall_s": summary["train_wall_s"],
-                   "train_examples_per_s": float(np.median(rates)) if rates else None,
-                   "run_dir": cfg.out_dir}
+            summary, result, reused = C.train_or_reuse(cfg, resume, "lrea-grid")
+            row = {**C.result_row(name, seed, summary, result, cfg.out_dir),
+                   "rank": r, "lam": lam}
             if getattr(args, "absorbed_gap", False):
                 gap_path = os.path.join(cfg.out_dir, f"absorbed-gap-{cfg.eval_split}.json")
-                if done is not None and os.path.exists(gap_path):
+                if reused and os.path.exists(gap_path):
                     with open(gap_path) as f:
                         gap = json.load(f)
                 else:
@@ -295,11 +322,15 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
     text = [C.format_table(summary, command), "", format_matrix(summary, ranks, lams, "auc")]
     if any("gauc" in r and r["gauc"] is not None for r in rows):
         text += ["", format_matrix(summary, ranks, lams, "gauc")]
+    if REFERENCE in summary:
+        text += ["", format_vs_reference(summary, cells)]
     if getattr(args, "absorbed_gap", False):
-        text += ["", "| cell | mean |CTR diff| absorbed vs train | AUC train path | "
+        text += ["", "| cell | mean \\|CTR diff\\| absorbed vs train | AUC train path | "
                  "AUC absorbed path |", "|---|---|---|---|"]
         for name in summary:
-            rs = [r for r in rows if r["model"] == name]
+            rs = [r for r in rows if r["model"] == name and "mean_abs_ctr_diff" in r]
+            if not rs:          # a baseline
+                continue
             text.append(f"| {name} | {np.mean([r['mean_abs_ctr_diff'] for r in rs]):.2e} | "
                         f"{np.mean([r['auc_train_path'] for r in rs]):.4f} | "
                         f"{np.mean([r['auc_absorbed_path'] for r in rs]):.4f} |")
@@ -312,8 +343,11 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
                    "lams": lams, "design": design, "anchor": list(anchor), "seeds": seeds, "rows": rows, "summary": summary,
                    "config": {k: v for k, v in vars(args).items() if k != "func"}},
                   f, indent=2, default=str)
-    plot_heatmap(summary, ranks, lams, os.path.join(work, "grid.png"),
-                 f"{model} on {os.path.basename(os.path.abspath(data_dir))}")
+    title = f"{model} on {os.path.basename(os.path.abspath(data_dir))}"
+    ref = summary.get(REFERENCE, {}).get("auc")
+    if ref:
+        title += f"; {REFERENCE} AUC {ref['mean']:.4f} ± {ref['std']:.4f}"
+    plot_heatmap(summary, ranks, lams, os.path.join(work, "grid.png"), title)
     print(f"[lrea-grid] results in {work}/results.{{md,json}} and grid.png", file=sys.stderr)
     return 0
 
