@@ -77,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the recommended ranking deployment)")
     p.add_argument("--inter_op", type=int, default=-1,
                    help="serving: the server's --inter_op (default -1, its default)")
+    p.add_argument("--intra_op", type=int, default=0,
+                   help="serving: the server's --intra_op (default 0, its default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default artifacts/bench-<what>-<time>)")
 
@@ -211,7 +213,8 @@ def bench_serving(args) -> Dict:
             print(f"[bench] exported {name}", file=sys.stderr, flush=True)
     identity = [f"identity_{m}_L{L}" for m in rank_models for L in lens]
     proc, address = start_server(base, identity, os.path.join(args.out, "server.log"),
-                                 ["--inter_op", str(args.inter_op)])
+                                 ["--inter_op", str(args.inter_op),
+                                  "--intra_op", str(getattr(args, "intra_op", 0))])
     print(f"[bench] server pid {proc.pid} on {address}", file=sys.stderr, flush=True)
     store = SQLiteCacheStore(os.path.join(work, "cache.db"))
     clients: Dict[Tuple[str, str, int], RankingClient] = {}
