@@ -9,7 +9,12 @@
 * DIN-L's ``serving_default`` on the same requests (the user's raw windows tiled
   to N rows + the candidates: the one-shot path without a cache);
 * an identity servable (no model; decodes the request and returns zeros) sent
-  exactly the ``rank`` request: the floor of gRPC + serialization.
+  exactly the ``rank`` request: the floor of gRPC + serialization in this server;
+* an identity SavedModel (:func:`export_identity_model`: the ``rank`` signature's
+  inputs, ``ctr`` = zeros [N], no computation) sent the same request: the floor
+  a TensorFlow Serving deployment has, which can only serve SavedModels, so it
+  adds one session call with the payload fed in. Both floors are reported; the
+  issue's "identity model" target is given against each.
 
 ``rank`` is exported with ``jit_rank`` (XLA; ``--no_jit_rank`` to measure without)
 and the server runs with ``--inter_op -1`` (its default, TF Serving's
@@ -186,6 +191,45 @@ def start_server(base: str, identity: Sequence[str], log_path: str,
     raise RuntimeError(f"server did not start within 300 s; see {log_path}")
 
 
+# ---- identity SavedModel ------------------------------------------------------------------------
+def export_identity_model(like: str, base: str, name: str, version: int = 1) -> str:
+    """Write ``<base>/<name>/<version>/``: a SavedModel whose ``rank`` signature takes
+    exactly the inputs of the ``rank`` signature of the export at ``like`` (names,
+    dtypes, shapes) and returns ``ctr`` = zeros [N] (N = rows of ``target_item_id``),
+    computing nothing from the rest. Timed against ``rank`` it is the floor of a
+    TensorFlow Serving deployment: gRPC, (de)serialization, the payload fed into a
+    session, one session call. Written to a temporary folder and renamed into place."""
+    import uuid
+    import tensorflow as tf
+    from tensorflow.core.protobuf import saved_model_pb2
+    from serving import export as E
+
+    sm = saved_model_pb2.SavedModel()
+    with open(os.path.join(like, "saved_model.pb"), "rb") as f:
+        sm.ParseFromString(f.read())
+    sig = sm.meta_graphs[0].signature_def["rank"]
+    specs = {}
+    for key, info in sig.inputs.items():
+        shape = None if info.tensor_shape.unknown_rank else \
+            [None if d.size < 0 else d.size for d in info.tensor_shape.dim]
+        specs[key] = tf.TensorSpec(shape, tf.as_dtype(info.dtype), key)
+    if "target_item_id" not in specs:
+        raise ValueError(f"{like}: its rank signature has no target_item_id input")
+
+    def rank(inputs):
+        return {"ctr": tf.zeros(tf.shape(inputs["target_item_id"])[:1], tf.float32)}
+
+    fn = tf.function(rank, input_signature=[specs], autograph=False).get_concrete_function()
+    mdir = E.model_dir(base, E.validate_model_name(name))
+    os.makedirs(mdir, exist_ok=True)
+    final = E.version_dir(base, name, version)
+    tmp = os.path.join(mdir, f"{E.TMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}")
+    tf.saved_model.save(tf.Module(), tmp, signatures={"rank": fn})
+    os.rename(tmp, final)
+    E.write_models_config(base)
+    return final
+
+
 # ---- bench serving -------------------------------------------------------------------------------
 def bench_serving(args) -> Dict:
     import tfmodels  # noqa: F401
@@ -211,6 +255,10 @@ def bench_serving(args) -> Dict:
             exports[(m, L)] = export_model(_model(args, m, L), base, name, 1,
                                            jit_rank=args.jit_rank)["name"]
             print(f"[bench] exported {name}", file=sys.stderr, flush=True)
+    for m in rank_models:
+        for L in lens:
+            export_identity_model(os.path.join(base, exports[(m, L)], "1"), base,
+                                  f"identity_sm_{m}_L{L}")
     identity = [f"identity_{m}_L{L}" for m in rank_models for L in lens]
     proc, address = start_server(base, identity, os.path.join(args.out, "server.log"),
                                  ["--inter_op", str(args.inter_op),
@@ -232,9 +280,11 @@ def bench_serving(args) -> Dict:
                     t = {k: v[i:i + 1] for k, v in out.items()}
                     store.put((exports[(m, L)], int(u), 1, t))
                     store.put((f"identity_{m}_L{L}", int(u), 1, t))
+                    store.put((f"identity_sm_{m}_L{L}", int(u), 1, t))
                 clients[("rank", m, L)] = c
-                clients[("identity", m, L)] = RankingClient(address, f"identity_{m}_L{L}",
-                                                            store, timeout_s=60)
+                for kind in ("identity", "identity_sm"):
+                    clients[(kind, m, L)] = RankingClient(address, f"{kind}_{m}_L{L}",
+                                                          store, timeout_s=60)
         user_ids = [int(u) for u in uids]
         cate = _item_cate(args.seed)
         rng = np.random.default_rng(args.seed + 2)
@@ -263,7 +313,8 @@ def bench_serving(args) -> Dict:
             return c.rank(user_ids[u], cands[n][u], imp_ts=now)
 
         for n in ns:
-            configs = [(k, m, L) for m in rank_models for L in lens for k in ("rank", "identity")]
+            configs = [(k, m, L) for m in rank_models for L in lens
+                       for k in ("rank", "identity", "identity_sm")]
             for cfg in configs:                     # warm-up
                 for i in range(5):
                     call(*cfg, n, i)
@@ -336,11 +387,13 @@ def serving_ratios(res: Dict) -> List[Dict]:
                 out.append({"target": f"{m} rank p50 L={lens[-1]} / L={lens[0]}, N={n}",
                             "value": a["p50_ms"] / b["p50_ms"], "goal": "<= 1.1"})
         if 100 in ns:
-            for L in lens:
-                a, b = _find(rows, "rank", m, L, 100), _find(rows, "identity", m, L, 100)
-                if a and b:
-                    out.append({"target": f"{m} rank p50 / identity p50, N=100, L={L}",
-                                "value": a["p50_ms"] / b["p50_ms"], "goal": "<= 2"})
+            for floor, label in (("identity", "identity"),
+                                 ("identity_sm", "identity SavedModel")):
+                for L in lens:
+                    a, b = _find(rows, "rank", m, L, 100), _find(rows, floor, m, L, 100)
+                    if a and b:
+                        out.append({"target": f"{m} rank p50 / {label} p50, N=100, L={L}",
+                                    "value": a["p50_ms"] / b["p50_ms"], "goal": "<= 2"})
         for L, goal in ((1000, ">= 10"), (10000, ">= 100")):
             a = _find(rows, "one_shot", res["one_shot_model"], L, 1000)
             b = _find(rows, "rank", m, L, 1000)
@@ -361,7 +414,7 @@ def _plot(res: Dict, path: str) -> Optional[str]:
     fig, axes = plt.subplots(1, len(res["candidates"]), figsize=(5 * len(res["candidates"]), 4),
                              sharey=True, squeeze=False)
     styles = {"rank": ("tab:blue", "o"), "identity": ("tab:gray", "s"),
-              "one_shot": ("tab:red", "^")}
+              "identity_sm": ("tab:olive", "D"), "one_shot": ("tab:red", "^")}
     for ax, n in zip(axes[0], res["candidates"]):
         for kind, (color, marker) in styles.items():
             models = [res["one_shot_model"]] if kind == "one_shot" else res["rank_models"]
@@ -372,6 +425,7 @@ def _plot(res: Dict, path: str) -> Optional[str]:
                     continue
                 xs, ys = zip(*sorted(pts))
                 label = {"rank": f"rank ({m})", "identity": "identity (gRPC floor)",
+                         "identity_sm": "identity SavedModel (+ session call)",
                          "one_shot": f"serving_default ({m})"}[kind]
                 ax.plot(xs, ys, marker=marker, color=color, label=label)
         ax.set_xscale("log")
@@ -392,9 +446,10 @@ def print_serving(res: Dict, command: str) -> None:
     print(f"command: {command}\n")
     print("| path | model | L | N | p50 ms | p99 ms | req/s | throughput |")
     print("|---|---|---|---|---|---|---|---|")
-    order = {"rank": 0, "identity": 1, "one_shot": 2}
+    order = {"rank": 0, "identity": 1, "identity_sm": 2, "one_shot": 3}
     for r in sorted(res["rows"], key=lambda r: (r["N"], order[r["kind"]], r["model"], r["L"])):
         path = {"rank": "rank", "identity": "identity floor",
+                "identity_sm": "identity SavedModel floor",
                 "one_shot": "serving_default (one-shot)"}[r["kind"]]
         rps = f"{r['req_per_s']:.0f}" if r["req_per_s"] >= 10 else f"{r['req_per_s']:.2f}"
         print(f"| {path} | {r['model']} | {r['L']:,} | {r['N']:,} | {r['p50_ms']:.2f} | "

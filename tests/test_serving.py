@@ -755,3 +755,45 @@ def test_tf_serving_script_dry_run(tmp_path):
                  "--enable_per_model_batching_parameters=true", "-p 127.0.0.1:8500:8500",
                  "--rest_api_timeout_in_ms=5000"):
         assert part in cmd, part
+
+
+def test_identity_savedmodel_floor_takes_the_rank_request(exported, server, base_requests,
+                                                          tmp_path):
+    """The bench's identity SavedModel: the same rank inputs (names, dtypes, shapes) as the
+    model it mirrors, ctr = zeros [N]; it answers the model's own rank request unchanged
+    and rejects what rank rejects (a missing input) before any session call."""
+    from serving.bench import export_identity_model
+    from serving.server import SavedModelServable, decode_inputs
+    base, _ = exported
+    like = os.path.join(base, "din_l", "1")
+    path = export_identity_model(like, str(tmp_path), "identity_sm_din_l")
+    assert path == os.path.join(str(tmp_path), "identity_sm_din_l", "1")
+    assert "identity_sm_din_l" in open(tmp_path / "models.config").read()
+    ident = SavedModelServable("identity_sm_din_l", 1, path)
+    try:
+        model = server.manager.get("din_l")
+        assert ident.signatures["rank"].inputs == model.signatures["rank"].inputs
+        assert set(ident.signatures["rank"].outputs) == {"ctr"}
+        rank_req = base_requests[1]
+        for n in (1, 7):
+            req = type(rank_req)()
+            req.CopyFrom(rank_req)
+            items = np.arange(2, 2 + n, dtype=np.int64)
+            del req.inputs["target_item_id"], req.inputs["target_cate_id"]
+            protos.fill_tensor_proto(req.inputs["target_item_id"], items)
+            protos.fill_tensor_proto(req.inputs["target_cate_id"], items % 5 + 2)
+            feed = decode_inputs(req, ident.signatures["rank"], Limits(), "identity")
+            out = ident.run("rank", feed)["ctr"]
+            assert out.dtype == np.float32 and out.shape == (n,) and not out.any()
+        del req.inputs["keys"]
+        with pytest.raises(Exception, match="missing input"):
+            decode_inputs(req, ident.signatures["rank"], Limits(), "identity")
+    finally:
+        ident.close()
+    with pytest.raises(ValueError, match="target_item_id"):
+        bad = tmp_path / "bad"
+        # a "model" whose rank takes no candidates cannot be mirrored
+        tf.saved_model.save(tf.Module(), str(bad), signatures={"rank": tf.function(
+            lambda x: {"ctr": x}, input_signature=[tf.TensorSpec([None], tf.float32, "x")]
+        ).get_concrete_function()})
+        export_identity_model(str(bad), str(tmp_path), "identity_sm_bad")
