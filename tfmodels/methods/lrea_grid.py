@@ -343,7 +343,8 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
                    "lams": lams, "design": design, "anchor": list(anchor), "seeds": seeds, "rows": rows, "summary": summary,
                    "config": {k: v for k, v in vars(args).items() if k != "func"}},
                   f, indent=2, default=str)
-    title = f"{model} on {os.path.basename(os.path.abspath(data_dir))}"
+    parts = os.path.abspath(data_dir).split(os.sep)
+    title = f"{model} on {os.sep.join(parts[-2:])}"      # e.g. foundation-ml/data
     ref = summary.get(REFERENCE, {}).get("auc")
     if ref:
         title += f"; {REFERENCE} AUC {ref['mean']:.4f} ± {ref['std']:.4f}"
