@@ -203,6 +203,7 @@ def export_identity_model(like: str, base: str, name: str, version: int = 1) -> 
     import tensorflow as tf
     from tensorflow.core.protobuf import saved_model_pb2
     from serving import export as E
+    from serving.server import _spec_from_tensor_info
 
     sm = saved_model_pb2.SavedModel()
     with open(os.path.join(like, "saved_model.pb"), "rb") as f:
@@ -210,9 +211,8 @@ def export_identity_model(like: str, base: str, name: str, version: int = 1) -> 
     sig = sm.meta_graphs[0].signature_def["rank"]
     specs = {}
     for key, info in sig.inputs.items():
-        shape = None if info.tensor_shape.unknown_rank else \
-            [None if d.size < 0 else d.size for d in info.tensor_shape.dim]
-        specs[key] = tf.TensorSpec(shape, tf.as_dtype(info.dtype), key)
+        spec = _spec_from_tensor_info(info)    # the server's reading of a signature input
+        specs[key] = tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype), key)
     if "target_item_id" not in specs:
         raise ValueError(f"{like}: its rank signature has no target_item_id input")
 
@@ -262,7 +262,7 @@ def bench_serving(args) -> Dict:
     identity = [f"identity_{m}_L{L}" for m in rank_models for L in lens]
     proc, address = start_server(base, identity, os.path.join(args.out, "server.log"),
                                  ["--inter_op", str(args.inter_op),
-                                  "--intra_op", str(getattr(args, "intra_op", 0))])
+                                  "--intra_op", str(args.intra_op)])
     print(f"[bench] server pid {proc.pid} on {address}", file=sys.stderr, flush=True)
     store = SQLiteCacheStore(os.path.join(work, "cache.db"))
     clients: Dict[Tuple[str, str, int], RankingClient] = {}
