@@ -225,6 +225,38 @@ def test_jit_rank_export_equals_plain_rank(name, exported, server, records, sche
         jit.close()
 
 
+def test_jit_rank_bakes_small_weights_only(schema):
+    """`jit_rank` reads the small weights as constants inside the XLA computation and
+    leaves the large ones (embedding tables) as variables; the layers get their
+    variables back afterwards, also when tracing fails."""
+    model = _build(schema, "avg_pool")
+    assert E.ServingSignatures(model, jit_rank=False).const_weights == []   # builds the model
+    sizes = {v.name: v.shape.num_elements() for v in model.weights}
+    biggest = max(sizes.values())
+    limit = biggest - 1
+    sigs = E.ServingSignatures(model, jit_rank=True, max_const_elements=limit)
+    assert sigs.const_weights, "no weight was baked in"
+    assert set(sigs.const_weights) == {k for k, n in sizes.items() if n <= limit}
+    assert all(n > limit for k, n in sizes.items() if k not in sigs.const_weights)
+    # the layers hold their variables again, and the model's weight list is unchanged
+    held = [v for m in [model, *model.submodules] for v in vars(m).values()
+            if isinstance(v, tf.Tensor) and not isinstance(v, tf.Variable)]
+    assert not held
+    assert [v.name for v in model.weights] == list(sizes)
+    # the XLA function captures only the weights above the limit
+    xla = [f for f in sigs.functions["rank"].graph.as_graph_def().library.function
+           if f.attr["_XlaMustCompile"].b]
+    assert len(xla) == 1
+    resources = [a for a in xla[0].signature.input_arg if a.type == tf.resource.as_datatype_enum]
+    assert len(resources) == sum(n > limit for n in sizes.values())
+    assert E.ServingSignatures(model, jit_rank=True, max_const_elements=0).const_weights == []
+    small = E._small_weights(model, limit)
+    with pytest.raises(RuntimeError):
+        with E._weights_as_constants(small):
+            raise RuntimeError("trace failed")
+    assert all(getattr(m, a) is v for m, a, v, _ in small)
+
+
 def test_export_layout_and_signature_contract(exported, schema):
     base = exported[0]
     config = open(os.path.join(base, E.CONFIG_FILE)).read()
