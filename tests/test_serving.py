@@ -187,8 +187,9 @@ def test_rank_of_cached_user_tower_equals_serving_default(name, exported, server
 @pytest.mark.parametrize("name", MODELS)
 def test_jit_rank_export_equals_plain_rank(name, exported, server, records, schema,
                                           tmp_path):
-    """`export --jit_rank` (XLA) ranks like the plain export, and still rejects bad ids
-    (the checks run outside the XLA cluster, which would drop an Assert)."""
+    """`export --jit_rank` (XLA) ranks like the plain export, and rejects the same bad
+    inputs with the same messages (its checks are computed inside the XLA cluster,
+    which would drop an Assert, and one Assert outside gates the output)."""
     from serving.server import SavedModelServable
     plain = server.manager.get(name)
     # The same weights as the plain export: rebuilt with its seed, exported with jit_rank.
@@ -221,6 +222,30 @@ def test_jit_rank_export_equals_plain_rank(name, exported, server, records, sche
                    target_cate_id=np.array([2], np.int64))
         with pytest.raises(tf.errors.InvalidArgumentError, match="target_item_id"):
             jit.run("rank", bad)
+        # Every input made bad in turn (ids -1, floats NaN): the XLA checks fail exactly
+        # where the plain export's do, with the same message.
+        from serving.server import _first_line
+        checked = 0
+        for k, v in feed.items():
+            x = np.array(v)
+            if x.dtype.kind == "f":
+                x.flat[-1] = np.nan
+            else:
+                x.flat[-1] = -1
+            errors = []
+            for servable in (plain, jit):
+                try:
+                    servable.run("rank", dict(feed, **{k: x}))
+                    errors.append(None)
+                except tf.errors.InvalidArgumentError as e:
+                    errors.append(_first_line(e))
+            # (CheckNumerics, the plain export's NaN check, appends "Tensor had NaN values")
+            assert (errors[1] is None) == (errors[0] is None), (k, errors)
+            assert errors[1] is None or errors[0].startswith(errors[1]), (k, errors)
+            checked += errors[0] is not None
+            if errors[0] is not None:
+                assert f"'{k}'" in errors[0]
+        assert checked >= 3      # candidates, short sequence and a cache tensor at least
     finally:
         jit.close()
 
