@@ -134,11 +134,14 @@ class SessionThreads:
     (``--tensorflow_inter_op_parallelism``, ``--tensorflow_intra_op_parallelism``).
 
     ``inter_op = -1`` runs every op in the request's own thread instead of handing
-    ops to a shared pool: measured here, a ``rank`` call at N = 100 drops from about
-    1.9 ms to 1.45 ms (and a session call that only fetches a constant costs about
-    0.27 ms: thread hand-offs are expensive on these VMs). The gRPC worker threads
-    still run requests in parallel, and ``intra_op`` (0 = one per core) still splits
-    large ops. Use ``--inter_op 0`` for the TensorFlow default.
+    ops to a shared pool, which saves a thread hand-off per call (expensive on these
+    VMs): measured in-process with a 3 ms pause before each call, an identity
+    SavedModel call takes 0.11-0.14 ms instead of 0.22-0.24 ms, an XLA ``rank`` call
+    at N = 1 0.68-0.80 ms instead of 0.79-0.82 ms (docs/serving.md section 6). The
+    gRPC worker threads still run requests in parallel, and ``intra_op`` (0 = one
+    per core) still splits large ops. Use ``--inter_op 0`` for the TensorFlow
+    default; ``--intra_op 1`` suits a server that only ranks (one-shot requests over
+    long sequences then run on one core).
     """
     inter_op: int = -1
     intra_op: int = 0
