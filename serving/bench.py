@@ -405,38 +405,75 @@ def serving_ratios(res: Dict) -> List[Dict]:
 
 
 def _plot(res: Dict, path: str) -> Optional[str]:
+    """p50 per configuration. Several long lengths: one panel per N with L on the x
+    axis (does ``rank`` stay flat in L?); one long length: a single panel with N on
+    the x axis. Each rank model has its colour; with several rank models their
+    floors (the payload differs per model) are drawn in the model's colour, dashed
+    (identity) and dotted (identity SavedModel)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:  # pragma: no cover
         return None
-    fig, axes = plt.subplots(1, len(res["candidates"]), figsize=(5 * len(res["candidates"]), 4),
+    by_l = len(res["lens"]) > 1
+    panels = res["candidates"] if by_l else res["lens"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels) if by_l else 7, 4.6),
                              sharey=True, squeeze=False)
-    styles = {"rank": ("tab:blue", "o"), "identity": ("tab:gray", "s"),
-              "identity_sm": ("tab:olive", "D"), "one_shot": ("tab:red", "^")}
-    for ax, n in zip(axes[0], res["candidates"]):
-        for kind, (color, marker) in styles.items():
-            models = [res["one_shot_model"]] if kind == "one_shot" else res["rank_models"]
-            for m in models:
-                pts = [(r["L"], r["p50_ms"]) for r in res["rows"]
-                       if r["kind"] == kind and r["model"] == m and r["N"] == n]
-                if not pts:
-                    continue
-                xs, ys = zip(*sorted(pts))
-                label = {"rank": f"rank ({m})", "identity": "identity (gRPC floor)",
-                         "identity_sm": "identity SavedModel (+ session call)",
-                         "one_shot": f"serving_default ({m})"}[kind]
-                ax.plot(xs, ys, marker=marker, color=color, label=label)
+    models = list(res["rank_models"])
+    several = len(models) > 1
+    palette = ["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:pink",
+               "tab:cyan", "black"]
+    color = {m: palette[i % len(palette)] for i, m in enumerate(models)}
+
+    def style(kind, m):
+        if kind == "rank":
+            return dict(color=color[m], marker="o", ls="-", label=f"rank ({m})")
+        if kind == "one_shot":
+            return dict(color="tab:red", marker="^", ls="-", label=f"serving_default ({m}, one-shot)")
+        name = {"identity": "identity floor (no model)",
+                "identity_sm": "identity SavedModel floor"}[kind]
+        if several:      # one legend entry per line style (proxies below), not per model
+            return dict(color=color[m], marker=None, ls="--" if kind == "identity" else ":",
+                        label=None)
+        return dict(color="tab:gray" if kind == "identity" else "tab:olive",
+                    marker="s" if kind == "identity" else "D", ls="-", label=name)
+
+    for ax, panel in zip(axes[0], panels):
+        for kind in ("rank", "identity", "identity_sm", "one_shot"):
+            for m in ([res["one_shot_model"]] if kind == "one_shot" else models):
+                pts = [((r["L"] if by_l else r["N"]), r["p50_ms"]) for r in res["rows"]
+                       if r["kind"] == kind and r["model"] == m
+                       and (r["N"] if by_l else r["L"]) == panel]
+                if pts:
+                    xs, ys = zip(*sorted(pts))
+                    ax.plot(xs, ys, **style(kind, m))
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_title(f"N = {n} candidates")
-        ax.set_xlabel("long sequence length L")
+        ax.set_title(f"N = {panel} candidates" if by_l else f"L = {panel} long behaviors")
+        ax.set_xlabel("long sequence length L" if by_l else "candidates per request N")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel("p50 latency per request (ms)")
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("lifelong bench serving: gRPC p50, local server, 2 cores")
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:                       # series missing from the first panel
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    if several:
+        from matplotlib.lines import Line2D
+        for ls, name in (("--", "identity floor (no model)"), (":", "identity SavedModel floor")):
+            handles.append(Line2D([], [], color="tab:gray", ls=ls))
+            labels.append(f"{name}, in each model's colour (its payload)")
+    fig.suptitle("lifelong bench serving: gRPC p50, local server")
+    if by_l:
+        ncol = min(len(labels), 4)
+        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.045 * -(-len(labels) // ncol) + 0.03, 1, 1))
+    else:
+        fig.set_size_inches(11, 4.6)
+        fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0, 0.64, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

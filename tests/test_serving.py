@@ -854,3 +854,40 @@ def test_identity_savedmodel_floor_takes_the_rank_request(exported, server, base
             lambda x: {"ctr": x}, input_signature=[tf.TensorSpec([None], tf.float32, "x")]
         ).get_concrete_function()})
         export_identity_model(str(bad), str(tmp_path), "identity_sm_bad")
+
+
+@pytest.mark.parametrize("lens,models", [((100, 1000), ("avg_pool",)),
+                                         ((1000,), ("din_l", "cformer"))])
+def test_bench_serving_plot_layouts(tmp_path, lens, models):
+    """The bench plot: panels per N over L when several L are timed, one panel over N
+    when a single L is (several rank models, each with its floors)."""
+    from serving.bench import _plot
+    rows = [dict(kind=kind, model=m, L=L, N=n, p50_ms=1.0 + n / 100)
+            for L in lens for n in (1, 100)
+            for kind, ms in (("rank", models), ("identity", models), ("identity_sm", models),
+                             ("one_shot", ("din_l",)))
+            for m in ms]
+    res = dict(rows=rows, lens=list(lens), candidates=[1, 100], rank_models=list(models),
+               one_shot_model="din_l")
+    path = _plot(res, str(tmp_path / "p.png"))
+    assert path and os.path.getsize(path) > 10_000
+
+
+def test_servable_run_casts_inputs_to_the_signature_dtypes(exported):
+    """`SavedModelServable.run` feeds through the session's callable, which takes exact
+    dtypes: Python lists and int32 ids are cast to the signature's dtypes first."""
+    from serving.server import SavedModelServable
+    base, _ = exported
+    sv = SavedModelServable("avg_pool", 1, os.path.join(base, "avg_pool", "1"))
+    try:
+        info = sv.signatures["serving_default"]
+        feed = {k: np.ones([2 if d is None else d for d in s.shape], np.int32).tolist()
+                for k, s in info.inputs.items()}
+        typed = {k: np.asarray(v, protos.DTYPE_TO_NUMPY[info.inputs[k].dtype])
+                 for k, v in feed.items()}
+        a = sv.run("serving_default", feed)["ctr"]
+        b = sv.run("serving_default", typed)["ctr"]
+        assert a.shape == (2,)
+        np.testing.assert_array_equal(a, b)
+    finally:
+        sv.close()
