@@ -134,6 +134,8 @@ MODULE_COMMANDS = {
                         "C-Former vs K-means silhouette on a trained run", False),
     "lrea-grid": ("tfmodels.methods.lrea_grid",
                   "LREA sensitivity grid over rank r and lambda (one command)", False),
+    "replay": ("serving.replay", "replay a compare's test requests through export, Beam "
+               "precompute and the local gRPC server: AUC, parity, latency", False),
 }
 
 
