@@ -214,8 +214,8 @@ def run(args, extra: Sequence[str] = ()) -> int:
     if os.path.exists(db):            # a rerun starts from an empty cache
         os.remove(db)
     runs = _runs(args.work_dir, [m.strip() for m in args.models.split(",") if m.strip()])
-    command = "lifelong replay " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 \
-        else "lifelong replay ..."
+    command = ("lifelong " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["replay"]
+               else f"lifelong replay --work_dir {args.work_dir} ...")
     store = SQLiteCacheStore(db)
     rows = []
     try:
