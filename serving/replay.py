@@ -28,7 +28,7 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -46,7 +46,7 @@ def _values(feature: tf.train.Feature, dtype) -> list:
     return list(feature.float_list.value if dtype == tf.float32 else feature.int64_list.value)
 
 
-def last_requests(records: Sequence[bytes], max_users: int = 0) -> Tuple[List[bytes], List[Dict]]:
+def last_requests(records: Iterable[bytes], max_users: int = 0) -> Tuple[List[bytes], List[Dict]]:
     """Per user with impressions: a record holding only the history before the user's
     last request and that request's impressions, and the request itself
     (``user_id``, ``items``, ``cates``, ``labels``, ``ts``). ``max_users`` 0 = all."""
@@ -74,11 +74,13 @@ def last_requests(records: Sequence[bytes], max_users: int = 0) -> Tuple[List[by
     return out, requests
 
 
-def _read_records(pattern: str) -> List[bytes]:
+def _read_records(pattern: str) -> Iterator[bytes]:
+    """The records of ``pattern``, lazily: :func:`last_requests` stops reading after
+    ``--users`` users instead of decoding the whole split."""
     files = sorted(glob.glob(pattern))
     if not files:
         raise ReplayError(f"no record files match {pattern!r}")
-    return [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+    return (r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP"))
 
 
 def _runs(work_dir: str, models: Optional[Sequence[str]]) -> List[Tuple[str, str]]:
@@ -127,7 +129,7 @@ def replay_model(name: str, run_dir: str, args, store) -> Dict:
     # the same model in process, on the features the cache was computed from
     feats = D.user_history_features(tf.constant(records), model.feature_schema)
     return {"model": name, "run_dir": run_dir, "version": info["version"],
-            "path": info["path"], "requests": requests, "feats": feats, "keras": model,
+            "requests": requests, "feats": feats, "keras": model,
             "precompute": pre}
 
 
