@@ -17,7 +17,9 @@ INSTALL_REQUIRES = [
     "numba>=0.60",                  # compiled k-means of the TWIN V2 clustering job (beam_jobs/cluster_numba.py)
     "matplotlib>=3.8",
 ]
-EXTRAS = {"test": ["pytest>=8", "hypothesis>=6.100"], "redis": ["redis>=5"]}
+# redis-py is in "test" too: tests/test_cache_store.py runs the Redis store against a
+# real redis-server (scripts/setup_env.sh installs ".[test]").
+EXTRAS = {"test": ["pytest>=8", "hypothesis>=6.100", "redis>=5"], "redis": ["redis>=5"]}
 
 setup(
     name="lifelong-ctr",
