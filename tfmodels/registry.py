@@ -31,6 +31,7 @@ MODELS: Dict[str, Entry] = {
     "cformer_wo_denoise": ("tfmodels.methods.cformer:CFormer", {"denoise": False}),
     "cformer_wo_recon": ("tfmodels.methods.cformer:CFormer", {"reconstruction": False}),
     "cformer_wo_orth": ("tfmodels.methods.cformer:CFormer", {"orthogonality": False}),
+    "cformer_sum": ("tfmodels.methods.cformer:CFormer", {"centroid_norm": "sum"}),  # C12 as printed
 }
 
 
