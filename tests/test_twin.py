@@ -144,6 +144,7 @@ def test_block_diagonal_cross_projection():
     tf.keras.utils.set_random_seed(0)
     layer = Twin(D)
     seq = _seq()
+    seq.pop("ts")               # hand-given gap buckets (no row timestamps): used as they are
     layer(seq, random_target(3, D))
     k_c = layer.cross_embeddings(seq).numpy()                       # [B, L, J, 8]
     got = layer.cross_projection(tf.constant(k_c)).numpy()          # [B, L, H, J]
@@ -155,10 +156,17 @@ def test_block_diagonal_cross_projection():
         for f in range(j):
             block[f * c:(f + 1) * c, f] = w_c[f, :, a]
         np.testing.assert_allclose(got[:, :, a, :], flat @ block, atol=1e-5)
-    # cross term of the relevance = (K_c W^c) beta per head
+    # cross term of the relevance = (K_c W^c) beta per head: the cached part (engage,
+    # domain) plus the request-time part (the gap feature) that score adds
     cache = layer.user_cache(seq)
     expect = np.einsum("blhj,hj->bhl", got, layer.beta.numpy())
-    np.testing.assert_allclose(cache["cross"].numpy(), expect, atol=1e-5)
+    request_cross = layer.request_terms(cache, random_target(3, D))[0].numpy()
+    np.testing.assert_allclose(cache["cross"].numpy() + request_cross, expect, atol=1e-5)
+    # and the cached part alone holds no gap term
+    static = [f for f in layer.cross_features if f != "gap_bucket"]
+    idx = [layer.cross_features.index(f) for f in static]
+    expect_static = np.einsum("blhj,hj->bhl", got[..., idx], layer.beta.numpy()[:, idx])
+    np.testing.assert_allclose(cache["cross"].numpy(), expect_static, atol=1e-5)
 
 
 def test_cached_item_projection_equals_on_the_fly():
@@ -184,7 +192,8 @@ def test_alpha_matches_equation_8():
     emb = seq["emb"].numpy() * seq["mask"].numpy()[..., None]
     kh = np.einsum("bld,dhk->blhk", emb, layer.w_h.numpy())
     q = np.einsum("bd,dhk->bhk", tgt["emb"].numpy(), layer.w_q.numpy())
-    cross = layer.user_cache(seq)["cross"].numpy()
+    cache = layer.user_cache(seq)
+    cross = cache["cross"].numpy() + layer.request_terms(cache, tgt)[0].numpy()
     expect = np.einsum("blhk,bhk->bhl", kh, q) / np.sqrt(layer.key_dim) + cross
     got = layer.attend(layer.user_cache(seq), tgt)["alpha"].numpy()
     np.testing.assert_allclose(got, expect, atol=1e-4)
@@ -217,3 +226,28 @@ def test_model_reads_long_cluster_size(tiny_data):
                                   (batch["long_item_id"].numpy() > 0).astype(np.int64))
     np.testing.assert_allclose(model.rank(model.user_tower(batch), batch).numpy(),
                                model(batch).numpy(), atol=1e-5)
+
+
+def test_gap_buckets_are_measured_to_the_request_time():
+    """Train/serve skew guard: the cache holds each row's timestamp, not a gap bucket;
+    score measures the gaps to target["ts"] (the impression / request time) with the
+    pipeline's bucketing, so one cache scored at two request times equals the
+    hand-bucketed windows of those two times."""
+    tf.keras.utils.set_random_seed(0)
+    layer = Twin(D, top_k=4)
+    seq, tgt = _seq(), random_target(3, D)
+    layer(seq, tgt)
+    cache = layer.user_cache(seq)
+    assert "gap_bucket" not in cache and "row_ts" in cache
+    np.testing.assert_array_equal(cache["row_ts"].numpy(),
+                                  seq["ts"].numpy() * (seq["mask"].numpy() > 0))
+    for delay in (0, 7 * 86400):                        # the same cache, a week later
+        t = dict(tgt, ts=tgt["ts"] + delay)
+        got = layer.score(cache, t).numpy()
+        hand = dict(seq)
+        hand.pop("ts")
+        buckets = S.gap_bucket_np(t["ts"].numpy()[:, None] - seq["ts"].numpy())
+        hand["gap_bucket"] = tf.constant(buckets * (seq["mask"].numpy() > 0))
+        np.testing.assert_allclose(got, layer(hand, t).numpy(), atol=1e-5)
+    assert np.abs(layer.score(cache, tgt).numpy()
+                  - layer.score(cache, dict(tgt, ts=tgt["ts"] + 7 * 86400)).numpy()).max() > 1e-4

@@ -97,7 +97,7 @@ class LifelongCTRModel(tfrs.models.Model):
         rank = ["target_item_id", "target_cate_id", "short_item_id", "short_cate_id"]
         if self.use_user_embedding:
             rank.append("user_id")
-        if self.use_context:
+        if self.use_context or self.reads_request_time:
             rank.append("imp_ts")
         if part == "rank":
             return rank
@@ -115,9 +115,21 @@ class LifelongCTRModel(tfrs.models.Model):
                 seq[field] = features[name]
         return seq
 
+    @property
+    def reads_request_time(self) -> bool:
+        """True when the long module's ``score`` needs the request time (``imp_ts``):
+        features measured to the request (TWIN's gap bucket) are computed there, from
+        the cached rows' timestamps, so that serving equals training on the same window."""
+        return bool(getattr(self.long_module, "reads_request_time", False))
+
     def embed_target(self, features: Mapping[str, tf.Tensor]) -> Tensors:
+        """Candidate embeddings; ``ts`` = the request / impression time ([N] or, in
+        serving, [1] for the one user) when the long module reads it."""
         item, cate = features["target_item_id"], features["target_cate_id"]
-        return {"emb": self.item_embedding(item, cate), "item_id": item, "cate_id": cate}
+        target = {"emb": self.item_embedding(item, cate), "item_id": item, "cate_id": cate}
+        if self.reads_request_time:
+            target["ts"] = features["imp_ts"]
+        return target
 
     # ---- the split --------------------------------------------------------------------
     def user_tower(self, features: Mapping[str, tf.Tensor], training=None) -> Tensors:

@@ -13,7 +13,10 @@ Two record kinds exist (``../shared/DESIGN.md``, "Store each user's history once
    long window (last ``L`` before it). Windows are *most recent first*
    (index 0 = latest behavior), right-padded with id 0, and carry
    ``*_len`` (number of valid rows). Features that depend on the impression
-   (time gap to it, log-bucketised) are computed here, never stored.
+   (time gap to it, log-bucketised) are computed here, never stored. Each row
+   also carries its own timestamp (``*_ts``), so that a module whose features
+   depend on the request time caches the timestamps (user only) and measures
+   the gaps at request time, exactly as the window does in training.
 
 Ids: 0 = padding, 1 = out-of-vocabulary, 2.. = vocabulary entries (dense).
 Domains: 0 = padding, 1 = the default domain of single-domain data.
@@ -159,6 +162,9 @@ SEQUENCE_FIELDS = {            # suffix -> dtype; prefixed with "short_" / "long
     "cate_id": tf.int64,
     "engage": tf.float32,
     "gap_bucket": tf.int64,    # log2 bucket of (impression ts - behavior ts) in minutes
+    "ts": tf.int64,            # the behavior's own timestamp (0 on padding): a module whose
+                               # features depend on the request time (TWIN's gap bucket)
+                               # caches these and measures gaps at request time
     "domain": tf.int64,
     "cluster_size": tf.int64,  # behaviors behind the row (1 unless the history is clustered)
 }

@@ -162,18 +162,29 @@ def random_sequence(batch: int, length: int, dim: int, lengths=None, seed: int =
     mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.float32)
     emb = rng.normal(size=(batch, length, dim)).astype(np.float32) * mask[..., None]
     ints = lambda hi: (rng.integers(1, hi, size=(batch, length)) * mask).astype(np.int64)
-    return {"emb": tf.constant(emb), "mask": tf.constant(mask),
-            "item_id": tf.constant(ints(num_items)), "cate_id": tf.constant(ints(10)),
-            "engage": tf.constant(rng.random((batch, length)).astype(np.float32) * mask),
-            "gap_bucket": tf.constant(ints(S.NUM_GAP_BUCKETS)),
-            "domain": tf.constant((mask * S.DEFAULT_DOMAIN).astype(np.int64))}
+    out = {"emb": tf.constant(emb), "mask": tf.constant(mask),
+           "item_id": tf.constant(ints(num_items)), "cate_id": tf.constant(ints(10)),
+           "engage": tf.constant(rng.random((batch, length)).astype(np.float32) * mask),
+           "gap_bucket": tf.constant(ints(S.NUM_GAP_BUCKETS)),
+           "domain": tf.constant((mask * S.DEFAULT_DOMAIN).astype(np.int64))}
+    # each row's timestamp, most recent first, gaps from seconds to months (so the
+    # gap buckets to RANDOM_REQUEST_TS vary); 0 on padding
+    gaps = np.exp(rng.uniform(0.0, 16.0, size=(batch, length))).astype(np.int64)
+    ts = RANDOM_REQUEST_TS - np.cumsum(gaps, axis=1)
+    out["ts"] = tf.constant((ts * mask).astype(np.int64))
+    return out
+
+
+#: the request time of :func:`random_target` (after every row of :func:`random_sequence`)
+RANDOM_REQUEST_TS = 1_700_000_000
 
 
 def random_target(batch: int, dim: int, seed: int = 1, num_items: int = 50) -> Dict[str, tf.Tensor]:
     rng = np.random.default_rng(seed)
     return {"emb": tf.constant(rng.normal(size=(batch, dim)).astype(np.float32)),
             "item_id": tf.constant(rng.integers(2, num_items, size=batch).astype(np.int64)),
-            "cate_id": tf.constant(rng.integers(2, 10, size=batch).astype(np.int64))}
+            "cate_id": tf.constant(rng.integers(2, 10, size=batch).astype(np.int64)),
+            "ts": tf.constant(RANDOM_REQUEST_TS + rng.integers(0, 3600, size=batch))}
 
 
 def _pad_more(seq: Mapping[str, tf.Tensor], extra: int, garbage: bool, seed: int = 7):

@@ -28,10 +28,23 @@ Equations -> code (per head a = 1..H, H = 4, d_k = 16):
   K = [K_h, K_c]; softmax(alpha + ln n)_i = n_i exp(alpha_i) / sum_j n_j exp(alpha_j).
 * (T10, Eq. 11) v_long = Concat(head_1..head_H) W^o.
 
-Split (METHODS 1.5): ``user_cache`` holds everything candidate independent
-(K_h W^h, (K_c W^c) beta, K W^v, ln n, mask); ``score`` runs q W^q, alpha over
-the window, the GSU top-k and the ESU. A cache of batch 1 (one user) serves B
-candidates without being copied B times.
+Split (METHODS 1.5): ``user_cache`` holds everything that depends on the user
+only: K_h W^h, the request-independent part of (K_c W^c) beta and of K W^v
+(the ``engage`` and ``domain`` cross features), ln n, the mask and each row's
+timestamp (``row_ts``). ``score`` gets the request time (``target["ts"]``,
+the impression time in training, the request's ``imp_ts`` in serving), buckets
+the gap of every cached row to it, and adds the gap feature's terms of
+(K_c W^c) beta and of K W^v; then it runs q W^q, alpha over the window, the GSU
+top-k and the ESU. The gap term is per request (one user), not per candidate:
+O(L) per request. Measuring the gap to the request inside ``score`` is what
+makes the served CTR equal the training path on the same window (in training
+the gap is measured to the impression time); a cache that held the gap bucket
+would freeze the gaps at the time the cache was computed (train/serve skew). A
+cache of batch 1 (one user) serves B candidates without being copied B times.
+
+A caller that supplies precomputed ``gap_bucket`` rows and no ``ts`` (unit tests,
+hand-built windows) gets those buckets cached as they are (``gap_bucket``
+cache entry); the model always passes ``ts``.
 
 Conventions: padded rows are zeroed (embedding and cross features) and never
 selected while a valid row remains (their GSU key is -1e9 and valid keys are
@@ -48,11 +61,14 @@ from typing import Dict, Optional, Sequence
 import tfmodels  # noqa: F401
 import tensorflow as tf
 
+from tfmodels import data as D
 from tfmodels import schema as S
 from tfmodels.layers import NEG_INF, masked_softmax, serializable
 from tfmodels.methods.base import LongSequenceModule
 
 CROSS_FEATURES = ("gap_bucket", "engage", "domain")
+#: cross features that depend on the request time: computed in ``score``, never cached
+REQUEST_TIME_FEATURES = ("gap_bucket",)
 _VALID_FLOOR = -1e8      # GSU keys of valid rows are clipped here, padding sits at -1e9
 
 
@@ -75,7 +91,7 @@ class Twin(LongSequenceModule):
       target ``emb`` [B, d] -> [B, d].
     """
 
-    reads_fields = CROSS_FEATURES
+    reads_fields = ("ts", "engage", "domain")   # per instance: see _fields
 
     def __init__(self, emb_dim: int, top_k: int = 100, num_heads: int = 4, key_dim: int = 16,
                  value_dim: Optional[int] = None, cross_dim: int = 8,
@@ -93,9 +109,10 @@ class Twin(LongSequenceModule):
         self.cross_features = list(cross_features)
         self.gsu_log_n, self.esu_log_n = bool(gsu_log_n), bool(esu_log_n)
         self.uses_cluster_size = self.gsu_log_n or self.esu_log_n
-        # instance attribute: the serving signatures declare exactly what is read
-        self.reads_fields = tuple(self.cross_features) + (
-            ("cluster_size",) if self.uses_cluster_size else ())
+        # instance attributes: the serving signatures declare exactly what is read. The
+        # gap feature is measured to the request time from each row's timestamp.
+        self.reads_request_time = "gap_bucket" in self.cross_features
+        self.reads_fields = self._fields(self.cross_features, self.uses_cluster_size)
         c = self.cross_dim
         self.gap_table = (tf.keras.layers.Embedding(S.NUM_GAP_BUCKETS, c, name="gap_emb")
                           if "gap_bucket" in self.cross_features else None)
@@ -104,9 +121,20 @@ class Twin(LongSequenceModule):
         self.domain_table = (tf.keras.layers.Embedding(self.num_domains, c, name="domain_emb")
                              if "domain" in self.cross_features else None)
 
+    @staticmethod
+    def _fields(cross_features, cluster_size: bool):
+        """Raw long-window fields read: the gap feature reads each row's ``ts``."""
+        fields = [("ts" if f == "gap_bucket" else f) for f in cross_features]
+        return tuple(fields) + (("cluster_size",) if cluster_size else ())
+
     @property
     def num_cross(self) -> int:
         return len(self.cross_features)
+
+    @property
+    def _static_features(self):
+        """Cross features cached per user (everything but the request-time ones)."""
+        return [f for f in self.cross_features if f not in REQUEST_TIME_FEATURES]
 
     def build(self, input_shape=None):
         d, h, k, v, c, j = (self.emb_dim, self.num_heads, self.key_dim, self.value_dim,
@@ -129,11 +157,15 @@ class Twin(LongSequenceModule):
             self.build()
 
     # ---- features -----------------------------------------------------------------------
-    def cross_embeddings(self, seq: Dict[str, tf.Tensor]) -> tf.Tensor:
-        """K_c split per feature: [B, L, J, cross_dim], zero on padded rows."""
+    def cross_embeddings(self, seq: Dict[str, tf.Tensor],
+                         features: Optional[Sequence[str]] = None) -> tf.Tensor:
+        """K_c split per feature: [B, L, J, cross_dim], zero on padded rows.
+
+        ``features``: which cross features (default all, in ``cross_features`` order).
+        """
         mask = seq["mask"]
         parts = []
-        for f in self.cross_features:
+        for f in (self.cross_features if features is None else features):
             if f == "gap_bucket":
                 ids = tf.clip_by_value(tf.cast(seq["gap_bucket"], tf.int64), 0,
                                        S.NUM_GAP_BUCKETS - 1)
@@ -168,30 +200,74 @@ class Twin(LongSequenceModule):
 
     # ---- the split ------------------------------------------------------------------------
     def user_cache(self, seq, training=None):
-        """Candidate-independent tensors of one window.
+        """User-only tensors of one window.
 
-        Returns ``keys`` K_h W^h [B, L, H, d_k], ``cross`` (K_c W^c) beta [B, H, L],
-        ``values`` K W^v [B, L, H, d_v], ``log_n`` ln max(n, 1) [B, L] and ``mask`` [B, L].
+        Returns ``keys`` K_h W^h [B, L, H, d_k], ``cross`` the cached features' part of
+        (K_c W^c) beta [B, H, L], ``values`` the cached part of K W^v [B, L, H, d_v],
+        ``log_n`` ln max(n, 1) [B, L], ``mask`` [B, L] and, when the gap feature is
+        used, ``row_ts`` [B, L] int64 (each row's timestamp, 0 on padding; or
+        ``gap_bucket`` when the caller gave buckets and no ``ts``).
         """
         self._ensure_built()
         mask = tf.cast(seq["mask"], tf.float32)
         emb = seq["emb"] * mask[..., None]
-        k_c = self.cross_embeddings(dict(seq, mask=mask))                      # [B, L, J, c]
         keys = self.item_projection(emb)                                       # [B, L, H, dk]
-        if self.num_cross:
-            cross = tf.einsum("blhj,hj->bhl", self.cross_projection(k_c), self.beta)
-        else:
-            cross = tf.zeros_like(tf.transpose(keys[..., 0], [0, 2, 1]))
-        shape = tf.shape(k_c)
-        full = tf.concat([emb, tf.reshape(k_c, tf.stack(
-            [shape[0], shape[1], self.num_cross * self.cross_dim]))], -1)        # K = [K_h, K_c]
-        values = tf.einsum("blf,fhv->blhv", full, self.w_v)
+        d, c = self.emb_dim, self.cross_dim
+        values = tf.einsum("bld,dhv->blhv", emb, self.w_v[:d])                 # K_h part
+        cross = tf.zeros_like(tf.transpose(keys[..., 0], [0, 2, 1]))           # [B, H, L]
+        static = self._static_features
+        if static:
+            k_c = self.cross_embeddings(dict(seq, mask=mask), static)          # [B, L, Js, c]
+            idx = [self.cross_features.index(f) for f in static]
+            w_c = tf.gather(self.w_c, idx)                                     # [Js, c, H]
+            beta = tf.gather(self.beta, idx, axis=1)                           # [H, Js]
+            cross = tf.einsum("bljc,jch,hj->bhl", k_c, w_c, beta)
+            w_v = tf.concat([self.w_v[d + j * c:d + (j + 1) * c] for j in idx], 0)
+            shape = tf.shape(k_c)
+            flat = tf.reshape(k_c, tf.stack([shape[0], shape[1], len(idx) * c]))
+            values = values + tf.einsum("blf,fhv->blhv", flat, w_v)
         if self.uses_cluster_size and "cluster_size" in seq:
             n = tf.maximum(tf.cast(seq["cluster_size"], tf.float32), 1.0)      # never ln 0
             log_n = tf.math.log(n) * mask
         else:
             log_n = tf.zeros_like(mask)
-        return {"keys": keys, "cross": cross, "values": values, "log_n": log_n, "mask": mask}
+        cache = {"keys": keys, "cross": cross, "values": values, "log_n": log_n, "mask": mask}
+        if self.reads_request_time:
+            valid = mask > 0
+            if "ts" in seq:
+                ts = tf.cast(seq["ts"], tf.int64)
+                cache["row_ts"] = tf.where(valid, ts, tf.zeros_like(ts))
+            else:
+                gap = tf.cast(seq["gap_bucket"], tf.int64)
+                cache["gap_bucket"] = tf.where(valid, gap, tf.zeros_like(gap))
+        return cache
+
+    def request_terms(self, cache: Dict[str, tf.Tensor], target: Dict[str, tf.Tensor]):
+        """The gap feature's terms for the request: ``(cross [R, H, L], values [R, L, H, d_v])``
+        with R = 1 for one user's request, or ``None`` when no cross feature depends on
+        the request time. Gap buckets are measured from each cached row's timestamp to
+        ``target["ts"]`` (the impression / request time) with the same bucketing as the
+        input pipeline (:func:`tfmodels.data.gap_bucket`)."""
+        if not self.reads_request_time:
+            return None
+        mask = cache["mask"]
+        if "row_ts" in cache:
+            if "ts" not in target:
+                raise ValueError("TWIN with the gap_bucket cross feature needs the request "
+                                 "time: target['ts'] (the model passes imp_ts)")
+            req = tf.cast(tf.reshape(target["ts"], [-1, 1]), tf.int64)          # [R, 1]
+            buckets = D.gap_bucket(req - cache["row_ts"])                       # [R, L]
+        else:
+            buckets = cache["gap_bucket"]
+        valid = tf.broadcast_to(mask > 0, tf.shape(buckets))
+        buckets = tf.where(valid, tf.clip_by_value(buckets, 0, S.NUM_GAP_BUCKETS - 1),
+                           tf.zeros_like(buckets))
+        g = self.gap_table(buckets) * tf.cast(valid, tf.float32)[..., None]    # [R, L, c]
+        j = self.cross_features.index("gap_bucket")
+        d, c = self.emb_dim, self.cross_dim
+        cross = tf.einsum("blc,ch->bhl", g, self.w_c[j]) * self.beta[:, j][None, :, None]
+        values = tf.einsum("blc,chv->blhv", g, self.w_v[d + j * c:d + (j + 1) * c])
+        return cross, values
 
     def attend(self, cache: Dict[str, tf.Tensor], target: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
         """GSU + ESU for B candidates; returns every intermediate (for tests and reports).
@@ -204,10 +280,18 @@ class Twin(LongSequenceModule):
         batch = tf.shape(q)[0]
         q_proj = tf.einsum("bd,dhk->bhk", q, self.w_q) / math.sqrt(self.key_dim)
         one_user = cache["keys"].shape[0] == 1          # static: a serving cache of batch 1
+        cross, values = cache["cross"], cache["values"]
+        terms = self.request_terms(cache, target)
+        if terms is not None:                           # the request-time gap feature
+            cross, values = cross + terms[0], values + terms[1]
+        one_user = one_user and values.shape[0] == 1    # one request time for all candidates
         if one_user:
-            alpha = tf.einsum("lhk,bhk->bhl", cache["keys"][0], q_proj) + cache["cross"]
+            alpha = tf.einsum("lhk,bhk->bhl", cache["keys"][0], q_proj) + cross
         else:
-            alpha = tf.einsum("blhk,bhk->bhl", cache["keys"], q_proj) + cache["cross"]
+            keys = tf.broadcast_to(cache["keys"], tf.concat(
+                [tf.shape(values)[:1], tf.shape(cache["keys"])[1:]], 0)) \
+                if cache["keys"].shape[0] == 1 else cache["keys"]
+            alpha = tf.einsum("blhk,bhk->bhl", keys, q_proj) + cross
         length = tf.shape(alpha)[2]
         mask = tf.broadcast_to(cache["mask"], tf.stack([batch, length]))
         log_n = tf.broadcast_to(cache["log_n"], tf.stack([batch, length]))
@@ -224,9 +308,10 @@ class Twin(LongSequenceModule):
         sel_mask_h = tf.broadcast_to(sel_mask[:, None, :], tf.shape(sel_logits))
         weights = masked_softmax(sel_logits, sel_mask_h)                         # (T8, T9)
         if one_user:
-            values = tf.gather(cache["values"][0], index)                        # [B, k, H, dv]
+            values = tf.gather(values[0], index)                                 # [B, k, H, dv]
         else:
-            values = tf.gather(cache["values"], index, batch_dims=1)
+            values = tf.gather(tf.broadcast_to(values, tf.concat(
+                [[batch], tf.shape(values)[1:]], 0)), index, batch_dims=1)
         heads = tf.einsum("bhk,bkhv->bhv", weights, values)
         out = tf.matmul(tf.reshape(heads, tf.stack([batch, self.num_heads * self.value_dim])),
                         self.w_o)                                                # (T10)

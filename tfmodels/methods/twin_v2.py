@@ -31,18 +31,18 @@ from __future__ import annotations
 import tfmodels  # noqa: F401
 
 from tfmodels.layers import serializable
-from tfmodels.methods.twin import CROSS_FEATURES, Twin
+from tfmodels.methods.twin import Twin
 
 
 @serializable
 class TwinV2(Twin):
     """Cluster-aware TWIN: ln n added to the GSU keys and the ESU logits (both by default)."""
 
-    reads_fields = CROSS_FEATURES + ("cluster_size",)
+    reads_fields = ("ts", "engage", "domain", "cluster_size")
     needs_clustered_data = True
 
     def __init__(self, emb_dim: int, gsu_log_n: bool = True, esu_log_n: bool = True, **kwargs):
         super().__init__(emb_dim, gsu_log_n=gsu_log_n, esu_log_n=esu_log_n, **kwargs)
         # The ablation with both flags off still declares cluster_size so that every
         # TWIN V2 variant has the same serving inputs (it just does not use them).
-        self.reads_fields = tuple(self.cross_features) + ("cluster_size",)
+        self.reads_fields = self._fields(self.cross_features, True)
