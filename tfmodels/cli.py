@@ -53,12 +53,15 @@ def _add_train_flags(p: argparse.ArgumentParser, with_model: bool = True) -> Non
                    help="add a user-id embedding (profile) to the head")
     p.add_argument("--use_context", action="store_true", default=None,
                    help="add an hour-of-day context embedding to the head")
+    p.add_argument("--head_batchnorm", action="store_true", default=None,
+                   help="BatchNorm before each hidden activation of the head MLP (LREA paper)")
 
 
 def _train_config(args, **overrides):
     from tfmodels.train import TrainConfig, load_config_file
     d = load_config_file(args.config) if getattr(args, "config", None) else {}
-    for name in list(TRAIN_FLAGS) + ["use_user_embedding", "use_context", "data"]:
+    for name in list(TRAIN_FLAGS) + ["use_user_embedding", "use_context", "head_batchnorm",
+                                     "data"]:
         value = getattr(args, name, None)
         if value is None:
             continue

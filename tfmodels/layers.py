@@ -95,29 +95,48 @@ class ItemEmbedding(tf.keras.layers.Layer):
 
 @serializable
 class MLP(tf.keras.layers.Layer):
-    """Dense stack with PReLU (or a named activation); optional linear scalar output."""
+    """Dense stack with PReLU (or a named activation); optional linear scalar output.
+
+    ``batchnorm=True`` puts a ``tf.keras.layers.BatchNormalization`` (Keras defaults:
+    momentum 0.99, epsilon 1e-3 [interp]; the papers give none) between each hidden
+    Dense and its activation, as in the head of the LREA paper (METHODS 2.3 R4: its
+    BatchNorm absorbs the scale of un-normalised attention outputs). Those Dense
+    layers then have no bias (BN's beta replaces it). Batch statistics are used
+    when ``training`` is true, the moving averages otherwise, so at inference every
+    row is scored independently of the rest of its batch (the serving split relies
+    on this). The output layer has no BN.
+    """
 
     def __init__(self, hidden: Sequence[int] = (200, 80), activation: str = "prelu",
-                 output_units: Optional[int] = None, dropout: float = 0.0, **kwargs):
+                 output_units: Optional[int] = None, dropout: float = 0.0,
+                 batchnorm: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.hidden, self.activation = list(hidden), activation
         self.output_units, self.dropout = output_units, dropout
-        self.dense = [tf.keras.layers.Dense(h, name=f"dense_{i}") for i, h in enumerate(hidden)]
+        self.batchnorm = bool(batchnorm)
+        self.dense = [tf.keras.layers.Dense(h, use_bias=not self.batchnorm, name=f"dense_{i}")
+                      for i, h in enumerate(hidden)]
+        self.norms = ([tf.keras.layers.BatchNormalization(name=f"bn_{i}")
+                       for i in range(len(hidden))] if self.batchnorm else None)
         self.acts = [PReLU(name=f"prelu_{i}") if activation == "prelu"
                      else tf.keras.layers.Activation(activation) for i in range(len(hidden))]
         self.drop = tf.keras.layers.Dropout(dropout) if dropout else None
         self.out = tf.keras.layers.Dense(output_units, name="out") if output_units else None
 
     def call(self, x, training=None):
-        for dense, act in zip(self.dense, self.acts):
-            x = act(dense(x))
+        for i, (dense, act) in enumerate(zip(self.dense, self.acts)):
+            x = dense(x)
+            if self.norms is not None:
+                x = self.norms[i](x, training=training)
+            x = act(x)
             if self.drop is not None:
                 x = self.drop(x, training=training)
         return self.out(x) if self.out is not None else x
 
     def get_config(self):
         return {**super().get_config(), "hidden": self.hidden, "activation": self.activation,
-                "output_units": self.output_units, "dropout": self.dropout}
+                "output_units": self.output_units, "dropout": self.dropout,
+                "batchnorm": self.batchnorm}
 
 
 @serializable

@@ -39,13 +39,16 @@ class LifelongCTRModel(tfrs.models.Model):
       use_user_embedding: add a user-id embedding (profile e_u). Off by default:
         with user-split protocols test users are unseen, so it only adds noise.
       use_context: add an hour-of-day embedding of the impression (context e_c).
+      head_batchnorm: BatchNormalization before each hidden activation of the head
+        MLP, as in the LREA paper's head (METHODS 2.3 R4); off by default. Inference
+        (``training=False``: serving, ``rank``) uses the moving statistics.
     """
 
     def __init__(self, feature_schema: Mapping, model_name: str = "din",
                  long_module_config: Optional[Mapping] = None, emb_dim: int = 16,
                  mlp_hidden: Sequence[int] = (200, 80), din_hidden: Sequence[int] = (80, 40),
                  din_normalize: Optional[str] = None, use_user_embedding: bool = False,
-                 use_context: bool = False, **kwargs):
+                 use_context: bool = False, head_batchnorm: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.feature_schema = S.FeatureSchema.from_dict(feature_schema)
         self.model_name = model_name
@@ -53,6 +56,7 @@ class LifelongCTRModel(tfrs.models.Model):
         self.emb_dim, self.mlp_hidden, self.din_hidden = emb_dim, list(mlp_hidden), list(din_hidden)
         self.din_normalize = din_normalize
         self.use_user_embedding, self.use_context = use_user_embedding, use_context
+        self.head_batchnorm = bool(head_batchnorm)
         vocab = self.feature_schema.vocab
         self.item_embedding = ItemEmbedding(vocab.num_items, vocab.num_categories, emb_dim,
                                             name="item_embedding")
@@ -75,7 +79,8 @@ class LifelongCTRModel(tfrs.models.Model):
                     module_kwargs[key] = value
         self.long_module = (cls(emb_dim=d, name="long_module", **module_kwargs)
                             if cls is not None else None)
-        self.head = MLP(mlp_hidden, activation="prelu", output_units=1, name="head")
+        self.head = MLP(mlp_hidden, activation="prelu", output_units=1,
+                        batchnorm=self.head_batchnorm, name="head")
         self.task = tfrs.tasks.Ranking(
             loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
             metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")])
@@ -195,7 +200,8 @@ class LifelongCTRModel(tfrs.models.Model):
                 "long_module_config": self.long_module_config, "emb_dim": self.emb_dim,
                 "mlp_hidden": self.mlp_hidden, "din_hidden": self.din_hidden,
                 "din_normalize": self.din_normalize,
-                "use_user_embedding": self.use_user_embedding, "use_context": self.use_context}
+                "use_user_embedding": self.use_user_embedding, "use_context": self.use_context,
+                "head_batchnorm": self.head_batchnorm}
 
     @classmethod
     def from_config(cls, config):

@@ -16,6 +16,9 @@ Entry = Union[None, str, Tuple[str, Dict]]
 MODELS: Dict[str, Entry] = {
     "din": None,                                          # B2: short sequence only
     "din_l": "tfmodels.methods.din_long:DinLong",         # B3: DIN over the long sequence
+    # B3 with the un-normalised DIN unit (G2 as printed), whatever the backbone's
+    # din_normalize: LREA's like-for-like baseline (METHODS 2.3 R4)
+    "din_l_none": ("tfmodels.methods.din_long:DinLong", {"din_normalize": "none"}),
     "avg_pool": "tfmodels.methods.avg_pool:AvgPooling",   # B1: mean of the long sequence
     "twin": "tfmodels.methods.twin:Twin",                 # B9: TWIN (GSU top-100 + 4-head ESU)
     "twin_v2": "tfmodels.methods.twin_v2:TwinV2",         # 2.4: TWIN V2 (alpha + ln n)
@@ -23,6 +26,7 @@ MODELS: Dict[str, Entry] = {
     "twin_v2_no_ln_esu": ("tfmodels.methods.twin_v2:TwinV2", {"esu_log_n": False}),
     "lrea": "tfmodels.methods.lrea:LREA",                 # 2.3: low-rank efficient attention
     "lrea_linear": "tfmodels.methods.lrea:LREALinear",    # 2.3 with phi linear (exact absorption)
+    "lrea_count": ("tfmodels.methods.lrea:LREA", {"normalize": "count"}),   # 2.3 R4: v / n
     "encode": ("tfmodels.methods.encode:Encode", {}),     # 2.2 ENCODE
     "encode_no_loss": ("tfmodels.methods.encode:Encode", {"reduction_loss": False}),
     "encode_fixed_margin": ("tfmodels.methods.encode:Encode", {"margin": "fixed"}),

@@ -53,6 +53,9 @@ class TrainConfig:
     din_normalize: str = "softmax"
     use_user_embedding: bool = False
     use_context: bool = False
+    # BatchNorm before each hidden activation of the head MLP (the LREA paper's head,
+    # METHODS 2.3 R4); off by default (METHODS 1.3's head has none).
+    head_batchnorm: bool = False
     long_module_config: Dict = dataclasses.field(default_factory=dict)
     batch_size: int = 256
     epochs: int = 3
@@ -145,6 +148,7 @@ def model_from_config(cfg: TrainConfig, feature_schema: S.FeatureSchema) -> Life
                        mlp_hidden=cfg.mlp_hidden, din_hidden=cfg.din_hidden,
                        din_normalize=None if cfg.din_normalize == "none" else cfg.din_normalize,
                        use_user_embedding=cfg.use_user_embedding, use_context=cfg.use_context,
+                       head_batchnorm=cfg.head_batchnorm,
                        long_module_config=cfg.long_module_config)
 
 

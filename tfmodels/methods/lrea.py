@@ -22,6 +22,14 @@ Equation map (METHODS ids; paper equation in brackets):
 * (R8)-(R9) [Eqs. 10-11] :meth:`LREA.nonneg_loss`, added as lam * L_nonneg with
   ``add_loss`` when training.
 
+Normalisation (R4 [interp] flag): ``normalize="none"`` (default, as printed: v grows
+with the number of valid behaviors, like DIN's un-normalised G2) or ``"count"``:
+v / n with n = sum_l m_l the number of valid behaviors in the window (0 valid rows ->
+v = 0, no NaN). n does not depend on the candidate, so the absorbed path caches it as
+one more per-user scalar (``count`` [B, 1]) and divides v_inf by it: for linear phi
+the two paths stay exactly equal. "count" is the like-for-like partner of a
+mean-normalised DIN-L; "none" pairs with the un-normalised DIN-L (``din_l_none``).
+
 The two paths are equal exactly when phi is linear (R5); with LeakyReLU the absorbed
 path approximates the training path (R6), exactly so when W_decomp >= 0 and every
 column of B (= E_comp^T W_2, resp. (E_t * E_comp^T) W_3) has one sign. Hence
@@ -71,6 +79,7 @@ Tensors = Dict[str, tf.Tensor]
 
 PHIS = ("leaky_relu", "linear")
 INITS = ("block", "glorot")
+NORMALIZE = ("none", "count")
 
 
 def block_init(length: int, rank: int):
@@ -101,6 +110,8 @@ class LREA(LongSequenceModule):
       leaky_slope: LeakyReLU negative slope (not stated -> 0.01 [interp]).
       init: ``"block"`` or ``"glorot"`` initialisation of W_comp / W_decomp (see the
         module docstring).
+      normalize: ``"none"`` (default; R4 as printed, v = E_s^T s) or ``"count"``
+        (v / sum_l m_l; 0 when the user has no valid behavior) [interp, METHODS 2.3 R4].
 
     Inputs (base contract): ``seq["emb"]`` [B, L, d], ``seq["mask"]`` [B, L];
     ``target["emb"]`` [B, d]. Output [B, d].
@@ -122,10 +133,13 @@ class LREA(LongSequenceModule):
 
     def __init__(self, emb_dim: int, rank: int = 128, lam: float = 0.3,
                  hidden: Optional[int] = None, phi: str = "leaky_relu",
-                 leaky_slope: float = 0.01, init: str = "block", **kwargs):
+                 leaky_slope: float = 0.01, init: str = "block", normalize: str = "none",
+                 **kwargs):
         super().__init__(emb_dim, **kwargs)
         if phi not in PHIS:
             raise ValueError(f"phi must be one of {PHIS}, got {phi!r}")
+        if normalize not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
         if int(rank) < 1:
@@ -135,6 +149,7 @@ class LREA(LongSequenceModule):
         self.rank, self.lam = int(rank), float(lam)
         self.hidden = int(hidden) if hidden else 4 * self.emb_dim
         self.phi, self.leaky_slope, self.init = phi, float(leaky_slope), init
+        self.normalize = normalize
         self.seq_len: Optional[int] = None   # L, set in build()
 
     # ---- weights ---------------------------------------------------------------------
@@ -176,6 +191,16 @@ class LREA(LongSequenceModule):
     def _w(self):
         d = self.emb_dim
         return self.w_in[:d], self.w_in[d:2 * d], self.w_in[2 * d:]
+
+    def _normalized(self, v: tf.Tensor, count: tf.Tensor) -> tf.Tensor:
+        """v [B, d] divided by the valid-behavior count [B, 1] when ``normalize="count"``.
+
+        ``divide_no_nan`` gives 0 for a user without valid behaviors (v is 0 there
+        anyway, since every row of E_s is masked) instead of 0/0 = NaN.
+        """
+        if self.normalize == "count":
+            return tf.math.divide_no_nan(v, count)
+        return v
 
     def _phi(self, x: tf.Tensor) -> tf.Tensor:
         if self.phi == "linear":
@@ -239,7 +264,8 @@ class LREA(LongSequenceModule):
         s_target = tf.linalg.matvec(self._phi(tf.matmul(e_t, w1)), self.w_o)   # [B]
         s = tf.linalg.matvec(h_seq + h_cross, self.w_o) + s_target[:, None]    # [B, n]
         s = s * mask
-        return tf.einsum("bl,bld->bd", s, e_s)
+        v = tf.einsum("bl,bld->bd", s, e_s)
+        return self._normalized(v, tf.reduce_sum(mask, axis=1, keepdims=True))
 
     def call(self, seq: Tensors, target: Tensors, training=None) -> tf.Tensor:
         """Training path (R3-R4); adds lam * L_nonneg (R8-R9) when training.
@@ -255,14 +281,20 @@ class LREA(LongSequenceModule):
     # ---- (R7) absorbed path ----------------------------------------------------------
     def user_cache(self, seq: Tensors, training=None) -> Tensors:
         """Per-user cache: ``e_comp`` = E_s^T W_comp, ``e_aux`` = E_s^T W_decomp^T
-        (both [B, d, r]) and ``sigma`` = sum_l e_l [B, d]. Size independent of L."""
+        (both [B, d, r]) and ``sigma`` = sum_l e_l [B, d]; with ``normalize="count"``
+        also ``count`` = sum_l m_l [B, 1] (valid behaviors in the window). Size
+        independent of L."""
         parts = self.compress(seq)
         e_aux = tf.einsum("bld,rl->bdr", parts["e_s"], parts["w_decomp"])
-        return {"e_comp": parts["e_comp"], "e_aux": e_aux,
-                "sigma": tf.reduce_sum(parts["e_s"], axis=1)}
+        cache = {"e_comp": parts["e_comp"], "e_aux": e_aux,
+                 "sigma": tf.reduce_sum(parts["e_s"], axis=1)}
+        if self.normalize == "count":
+            cache["count"] = tf.reduce_sum(parts["mask"], axis=1, keepdims=True)
+        return cache
 
     def score(self, cache: Tensors, target: Tensors, training=None) -> tf.Tensor:
-        """v_inf = E_aux s_r + sigma_s (phi(E_t W_1) W_o) (R7), from the cache only.
+        """v_inf = E_aux s_r + sigma_s (phi(E_t W_1) W_o) (R7), from the cache only
+        (divided by the cached ``count`` when ``normalize="count"``).
 
         s_r = [phi(E_comp^T W_2) + phi((E_t * E_comp^T) W_3)] W_o [B, r]. The first
         term is candidate independent and computed on the cache's batch (1 for one
@@ -279,12 +311,15 @@ class LREA(LongSequenceModule):
         s_r = s_seq + tf.linalg.matvec(self._phi(cross), self.w_o)              # [B, r]
         s_target = tf.linalg.matvec(self._phi(tf.matmul(e_t, w1)), self.w_o)    # [B]
         v = tf.einsum("bdr,br->bd", broadcast_rows(cache["e_aux"], batch), s_r)
-        return v + broadcast_rows(cache["sigma"], batch) * s_target[:, None]
+        v = v + broadcast_rows(cache["sigma"], batch) * s_target[:, None]
+        if self.normalize == "count":
+            return self._normalized(v, broadcast_rows(cache["count"], batch))
+        return v
 
     def get_config(self):
         return {**super().get_config(), "rank": self.rank, "lam": self.lam,
                 "hidden": self.hidden, "phi": self.phi, "leaky_slope": self.leaky_slope,
-                "init": self.init}
+                "init": self.init, "normalize": self.normalize}
 
 
 @serializable
