@@ -15,6 +15,27 @@ to the metric/report key (``"wrong_column_count"``).
 Raw keys are normalised: numeric ids lose leading zeros and surrounding blanks
 (``" 007"`` -> ``"7"``) so the same id always maps to the same dense id.
 Pure Python (no Beam, no TensorFlow), so the parsers are cheap to unit test.
+
+Valid time windows
+------------------
+Every source declares the time range its rows can come from
+(:func:`default_time_window`); a parser given a :class:`TimeWindow` dead-letters a
+row whose timestamp lies outside it (``timestamp before valid window: ...`` /
+``timestamp after valid window: ...``). This catches rows that parse but cannot be
+right, e.g. the 2017-09-11 row and the line cut inside its timestamp (read as
+1970) at the head of the real Taobao ``UserBehavior.csv``, which would otherwise
+become a user's oldest behaviors. Defaults (inclusive bounds):
+
+* ``taobao``: the dataset's documented range 2017-11-25 00:00:00 to 2017-12-03
+  23:59:59 in UTC+8 (China Standard Time, the timezone of the Tianchi release),
+  i.e. unix ``[1511539200, 1512316799]``;
+* ``movielens``: 1995-01-01 00:00:00 UTC (MovieLens started rating in 1995) to
+  the time ``prepare`` runs + 1 day;
+* ``synthetic``: the generator's own range, from ``start_ts`` to the latest time
+  its config can produce (:func:`synthetic_time_window`).
+
+``prepare --valid_time_window START,END`` replaces the default (``none`` keeps
+only the sanity bounds ``[0, MAX_TIMESTAMP]``); see :func:`parse_time_window`.
 """
 from __future__ import annotations
 
@@ -22,7 +43,9 @@ import csv
 import io
 import math
 import re
-from typing import Dict, Iterable, Mapping, NamedTuple, Optional, Tuple, Union
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any, Dict, Iterable, Mapping, NamedTuple, Optional, Tuple, Union
 
 # 2100-01-01T00:00:00Z; later timestamps are treated as corrupt.
 MAX_TIMESTAMP = 4_102_444_800
@@ -76,6 +99,118 @@ def decode_line(raw: Union[bytes, str]) -> Tuple[Optional[str], str]:
             return None, raw.decode("utf-8", errors="replace").rstrip("\r\n")
     text = text.rstrip("\r\n")
     return text, text
+
+
+# ----------------------------------------------------------------------------- time windows
+
+UTC8 = timezone(timedelta(hours=8), "UTC+08:00")
+# Taobao UserBehavior (Tianchi 649): "2017-11-25 to 2017-12-03", in China Standard Time.
+TAOBAO_TIME_WINDOW_SPEC = "2017-11-25T00:00:00+08:00,2017-12-03T23:59:59+08:00"
+MOVIELENS_START = "1995-01-01T00:00:00+00:00"
+
+
+def iso_utc(ts: int) -> str:
+    """Unix seconds -> ``2017-11-24T16:00:00Z``."""
+    return datetime.fromtimestamp(int(ts), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class TimeWindow(NamedTuple):
+    """Valid row timestamps: unix seconds ``start <= ts <= end`` (both inclusive)."""
+    start: int
+    end: int
+
+    def check(self, ts: int) -> Optional[str]:
+        """None if ``ts`` is inside, else a dead-letter reason."""
+        if ts < self.start:
+            return (f"timestamp before valid window: {ts} ({iso_utc(ts)}) < "
+                    f"{self.start} ({iso_utc(self.start)})")
+        if ts > self.end:
+            return (f"timestamp after valid window: {ts} ({iso_utc(ts)}) > "
+                    f"{self.end} ({iso_utc(self.end)})")
+        return None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"start": self.start, "end": self.end, "start_utc": iso_utc(self.start),
+                "end_utc": iso_utc(self.end), "inclusive": True}
+
+
+NO_TIME_WINDOW = TimeWindow(0, MAX_TIMESTAMP)
+_NOW_RE = re.compile(r"^now(?:([+-])(\d+)d)?$")
+
+
+def _time_point(text: str, is_end: bool, now: float) -> int:
+    """One bound of ``--valid_time_window``: unix seconds, ``now``, ``now+Nd`` /
+    ``now-Nd``, or an ISO 8601 date / date-time (``2017-11-25``,
+    ``2017-11-25T00:00:00+08:00``; no offset = UTC). A date alone is the first second
+    of that day as START and its last second (23:59:59) as END."""
+    v = text.strip()
+    if _INT_RE.match(v):
+        return int(v)
+    m = _NOW_RE.match(v.lower())
+    if m:
+        days = int(m.group(2) or 0) * (1 if m.group(1) != "-" else -1)
+        return int(now) + days * 86400
+    try:
+        dt = datetime.fromisoformat(v.replace("Z", "+00:00") if v.endswith("Z") else v)
+    except ValueError:
+        raise ValueError(f"{text!r} is not unix seconds, now[+-Nd] or an ISO 8601 date or "
+                         f"date-time") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    date_only = re.fullmatch(r"\d{4}-\d{2}-\d{2}", v) is not None
+    if date_only and is_end:
+        dt = dt + timedelta(days=1) - timedelta(seconds=1)
+    return int(dt.timestamp())
+
+
+def parse_time_window(spec: str, now: Optional[float] = None) -> TimeWindow:
+    """``"START,END"`` -> :class:`TimeWindow` (bounds inclusive); ``"none"`` ->
+    :data:`NO_TIME_WINDOW`. Raises ValueError with a one-line reason."""
+    now = time.time() if now is None else now
+    if spec.strip().lower() == "none":
+        return NO_TIME_WINDOW
+    parts = spec.split(",")
+    if len(parts) != 2 or not all(p.strip() for p in parts):
+        raise ValueError(f"--valid_time_window {spec!r}: expected START,END (or none)")
+    try:
+        start, end = _time_point(parts[0], False, now), _time_point(parts[1], True, now)
+    except ValueError as e:
+        raise ValueError(f"--valid_time_window {spec!r}: {e}") from None
+    if start > end:
+        raise ValueError(f"--valid_time_window {spec!r}: START {iso_utc(start)} is after "
+                         f"END {iso_utc(end)}")
+    if start < 0 or end > MAX_TIMESTAMP:
+        raise ValueError(f"--valid_time_window {spec!r}: bounds must lie in [0, "
+                         f"{MAX_TIMESTAMP}] (1970 to 2100)")
+    return TimeWindow(start, end)
+
+
+def synthetic_time_window(config: Mapping[str, Any]) -> TimeWindow:
+    """The generator's own range (beam_jobs.synthetic, "Timestamps"): the first event is
+    at ``start_ts + [0, start_jitter_s)``; each of the at most ``max_history - 1`` later
+    gaps is at most ``break_max_s`` (a session break) or an in-session exponential gap,
+    bounded here by ``50 * session_gap_mean_s`` (P = e^-50); the impressions follow within
+    3600 + 120 * num_impressions s. [interp] of "synthetic: its own window"."""
+    gap = max(float(config["break_max_s"]), 50.0 * float(config["session_gap_mean_s"]))
+    end = (int(config["start_ts"]) + int(config["start_jitter_s"])
+           + int(config["max_history"]) * math.ceil(gap)
+           + 3600 + 120 * int(config["num_impressions"]))
+    return TimeWindow(int(config["start_ts"]), min(end, MAX_TIMESTAMP))
+
+
+def default_time_window(source: str, now: Optional[float] = None,
+                        synthetic_config: Optional[Mapping[str, Any]] = None) -> TimeWindow:
+    """The declared valid window of a source (module doc, "Valid time windows")."""
+    now = time.time() if now is None else now
+    if source == "taobao":
+        return parse_time_window(TAOBAO_TIME_WINDOW_SPEC, now)
+    if source == "movielens":
+        return parse_time_window(f"{MOVIELENS_START},now+1d", now)
+    if source == "synthetic":
+        if synthetic_config is None:
+            raise ValueError("the synthetic window needs the generator's config")
+        return synthetic_time_window(synthetic_config)
+    raise ValueError(f"no default time window for source {source!r}")
 
 
 # ----------------------------------------------------------------------------- fields
@@ -145,11 +280,13 @@ def parse_movies_csv(text: str) -> Tuple[Dict[str, str], int]:
     return genres, malformed
 
 
-def parse_movielens_rating(line: Union[bytes, str], genres: Mapping[str, str]) -> Parsed:
+def parse_movielens_rating(line: Union[bytes, str], genres: Mapping[str, str],
+                           window: Optional[TimeWindow] = None) -> Parsed:
     """One ``ratings.csv`` line (``userId,movieId,rating,timestamp``) -> behavior or dead letter.
 
     ``engage`` = the rating; the category = the movie's first genre from
     ``genres`` (:func:`parse_movies_csv`), ``"unknown"`` for a movie missing there.
+    A timestamp outside ``window`` (when given) is a dead letter.
     The header line must be skipped by the reader.
     """
     text, printable = decode_line(line)
@@ -172,6 +309,8 @@ def parse_movielens_rating(line: Union[bytes, str], genres: Mapping[str, str]) -
         return DeadLetter(f"bad rating: outside [{MIN_RATING}, {MAX_RATING}] {cols[2].strip()}",
                           printable)
     ts, err = parse_timestamp(cols[3])
+    if err is None and window is not None:
+        err = window.check(ts)
     if err:
         return DeadLetter(err, printable)
     cate = genres.get(movie, UNKNOWN_CATEGORY)
@@ -192,11 +331,14 @@ def parse_keep_behaviors(spec: str) -> frozenset:
 
 
 def parse_taobao_line(line: Union[bytes, str],
-                      keep: Iterable[str] = tuple(TAOBAO_BEHAVIORS)) -> Parsed:
+                      keep: Iterable[str] = tuple(TAOBAO_BEHAVIORS),
+                      window: Optional[TimeWindow] = None) -> Parsed:
     """One ``UserBehavior.csv`` line (``user_id,item_id,category_id,behavior_type,timestamp``).
 
     ``engage`` = behavior code pv=1, cart=2, fav=3, buy=4. An unknown behavior
-    type is a dead letter; a known type not in ``keep`` is :class:`Filtered`.
+    type is a dead letter; a known type not in ``keep`` is :class:`Filtered`. A
+    timestamp outside ``window`` (when given) is a dead letter (checked before
+    ``keep``: a bad row is reported as bad whatever its type).
     """
     text, printable = decode_line(line)
     if text is None:
@@ -217,6 +359,8 @@ def parse_taobao_line(line: Union[bytes, str],
     if btype not in TAOBAO_BEHAVIORS:
         return DeadLetter(f"unknown behavior type: {cols[3]!r}", printable)
     ts, err = parse_timestamp(cols[4])
+    if err is None and window is not None:
+        err = window.check(ts)
     if err:
         return DeadLetter(err, printable)
     if btype not in keep:
@@ -227,16 +371,18 @@ def parse_taobao_line(line: Union[bytes, str],
 # ----------------------------------------------------------------------------- synthetic
 
 
-def check_synthetic_event(user_key: str, event) -> Optional[str]:
+def check_synthetic_event(user_key: str, event, window: Optional[TimeWindow] = None
+                          ) -> Optional[str]:
     """None if a generator event ``(item_key, cate_key, ts, engage, domain)`` is usable, else a reason."""
     try:
         item, cate, ts, engage, domain = event
     except (TypeError, ValueError):
         return "wrong column count: event is not a 5-tuple"
-    return _check_generated(user_key, item, cate, ts, engage, domain)
+    return _check_generated(user_key, item, cate, ts, engage, domain, window)
 
 
-def check_synthetic_impression(user_key: str, imp) -> Optional[str]:
+def check_synthetic_impression(user_key: str, imp, window: Optional[TimeWindow] = None
+                               ) -> Optional[str]:
     """None if a generator impression ``(item_key, cate_key, ts, label)`` is usable, else a reason."""
     try:
         item, cate, ts, label = imp
@@ -244,10 +390,11 @@ def check_synthetic_impression(user_key: str, imp) -> Optional[str]:
         return "wrong column count: impression is not a 4-tuple"
     if not isinstance(label, (int, float)) or not math.isfinite(float(label)):
         return f"bad label: {label!r}"
-    return _check_generated(user_key, item, cate, ts, 0.0, DEFAULT_DOMAIN)
+    return _check_generated(user_key, item, cate, ts, 0.0, DEFAULT_DOMAIN, window)
 
 
-def _check_generated(user_key, item, cate, ts, engage, domain) -> Optional[str]:
+def _check_generated(user_key, item, cate, ts, engage, domain,
+                     window: Optional[TimeWindow] = None) -> Optional[str]:
     for what, key in (("user_key", user_key), ("item_key", item), ("cate_key", cate)):
         if not isinstance(key, str) or not key:
             return f"bad key: {what}={key!r}"
@@ -255,6 +402,10 @@ def _check_generated(user_key, item, cate, ts, engage, domain) -> Optional[str]:
         return f"bad timestamp: not an integer {ts!r}"
     if not 0 <= ts <= MAX_TIMESTAMP:
         return f"bad timestamp: outside [0, {MAX_TIMESTAMP}] {ts}"
+    if window is not None:
+        reason = window.check(ts)
+        if reason:
+            return reason
     if not isinstance(engage, (int, float)) or not math.isfinite(float(engage)):
         return f"bad engage: {engage!r}"
     if isinstance(domain, bool) or not isinstance(domain, int) or domain < 1:

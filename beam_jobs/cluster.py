@@ -136,6 +136,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from beam_jobs import cluster_numba
+from tfmodels.errors import LifelongError
 
 GAMMA = 20                    # maximum cluster size (exclusive): final sizes <= 19
 NUM_GROUPS = 5                # M, equal ranges of the engagement ratio
@@ -156,7 +157,7 @@ EMBEDDINGS_FILE = "embeddings.npz"
 MEMBERS_DIR = "members"
 
 
-class ClusterError(ValueError):
+class ClusterError(ValueError, LifelongError):
     """Bad arguments or unusable input; one line for the CLI."""
 
 

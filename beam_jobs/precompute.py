@@ -46,6 +46,7 @@ from typing import Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 
 import tfmodels  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from tfmodels.errors import LifelongError
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -56,7 +57,7 @@ SUFFIX = ".tfrecord.gz"
 SIGNATURE = "user_tower"
 
 
-class PrecomputeError(ValueError):
+class PrecomputeError(ValueError, LifelongError):
     """Bad arguments (one line for the CLI)."""
 
 

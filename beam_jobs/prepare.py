@@ -54,6 +54,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_jobs import adapters as A
 from tfmodels import schema as S
+from tfmodels.errors import LifelongError
 
 SOURCES = ("synthetic", "movielens", "taobao")
 PROTOCOLS = ("per_event_time_split", "last_item_per_user", "labeled_impressions")
@@ -67,7 +68,7 @@ TFRECORD_SUFFIX = ".tfrecord.gz"
 _COARSE_SECONDS = 3600           # first-pass bucket of ExactCuts (one hour)
 
 
-class PrepareError(ValueError):
+class PrepareError(ValueError, LifelongError):
     """Bad arguments or unusable input; the message is one line for the CLI."""
 
 
@@ -122,6 +123,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="validation share (of events by time, or of users) (default 0.1)")
 
     g = parser.add_argument_group("source options")
+    g.add_argument("--valid_time_window", default=None, metavar="START,END",
+                   help="rows with a timestamp outside [START, END] (inclusive) are "
+                        "dead-lettered. START/END: unix seconds, an ISO date or date-time "
+                        "(2017-11-25, 2017-11-25T00:00:00+08:00; no offset = UTC; a date "
+                        "alone as END means its last second), now, now+Nd; 'none' = only "
+                        "the sanity bounds 1970..2100. Default per source: taobao "
+                        "2017-11-25T00:00:00+08:00,2017-12-03T23:59:59+08:00 (the "
+                        "documented range); movielens 1995-01-01,now+1d; synthetic the "
+                        "generator's own range (docs/data.md)")
     g.add_argument("--taobao_keep_behaviors", default="pv,cart,fav,buy",
                    help="Taobao behavior types to keep, comma separated (others are counted "
                         "as filtered); default pv,cart,fav,buy")
@@ -183,8 +193,26 @@ def _validate_args(args: argparse.Namespace) -> Dict[str, Any]:
             keep = A.parse_keep_behaviors(getattr(args, "taobao_keep_behaviors", "pv,cart,fav,buy"))
         except ValueError as e:
             raise PrepareError(str(e)) from None
+    window = None  # None: the source's default, resolved by _resolve_time_window
+    spec = getattr(args, "valid_time_window", None)
+    if spec is not None and spec.strip().lower() != "default":
+        try:
+            window = A.parse_time_window(spec)
+        except ValueError as e:
+            raise PrepareError(str(e)) from None
     return {"source": source, "protocol": protocol, "num_shards": num_shards,
-            "fractions": fractions, "keep": keep}
+            "fractions": fractions, "keep": keep, "time_window": window,
+            "time_window_from": "--valid_time_window" if window is not None else
+            f"the {source} default"}
+
+
+def _resolve_time_window(settings: Dict[str, Any], synthetic_config=None) -> None:
+    """Fill ``settings["time_window"]`` with the source's default window when the flag
+    did not give one (the synthetic default needs the generator's config)."""
+    if settings.get("time_window") is None:
+        settings["time_window"] = A.default_time_window(
+            settings["source"], synthetic_config=(synthetic_config.to_dict()
+                                                  if synthetic_config is not None else None))
 
 
 def _synthetic_config(args: argparse.Namespace):
@@ -621,19 +649,21 @@ class ParseRows(_CountingDoFn):
     """Raw line -> ``(user_key, (item, cate, ts, engage, domain))``; tagged outputs
     ``dead`` (``"reason\\traw"`` lines) and ``counts``."""
 
-    def __init__(self, source: str, keep: Optional[Iterable[str]] = None):
+    def __init__(self, source: str, keep: Optional[Iterable[str]] = None,
+                 window: Optional[Sequence[int]] = None):
         super().__init__()
         self._source = source
         self._keep = frozenset(keep) if keep else frozenset(A.TAOBAO_BEHAVIORS)
+        self._window = A.TimeWindow(*window) if window is not None else None
 
     def process(self, line, genres=None):
         c = self._counters
         c.inc("rows_input")
         self._rows_input += 1
         if self._source == "movielens":
-            r = A.parse_movielens_rating(line, genres or {})
+            r = A.parse_movielens_rating(line, genres or {}, self._window)
         else:
-            r = A.parse_taobao_line(line, self._keep)
+            r = A.parse_taobao_line(line, self._keep, self._window)
         if isinstance(r, A.DeadLetter):
             kind = A.reason_kind(r.reason)
             c.inc("rows_dead_lettered")
@@ -652,9 +682,10 @@ class ParseRows(_CountingDoFn):
 class GenerateUsers(_CountingDoFn):
     """A range of synthetic user indices -> ``(user_key, events, impressions)``."""
 
-    def __init__(self, config: Mapping[str, Any]):
+    def __init__(self, config: Mapping[str, Any], window: Optional[Sequence[int]] = None):
         super().__init__()
         self._config_dict = dict(config)
+        self._window = A.TimeWindow(*window) if window is not None else None
 
     def setup(self):
         super().setup()
@@ -669,13 +700,13 @@ class GenerateUsers(_CountingDoFn):
             key = u["user_key"]
             events, imps = [], []
             for e in u["events"]:
-                reason = A.check_synthetic_event(key, e)
+                reason = A.check_synthetic_event(key, e, self._window)
                 if reason:
                     yield self._dead(reason, (key,) + tuple(e))
                 else:
                     events.append(tuple(e))
             for i in u["impressions"]:
-                reason = A.check_synthetic_impression(key, i)
+                reason = A.check_synthetic_impression(key, i, self._window)
                 if reason:
                     yield self._dead(reason, (key,) + tuple(i))
                 else:
@@ -811,7 +842,8 @@ def build_pipeline(p: beam.Pipeline, settings: Mapping[str, Any], args: argparse
         gen = (p
                | "UserRanges" >> beam.Create([(s, min(n, s + chunk)) for s in range(0, n, chunk)])
                | "SpreadUsers" >> beam.Reshuffle()
-               | "Generate" >> beam.ParDo(GenerateUsers(synthetic_config.to_dict()))
+               | "Generate" >> beam.ParDo(GenerateUsers(synthetic_config.to_dict(),
+                                                        settings.get("time_window")))
                .with_outputs("dead", "counts", main="users"))
         users, dead = gen.users, gen.dead
         counts_parts.append(gen.counts)
@@ -828,13 +860,15 @@ def build_pipeline(p: beam.Pipeline, settings: Mapping[str, Any], args: argparse
             genres = beam.pvalue.AsSingleton(movie_table | "Genres" >> beam.Map(lambda t: t[0]))
             counts_parts.append(movie_table | "MovieCounts" >> beam.Map(
                 lambda t: {"movies": {"rows": len(t[0]), "malformed": t[1]}}))
-            parsed = lines | "Parse" >> beam.ParDo(ParseRows(source), genres).with_outputs(
+            parsed = lines | "Parse" >> beam.ParDo(
+                ParseRows(source, window=settings.get("time_window")), genres).with_outputs(
                 "dead", "counts", main="behaviors")
         else:
             lines = p | "ReadBehaviors" >> beam.io.ReadFromText(
                 args.input, coder=beam.coders.BytesCoder())
             parsed = lines | "Parse" >> beam.ParDo(
-                ParseRows(source, settings["keep"])).with_outputs("dead", "counts", main="behaviors")
+                ParseRows(source, settings["keep"], settings.get("time_window"))).with_outputs(
+                "dead", "counts", main="behaviors")
         counts_parts.append(parsed.counts)
         dead = parsed.dead
         # GroupByKey spreads users over workers, so no extra Reshuffle is needed here.
@@ -1068,6 +1102,12 @@ def build_report(counts: Mapping[str, Any], settings: Mapping[str, Any],
         "max_history": int(args.max_history),
         "min_item_count": int(args.min_item_count),
     }
+    if settings.get("time_window") is not None:
+        report["valid_time_window"] = {
+            **A.TimeWindow(*settings["time_window"]).to_dict(),
+            "from": settings.get("time_window_from", "--valid_time_window"),
+            "outside": "dead-lettered (timestamp_before_valid_window / "
+                       "timestamp_after_valid_window)"}
     if "movies" in counts:
         report["rows"]["movies_csv"] = {k: int(v) for k, v in counts["movies"].items()}
     if synthetic_config is not None:
@@ -1102,6 +1142,10 @@ def run(args: argparse.Namespace, beam_args: List[str]) -> Dict[str, Any]:
     _log("checking inputs")
     _check_inputs(settings, args)
     synthetic_config = _synthetic_config(args) if settings["source"] == "synthetic" else None
+    _resolve_time_window(settings, synthetic_config)
+    w = settings["time_window"]
+    _log(f"valid time window ({settings['time_window_from']}): {A.iso_utc(w.start)} .. "
+         f"{A.iso_utc(w.end)} inclusive; rows outside it are dead-lettered")
     _prepare_output(args.output, bool(getattr(args, "overwrite", False)))
 
     options = PipelineOptions(list(beam_args))

@@ -53,6 +53,7 @@ import tensorflow as tf
 
 from tfmodels import data as D
 from tfmodels import schema as S
+from tfmodels.errors import LifelongError
 
 SIGNATURES = ("user_tower", "rank", "serving_default")
 RECORDS = "records"
@@ -65,7 +66,7 @@ TMP_PREFIX = ".tmp-export-"
 USER_SCALARS = ("user_id", "imp_ts")   # per-user [1] inputs of `rank` when the model reads them
 
 
-class ExportError(ValueError):
+class ExportError(ValueError, LifelongError):
     """Bad export arguments (name, version, path) or a model the contract cannot express."""
 
 

@@ -18,7 +18,11 @@ trained runs of a ``lifelong compare`` work folder (one seed per model),
    distinct candidate count) and the precompute throughput (which, for a few
    hundred users, is mostly Beam's start-up).
 
-Writes ``<out>/replay.{md,json}`` (``<out>`` = ``<work_dir>/serving`` by default).
+Writes ``<out>/replay.{md,json}`` (``<out>`` = ``<work_dir>/serving`` by default;
+strict JSON: an undefined metric is ``null`` with a ``"<metric>_undefined"`` reason)
+and ``<out>/predictions-<model>.npz`` (``user_id``, ``item_id``, ``label``, ``ctr``: the
+served CTR of every replayed impression, in request order), from which the reported
+AUC / GAUC / logloss can be recomputed.
 """
 from __future__ import annotations
 
@@ -36,9 +40,10 @@ import tfmodels  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 import tensorflow as tf
 
 from tfmodels import schema as S
+from tfmodels.errors import LifelongError
 
 
-class ReplayError(ValueError):
+class ReplayError(ValueError, LifelongError):
     """Bad arguments or inputs (the CLI prints one line and exits 2)."""
 
 
@@ -164,11 +169,17 @@ def rank_all(job: Dict, address: str, store, timeout_s: float) -> Dict:
     finally:
         client.close()
     y, s, g = np.concatenate(labels), np.concatenate(served), np.concatenate(groups)
+    items = np.concatenate([req["items"] for req in job["requests"]])
     ms = np.asarray(lat) * 1e3
     pre = job["precompute"]
+    m = M.all_metrics(y, s, g)   # strict JSON: an undefined metric is None + its reason
+    metrics = {k: m[k] for k in ("auc", "gauc", "logloss")}
+    metrics.update({k: v for k, v in m.items() if k.endswith("_undefined")})
     return {"model": job["model"], "version": job["version"], "users": len(job["requests"]),
-            "impressions": int(y.size), "auc": M.auc(y, s), "gauc": M.gauc(y, s, g)["gauc"],
-            "logloss": M.logloss(y, s), "max_abs_diff_vs_in_process": worst,
+            "impressions": int(y.size), "positives": m["positives"], **metrics,
+            "max_abs_diff_vs_in_process": worst,
+            "predictions": {"user_id": g.astype(np.int64), "item_id": items.astype(np.int64),
+                            "label": y.astype(np.float32), "ctr": s},
             "rank_p50_ms": float(np.percentile(ms, 50)), "rank_p99_ms": float(np.percentile(ms, 99)),
             "candidates_mean": float(y.size / max(len(job["requests"]), 1)),
             "precompute_users_per_s": pre["users_per_s"],
@@ -181,9 +192,12 @@ def format_table(rows: List[Dict], command: str) -> str:
              "max abs diff vs in-process | rank p50 ms | rank p99 ms | precompute users/s | "
              "cache record bytes/user |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    from tfmodels import metrics as M
     for r in rows:
+        auc, gauc, logloss = (M.format_metric(r[k], r.get(f"{k}_undefined"))
+                              for k in ("auc", "gauc", "logloss"))
         lines.append(f"| {r['model']} | {r['version']} | {r['users']} | {r['impressions']} | "
-                     f"{r['auc']:.4f} | {r['gauc']:.4f} | {r['logloss']:.4f} | "
+                     f"{auc} | {gauc} | {logloss} | "
                      f"{r['max_abs_diff_vs_in_process']:.2e} | {r['rank_p50_ms']:.2f} | "
                      f"{r['rank_p99_ms']:.2f} | {r['precompute_users_per_s']:.0f} | "
                      f"{(r['cache_bytes_per_user'] or 0):.0f} |")
@@ -237,11 +251,14 @@ def run(args, extra: Sequence[str] = ()) -> int:
             server.stop()
     finally:
         store.close()
+    from tfmodels import metrics as M
+    for r in rows:
+        np.savez(os.path.join(args.out, f"predictions-{r['model']}.npz"), **r.pop("predictions"))
     table = format_table(rows, command)
     print(table)
     with open(os.path.join(args.out, "replay.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(args.out, "replay.json"), "w") as f:
-        json.dump({"command": command, "rows": rows}, f, indent=2)
+        json.dump(M.json_safe({"command": command, "rows": rows}), f, indent=2, allow_nan=False)
     print(f"[replay] results in {args.out}/replay.{{md,json}}", file=sys.stderr)
     return 0

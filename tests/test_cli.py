@@ -69,7 +69,13 @@ def test_train_evaluate_resume(tiny_data, tmp_path):
         assert key in run
     assert run["versions"]["tensorflow"].startswith("2.21")
     metrics = json.load(open(os.path.join(out, "metrics-test.json")))
-    assert 0.0 <= metrics["auc"] <= 1.0 and metrics["samples"] > 0
+    # the CLI's printed and written metrics are those of evaluate() on the same run
+    from tfmodels import train as T
+    again = T.evaluate(out, "test")
+    assert metrics["samples"] == again["samples"] == 96     # 24 tiny users x 4 impressions
+    for k in ("auc", "gauc", "logloss"):
+        assert metrics[k] == pytest.approx(again[k], abs=1e-9), k
+        assert f"{k:>15}: {metrics[k]:.4f}" in r.stdout.splitlines()
     assert os.path.isdir(os.path.join(out, "tb"))
     # resume: continue the same run to epoch 2 from its checkpoint
     r = run_cli("train", "--data", tiny_data, "--model", "din_l", "--out_dir", out,
@@ -123,3 +129,121 @@ def test_compare_routes_twin_v2_to_the_clustered_dataset(tmp_path):
         compare.data_for_models(["din", "twin_v2"], str(raw), None)
     with pytest.raises(ValueError, match="not a `lifelong cluster` output"):
         compare.data_for_models(["twin_v2"], str(raw), str(raw))
+
+
+# ---- user errors (one line, exit 2) vs bugs (traceback) -------------------------------------
+@pytest.mark.parametrize("exc", [TypeError("boom"), KeyError("boom"), ValueError("boom"),
+                                 FileNotFoundError("boom")])
+def test_programming_errors_keep_their_traceback(exc, monkeypatch, capsys):
+    def broken(args, extra):
+        raise exc
+    monkeypatch.setattr(cli, "cmd_evaluate", broken)
+    with pytest.raises(type(exc)):
+        cli.main(["evaluate", "--run", "x"])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_programming_error_exits_1_with_a_traceback():
+    code = ("import sys\nfrom tfmodels import cli\n"
+            "def broken(args, extra):\n    return {}['no such key']\n"
+            "cli.cmd_evaluate = broken\nsys.exit(cli.main(['evaluate', '--run', 'x']))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "Traceback (most recent call last)" in r.stderr and "KeyError: 'no such key'" in r.stderr
+    assert "lifelong evaluate: error:" not in r.stderr
+
+
+def test_package_errors_give_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
+    from tfmodels.train import ConfigError
+
+    def bad(args, extra):
+        raise ConfigError("bad thing: fix it\nsecond line")
+    monkeypatch.setattr(cli, "cmd_evaluate", bad)
+    assert cli.main(["evaluate", "--run", "x"]) == 2
+    assert capsys.readouterr().err == "lifelong evaluate: error: bad thing: fix it\n"
+    for argv in (["--debug", "evaluate", "--run", "x"], ["evaluate", "--run", "x", "--debug"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("Traceback (most recent call last)")
+        assert "ConfigError: bad thing" in err
+        assert err.endswith("lifelong evaluate: error: bad thing: fix it\n")
+
+
+def test_error_classes_derive_from_lifelong_error_and_keep_their_builtin():
+    from beam_jobs.cluster import ClusterError
+    from beam_jobs.precompute import PrecomputeError
+    from beam_jobs.prepare import PrepareError
+    from serving.export import ExportError
+    from serving.replay import ReplayError
+    from tfmodels._env import KerasLineError
+    from tfmodels.errors import LifelongError, MissingInputError, UsageError
+    from tfmodels.registry import UnknownModelError
+    from tfmodels.train import ConfigError
+    for cls, builtin in ((cli.CliError, Exception), (ConfigError, ValueError),
+                         (UnknownModelError, KeyError), (PrepareError, ValueError),
+                         (ClusterError, ValueError), (PrecomputeError, ValueError),
+                         (ReplayError, ValueError), (ExportError, ValueError),
+                         (KerasLineError, RuntimeError), (UsageError, ValueError),
+                         (MissingInputError, FileNotFoundError)):
+        assert issubclass(cls, LifelongError) and issubclass(cls, builtin), cls
+    assert str(UnknownModelError("unknown model 'x'")) == "unknown model 'x'"
+
+
+def test_user_mistakes_in_compare_and_prepare_stay_one_line(tmp_path, capsys):
+    for argv, reason in (
+            (["compare", "--prepared", str(tmp_path / "nope"), "--models", "din"],
+             "is not a prepared dataset"),
+            (["compare", "--data", str(tmp_path / "nope.csv"), "--models", "din",
+              "--work_dir", str(tmp_path / "w")], "does not exist"),
+            (["compare", "--seeds", "a", "--models", "din"], "--seeds must be comma separated"),
+            (["prepare", "--output", str(tmp_path / "o"), "--valid_time_window", "5,2"],
+             "is after END")):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"lifelong {argv[0]}: error:") and reason in err[-1], err
+        assert not any(line.startswith("Traceback") for line in err)
+    assert not os.path.exists(tmp_path / "w")   # refused before creating the work folder
+
+
+# ---- metrics that are undefined or meaningless -------------------------------------------------
+def test_compare_single_label_users_and_tiny_split(tmp_path, capsys):
+    """One impression per user: no user holds both labels, so GAUC is undefined, and a
+    24-impression test split is too small: the table says n/a, a warning names the
+    counts, and metrics-test.json / results.json are strict JSON."""
+    from tfmodels import schema as S
+    from tfmodels.testing import write_tiny_dataset
+    data = write_tiny_dataset(str(tmp_path / "data"), impressions_per_user=1, seed=4)
+    labels = []
+    import tensorflow as tf
+    for f in sorted(tf.io.gfile.glob(S.split_pattern(data, "test"))):
+        for raw in tf.data.TFRecordDataset(f, compression_type="GZIP"):
+            ex = tf.train.Example.FromString(raw.numpy())
+            labels += list(ex.features.feature["imp_label"].float_list.value)
+    n, pos = len(labels), int(sum(labels))
+    assert n == 24
+    work = str(tmp_path / "cmp")
+    assert cli.main(["compare", "--prepared", data, "--models", "avg_pool", "--seeds", "0",
+                     "--work_dir", work, "--epochs", "1", "--steps_per_epoch", "1", *TINY]) == 0
+    cap = capsys.readouterr()
+    assert "n/a (no group has both labels)" in cap.out and "nan" not in cap.out.lower()
+    warning = (f"warning: the test split holds only {n} impressions ({pos} positive, "
+               f"{n - pos} negative)")
+    assert warning in cap.err and warning in cap.out
+
+    def strict(path):
+        def reject(name):
+            raise AssertionError(f"{path}: non-strict JSON constant {name}")
+        with open(path) as f:
+            return json.load(f, parse_constant=reject)
+    res = strict(os.path.join(work, "results.json"))
+    row = res["rows"][0]
+    assert row["gauc"] is None and row["gauc_undefined"] == "no group has both labels"
+    assert res["summary"]["avg_pool"]["gauc"] == {"mean": None, "std": None,
+                                                  "undefined": "no group has both labels"}
+    assert res["warnings"] and res["warnings"][0].startswith(warning)
+    metrics = strict(os.path.join(work, "runs", "avg_pool-s0", "metrics-test.json"))
+    assert metrics["gauc"] is None and (metrics["samples"], metrics["positives"]) == (n, pos)
+    assert cli.main(["evaluate", "--run", os.path.join(work, "runs", "avg_pool-s0")]) == 0
+    cap = capsys.readouterr()
+    assert "           gauc: n/a (no group has both labels)" in cap.out.splitlines()
+    assert warning in cap.err

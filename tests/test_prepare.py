@@ -8,6 +8,7 @@ import glob
 import json
 import os
 import random
+import time
 
 import pytest
 
@@ -97,6 +98,9 @@ BAD = {  # raw line -> reason kind
 }
 GENRE = {1: "Adventure", 2: "Comedy", 3: "Action", 4: "Action", 5: "(no genres listed)",
          99: "unknown"}
+# The toy ratings above are dated 1970 (ts ~ 1000), before MovieLens's default valid window
+# (1995-01-01 on): the runs on them declare a window that holds them.
+ML_TOY_WINDOW = ["--valid_time_window", "0,5000"]
 
 
 def write_movielens(folder):
@@ -119,7 +123,7 @@ def ml_input(tmp_path_factory):
 def ml_run(ml_input, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ml_out"))
     report = run_prepare(["--source", "movielens", "--input", ml_input, "--output", out,
-                          "--num_shards", "2"])
+                          "--num_shards", "2", *ML_TOY_WINDOW])
     return out, report
 
 
@@ -251,7 +255,7 @@ def test_movielens_multiprocessing_same_outputs(ml_run, ml_input, tmp_path_facto
     out_mp = str(tmp_path_factory.mktemp("ml_out_mp"))
     report_mp = run_prepare(["--source", "movielens", "--input", ml_input, "--output", out_mp,
                              "--num_shards", "2", "--direct_running_mode=multi_processing",
-                             "--direct_num_workers=2"])
+                             "--direct_num_workers=2", *ML_TOY_WINDOW])
     for split in S.SPLITS:
         assert sorted(read_records(out, split)) == sorted(read_records(out_mp, split))
     for name in ("items", "categories", "users"):
@@ -361,6 +365,7 @@ def test_exact_cuts_and_vocab_helpers():
 
 TB_USERS = 200
 TB_TYPES = ["pv", "pv", "pv", "cart", "fav", "buy"]
+TB_START, TB_END = 1511539200, 1512316799  # 2017-11-25 00:00:00 .. 2017-12-03 23:59:59 UTC+8
 
 
 def taobao_lines():
@@ -370,7 +375,7 @@ def taobao_lines():
         for k in range(rng.randrange(3, 8)):
             item = rng.randrange(60)
             lines.append(f"{100 + u},{item},{item % 7},{rng.choice(TB_TYPES)},"
-                         f"{1511500000 + rng.randrange(800000)}")
+                         f"{TB_START + rng.randrange(TB_END + 1 - TB_START)}")
     lines.append("999,5,5,pv,1511600000")   # a user with 2 behaviors: filtered
     lines.append("999,6,6,pv,1511600100")
     lines.append("998,5,5,clk,1511600000")  # unknown behavior type: dead letter
@@ -503,6 +508,151 @@ def test_synthetic_records_parse(syn_run):
     rows = report["rows"]
     assert rows["input"] == rows["used"] + rows["filtered"] + rows["dead_lettered"]
     assert report["stats"]["impressions"]["train"] == 32 * cfg["num_impressions"]
+
+
+# --------------------------------------------------------------------------------------
+# valid time windows: rows dated outside the source's range are dead-lettered and counted
+# --------------------------------------------------------------------------------------
+
+# Inside the Taobao window, with both inclusive bounds used (users 1..3, >= 3 rows each).
+TW_GOOD = ["1,10,5,pv,1511539200", "1,11,5,pv,1511600000", "1,12,5,buy,1511700000",
+           "2,10,5,pv,1511800000", "2,13,6,fav,1511900000", "2,14,6,pv,1512316799",
+           "3,11,5,pv,1512000000", "3,12,5,pv,1512100000", "3,15,6,pv,1512200000"]
+TW_OUT = {  # raw line -> reason kind
+    "1,50,5,pv,1505088000": "timestamp_before_valid_window",    # 2017-09-11, as in the real head
+    "2,51,5,pv,15115": "timestamp_before_valid_window",         # a line cut inside its timestamp
+    "3,52,5,buy,1512316800": "timestamp_after_valid_window",    # 2017-12-04 00:00:00 UTC+8
+    "3,53,5,cart,1505088000": "timestamp_before_valid_window",  # bad before "not kept"
+}
+
+
+@pytest.fixture(scope="module")
+def tw_input(tmp_path_factory):
+    path = os.path.join(str(tmp_path_factory.mktemp("tw_in")), "UserBehavior.csv")
+    lines = TW_GOOD + list(TW_OUT)
+    random.Random(7).shuffle(lines)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def _dead_letters(out):
+    got = {}
+    for path in sorted(glob.glob(os.path.join(out, "dead_letter", "rows-*.tsv"))):
+        with open(path) as f:
+            for line in f:
+                reason, raw = line.rstrip("\n").split("\t", 1)
+                got[raw] = reason
+    return got
+
+
+def test_taobao_rows_outside_the_valid_window_are_dead_lettered(tw_input, tmp_path):
+    out = str(tmp_path / "o")
+    report = run_prepare(["--source", "taobao", "--input", tw_input, "--output", out,
+                          "--taobao_keep_behaviors", "pv,fav,buy"])
+    rows = report["rows"]
+    assert rows["dead_letter_reasons"] == {"timestamp_before_valid_window": 3,
+                                           "timestamp_after_valid_window": 1}
+    assert rows["input"] == len(TW_GOOD) + len(TW_OUT) == 13
+    assert rows["used"] == len(TW_GOOD) and rows["filtered"] == 0
+    assert rows["dead_lettered"] == len(TW_OUT)
+    assert rows["input"] == rows["used"] + rows["filtered"] + rows["dead_lettered"]
+    assert report["beam_counters"]["dead_letter_timestamp_before_valid_window"] == 3
+    dead = _dead_letters(out)
+    assert {raw: A.reason_kind(r) for raw, r in dead.items()} == TW_OUT
+    assert dead["2,51,5,pv,15115"] == ("timestamp before valid window: 15115 "
+                                       "(1970-01-01T04:11:55Z) < 1511539200 (2017-11-24T16:00:00Z)")
+    with open(os.path.join(out, S.META_FILE)) as f:
+        meta = json.load(f)
+    w = meta["valid_time_window"]
+    assert (w["start"], w["end"]) == (TB_START, TB_END)
+    assert (w["start_utc"], w["end_utc"]) == ("2017-11-24T16:00:00Z", "2017-12-03T15:59:59Z")
+    assert w["from"] == "the taobao default" and meta["rows"] == rows
+    # no out-of-window behavior became anyone's history or target; both bounds are inside
+    recs = [r for split in S.SPLITS for r in all_records(out)[split]]
+    times = sorted(t for r in recs for t in r["hist_ts"] + r["imp_ts"])
+    assert times == sorted(int(line.rsplit(",", 1)[1]) for line in TW_GOOD)
+    assert times[0] == TB_START and times[-1] == TB_END
+
+
+def test_valid_time_window_flag_none_keeps_every_parsable_row(tw_input, tmp_path):
+    report = run_prepare(["--source", "taobao", "--input", tw_input, "--output",
+                          str(tmp_path / "o"), "--taobao_keep_behaviors", "pv,fav,buy",
+                          "--valid_time_window", "none"])
+    rows = report["rows"]
+    assert rows["dead_lettered"] == 0
+    assert rows["filtered_reasons"] == {"behavior_type_not_kept": 1}   # the cart row
+    assert rows["used"] == len(TW_GOOD) + len(TW_OUT) - 1
+    assert rows["input"] == rows["used"] + rows["filtered"] + rows["dead_lettered"]
+    assert report["valid_time_window"]["from"] == "--valid_time_window"
+    assert (report["valid_time_window"]["start"], report["valid_time_window"]["end"]) == \
+        (0, A.MAX_TIMESTAMP)
+
+
+def test_movielens_default_window_dead_letters_1970_and_future_rows(tmp_path):
+    now = int(time.time())
+    good = [(1, 1, 4.0, 946684800), (1, 2, 3.0, 946684900), (1, 3, 5.0, 946685000),
+            (2, 1, 2.0, 946685100), (2, 4, 4.5, 946685200)]        # 2000-01-01
+    out_of_window = {f"1,4,4.0,{1000}": "timestamp_before_valid_window",       # 1970
+                     f"2,2,4.0,{788918399}": "timestamp_before_valid_window",  # 1994-12-31
+                     f"2,3,4.0,{now + 10 * 86400}": "timestamp_after_valid_window"}
+    folder = tmp_path / "ml"
+    folder.mkdir()
+    (folder / "movies.csv").write_text(MOVIES)
+    (folder / "ratings.csv").write_text(
+        "userId,movieId,rating,timestamp\n" + "\n".join(
+            [f"{u},{m},{r},{t}" for u, m, r, t in good] + list(out_of_window)) + "\n")
+    out = str(tmp_path / "o")
+    report = run_prepare(["--source", "movielens", "--input", str(folder), "--output", out])
+    rows = report["rows"]
+    assert rows["dead_letter_reasons"] == {"timestamp_before_valid_window": 2,
+                                           "timestamp_after_valid_window": 1}
+    assert (rows["input"], rows["used"], rows["filtered"], rows["dead_lettered"]) == (8, 5, 0, 3)
+    assert {raw: A.reason_kind(r) for raw, r in _dead_letters(out).items()} == out_of_window
+    w = report["valid_time_window"]
+    assert w["start"] == 788918400 and w["start_utc"] == "1995-01-01T00:00:00Z"
+    assert now + 86400 - 5 <= w["end"] <= int(time.time()) + 86400
+
+
+def test_synthetic_window_is_the_generators_own(syn_run):
+    _, report = syn_run
+    cfg = report["synthetic_config"]
+    w = report["valid_time_window"]
+    assert (w["start"], w["end"]) == tuple(A.synthetic_time_window(cfg))
+    assert w["start"] == cfg["start_ts"] and w["from"] == "the synthetic default"
+    assert report["rows"]["dead_lettered"] == 0
+    window = A.TimeWindow(w["start"], w["end"])
+    event = ("i1", "c1", cfg["start_ts"] - 1, 0.5, 1)
+    assert A.reason_kind(A.check_synthetic_event("u1", event, window)) == \
+        "timestamp_before_valid_window"
+    assert A.check_synthetic_event("u1", event) is None            # no window: only 1970..2100
+    imp = ("i1", "c1", w["end"] + 1, 1.0)
+    assert A.reason_kind(A.check_synthetic_impression("u1", imp, window)) == \
+        "timestamp_after_valid_window"
+
+
+def test_parse_time_window():
+    # a date alone is its first second as START and its last second as END (UTC)
+    assert A.parse_time_window("2017-11-25,2017-12-03") == (1511568000, 1512345599)
+    assert A.parse_time_window("2017-11-25T00:00:00+08:00,2017-12-03T23:59:59+08:00") == \
+        (TB_START, TB_END) == A.default_time_window("taobao")
+    assert A.parse_time_window("100,2000-01-01T00:00:00Z") == (100, 946684800)
+    assert A.parse_time_window("now-2d,now+1d", now=1_000_000) == (1_000_000 - 2 * 86400,
+                                                                   1_000_000 + 86400)
+    assert A.parse_time_window("none") == (0, A.MAX_TIMESTAMP)
+    assert A.default_time_window("movielens", now=1_600_000_000) == (788918400,
+                                                                     1_600_000_000 + 86400)
+    for bad, match in (("2017-12-03,2017-11-25", "is after"), ("2017-11-25", "START,END"),
+                       ("yesterday,now", "not unix seconds"), ("0,2200-01-01", "1970 to 2100")):
+        with pytest.raises(ValueError, match=match):
+            A.parse_time_window(bad)
+
+
+def test_bad_time_window_flag(tmp_path, ml_input):
+    with pytest.raises(P.PrepareError, match="--valid_time_window '2017-12-03,2017-11-25': "
+                                             "START 2017-12-03T00:00:00Z is after END"):
+        run_prepare(["--source", "movielens", "--input", ml_input, "--output",
+                     str(tmp_path / "o"), "--valid_time_window", "2017-12-03,2017-11-25"])
 
 
 # --------------------------------------------------------------------------------------

@@ -11,7 +11,10 @@ import tensorflow as tf
 
 from serving import replay as R
 from tfmodels import cli
+from tfmodels import data as D
+from tfmodels import metrics as M
 from tfmodels import schema as S
+from tfmodels.train import load_run
 from tfmodels.testing import write_tiny_dataset
 
 TINY = ["--short_len", "5", "--long_len", "24", "--emb_dim", "4", "--mlp_hidden", "8",
@@ -63,11 +66,40 @@ def test_replay_ranks_through_grpc_like_the_model_in_process(work, tmp_path, cap
     assert "| din_l | 1 | 6 |" in out and "| avg_pool | 1 | 6 |" in out
     res = json.load(open(os.path.join(work, "serving", "replay.json")))
     assert [r["model"] for r in res["rows"]] == ["din_l", "avg_pool"]
+    data = json.load(open(os.path.join(work, "results.json")))["data"]
+    _, want = R.last_requests(R._read_records(S.split_pattern(data, "test")), 6)
     for r in res["rows"]:
         assert r["users"] == 6 and r["impressions"] >= 6
         assert r["max_abs_diff_vs_in_process"] <= 1e-5
-        assert 0.0 <= r["auc"] <= 1.0 or np.isnan(r["auc"])
         assert r["rank_p50_ms"] > 0 and r["cache_bytes_per_user"] > 0
+        p = np.load(os.path.join(work, "serving", f"predictions-{r['model']}.npz"))
+        # the replayed impressions are the test users' last requests, labels included
+        np.testing.assert_array_equal(p["user_id"], np.concatenate(
+            [np.full(q["items"].size, q["user_id"]) for q in want]))
+        np.testing.assert_array_equal(p["item_id"], np.concatenate([q["items"] for q in want]))
+        np.testing.assert_array_equal(p["label"], np.concatenate([q["labels"] for q in want]))
+        assert r["impressions"] == p["label"].size
+        # the reported metrics are those of the served CTRs
+        assert r["auc"] == M.auc(p["label"], p["ctr"])
+        assert r["logloss"] == M.logloss(p["label"], p["ctr"])
+        ref = M.all_metrics(p["label"], p["ctr"], p["user_id"])   # GAUC: None + reason if
+        assert (r["gauc"], r.get("gauc_undefined")) == (ref["gauc"], ref.get("gauc_undefined"))
+        # the served CTRs equal the trained model's on the same records through the
+        # evaluation input pipeline (impression windows), matched per (user, item, label)
+        cfg, model = load_run(r["run_dir"])
+        ds = D.make_dataset(os.path.join(work, "serving", f"records-{r['model']}", "*.gz"),
+                            cfg.short_len, cfg.long_len, 64, shuffle=False)
+        got = {}
+        for batch in ds:
+            ctr = model.predict_ctr(batch, training=False).numpy().ravel()
+            for u, it, y, c in zip(batch["user_id"].numpy().ravel(),
+                                   batch["target_item_id"].numpy().ravel(),
+                                   batch[S.LABEL].numpy().ravel(), ctr):
+                got[(int(u), int(it), float(y))] = float(c)
+        served = {(int(u), int(it), float(y)): float(c) for u, it, y, c in
+                  zip(p["user_id"], p["item_id"], p["label"], p["ctr"])}
+        assert set(got) == set(served)
+        assert max(abs(got[k] - served[k]) for k in got) <= 1e-5
     assert os.path.exists(os.path.join(base, "din_l", "1", "saved_model.pb"))
     # a rerun exports a new version and replays against it
     assert cli.main(["replay", "--work_dir", work, "--base", base, "--users", "3",

@@ -8,10 +8,12 @@ instead of a confusing Keras 2/3 mix-up later (DeepCTR #453, TFRS #712).
 import os
 import sys
 
+from tfmodels.errors import LifelongError
+
 _VAR = "TF_USE_LEGACY_KERAS"
 
 
-class KerasLineError(RuntimeError):
+class KerasLineError(RuntimeError, LifelongError):
     """Raised when the process is configured for Keras 3."""
 
 

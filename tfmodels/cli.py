@@ -4,8 +4,11 @@ Kept to argument parsing and calls; each subcommand's module is imported only
 when that subcommand runs (``lifelong --help`` does not load TensorFlow).
 
 Subcommands: prepare, train, evaluate, compare, bench, export, precompute,
-serve. Errors in arguments or data end
-with exit code 2 and one line ``lifelong <cmd>: error: <reason>`` on stderr.
+serve, ... A user-facing error (:class:`tfmodels.errors.LifelongError`: a bad flag,
+a missing or unusable input) ends with exit code 2 and one line
+``lifelong <cmd>: error: <reason>`` on stderr; any other exception is a bug and
+keeps its traceback (exit 1). The global flag ``--debug`` (anywhere on the command
+line) shows the traceback of a ``LifelongError`` too.
 """
 from __future__ import annotations
 
@@ -13,7 +16,10 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from typing import List, Optional
+
+from tfmodels.errors import LifelongError
 
 TRAIN_FLAGS = {  # flag -> (type, help); defaults come from TrainConfig
     "model": (str, "registered model name (din, din_l, avg_pool, ...)"),
@@ -39,8 +45,21 @@ TRAIN_FLAGS = {  # flag -> (type, help); defaults come from TrainConfig
 LIST_FLAGS = ("mlp_hidden", "din_hidden")
 
 
-class CliError(Exception):
-    pass
+class CliError(LifelongError):
+    """A bad command line (one line, exit 2)."""
+
+
+def _require_dataset(path: Optional[str], flag: str) -> None:
+    """A user-given prepared-dataset path that has no meta.json is a user error: turn
+    :func:`tfmodels.schema.read_meta`'s FileNotFoundError into one line here, at the
+    one call whose FileNotFoundError means exactly that."""
+    if not path:
+        return
+    from tfmodels import schema as S
+    try:
+        S.read_meta(path)
+    except FileNotFoundError as e:
+        raise CliError(f"{flag}: {e}") from e
 
 
 def _add_train_flags(p: argparse.ArgumentParser, with_model: bool = True) -> None:
@@ -81,12 +100,24 @@ def _train_config(args, **overrides):
 
 
 def _print_metrics(result: dict) -> None:
+    """The metrics of one evaluation, one per line; an undefined metric prints as
+    ``n/a (<reason>)`` (e.g. GAUC when no group has both labels), never ``nan``; a
+    split too small for its AUC to mean anything adds a warning line on stderr."""
+    from tfmodels import metrics as M
     keys = ("model", "split", "samples", "auc", "gauc", "logloss", "groups_used",
             "groups_skipped")
     for k in keys:
         if k in result:
             v = result[k]
-            print(f"{k:>15}: {v:.4f}" if isinstance(v, float) else f"{k:>15}: {v}")
+            if k in ("auc", "gauc", "logloss"):
+                print(f"{k:>15}: {M.format_metric(v, result.get(f'{k}_undefined'))}")
+            else:
+                print(f"{k:>15}: {v:.4f}" if isinstance(v, float) else f"{k:>15}: {v}")
+    if "samples" in result and "positives" in result:
+        warning = M.small_sample_warning(result["samples"], result["positives"],
+                                         f"the {result.get('split', 'evaluated')} split")
+        if warning:
+            print(f"[evaluate] {warning}", file=sys.stderr)
 
 
 # ---- subcommands -------------------------------------------------------------------------
@@ -102,6 +133,7 @@ def cmd_prepare(args, extra: List[str]) -> int:
 def cmd_train(args, extra: List[str]) -> int:
     from tfmodels import train as T
     cfg = _train_config(args)
+    _require_dataset(cfg.data, "--data")
     summary = T.train(cfg, resume=args.resume)
     print(f"[train] done in {summary['train_wall_s']:.1f}s; run dir {cfg.out_dir}",
           file=sys.stderr)
@@ -113,6 +145,7 @@ def cmd_train(args, extra: List[str]) -> int:
 
 def cmd_evaluate(args, extra: List[str]) -> int:
     from tfmodels import train as T
+    _require_dataset(args.data, "--data")
     result = T.evaluate(args.run, args.split, data=args.data, group_key=args.group_key,
                         batch_size=args.batch_size)
     _print_metrics(result)
@@ -156,6 +189,9 @@ def cmd_bench(args, extra: List[str]) -> int:
     if args.what in SERVING_BENCHES:
         from serving import bench as serving_bench
         return serving_bench.run(args)
+    if not args.data:
+        raise CliError("--data is required (a prepared dataset directory)")
+    _require_dataset(args.data, "--data")
     from tfmodels import bench
     return bench.run(args)
 
@@ -196,6 +232,9 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
     parser = argparse.ArgumentParser(
         prog="lifelong", description="Lifelong user-behavior CTR: prepare data with Beam, "
         "train and evaluate Keras models.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of user-facing errors too (they are one "
+                        "line otherwise); may also be given after the command")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="build per-user TFRecords with Apache Beam",
@@ -309,6 +348,10 @@ def _module_arguments(p: argparse.ArgumentParser, command: str, module: str) -> 
 
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    # --debug is global: accepted anywhere before a `--` separator.
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end]
+    argv = [a for i, a in enumerate(argv) if not (i < end and a == "--debug")]
     command = next((a for a in argv if not a.startswith("-")), None)
     rest = argv[argv.index(command) + 1:] if command else []
     _ARGV_HINT.clear()
@@ -321,16 +364,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if extra and not getattr(args, "allow_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # Only LifelongError (a user mistake) becomes one line; any other exception is a
+    # bug and propagates with its traceback (the interpreter exits 1).
     try:
         return args.func(args, extra) or 0
     except KeyboardInterrupt:
         print(f"lifelong {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (CliError, ValueError, KeyError, FileNotFoundError, OSError) as e:
+    except LifelongError as e:
+        if debug:
+            traceback.print_exc()
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"lifelong {args.command}: error: {msg}", file=sys.stderr)
         return 2
-
 
 if __name__ == "__main__":
     sys.exit(main())

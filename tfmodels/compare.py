@@ -15,6 +15,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from tfmodels.errors import MissingInputError, UsageError
+
 METRICS = ("auc", "gauc", "logloss")
 
 
@@ -22,10 +24,10 @@ def detect_source(path: str) -> str:
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "ratings.csv")):
             return "movielens"
-        raise ValueError(f"{path!r} is a folder without ratings.csv; pass --source")
+        raise UsageError(f"{path!r} is a folder without ratings.csv; pass --source")
     if os.path.exists(path):
         return "taobao"
-    raise FileNotFoundError(f"--data {path!r} does not exist")
+    raise MissingInputError(f"--data {path!r} does not exist")
 
 
 def prepare_data(args, extra: List[str], data_dir: str) -> str:
@@ -47,16 +49,33 @@ def prepare_data(args, extra: List[str], data_dir: str) -> str:
 
 
 def summarize(rows: List[Dict]) -> Dict[str, Dict]:
+    """Mean and std over seeds per model. Seeds where a metric is undefined (None/NaN,
+    e.g. GAUC when no group has both labels) are left out; when no seed has it, mean
+    and std are None and ``"undefined"`` holds the reason (strict JSON, no NaN)."""
+    from tfmodels import metrics as M
     out: Dict[str, Dict] = {}
     for model in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == model]
-        agg = {"seeds": [r["seed"] for r in rs]}
+        agg: Dict = {"seeds": [r["seed"] for r in rs]}
         for k in METRICS + ("train_examples_per_s", "train_wall_s"):
-            vals = np.array([r[k] for r in rs if r.get(k) is not None], dtype=float)
-            agg[k] = {"mean": float(np.mean(vals)) if vals.size else float("nan"),
-                      "std": float(np.std(vals)) if vals.size else float("nan")}
+            vals = np.array([r[k] for r in rs if M.is_defined(r.get(k))], dtype=float)
+            if vals.size:
+                agg[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
+                if vals.size < len(rs):
+                    agg[k]["seeds_defined"] = int(vals.size)
+            else:
+                reasons = [r.get(f"{k}_undefined") for r in rs if r.get(f"{k}_undefined")]
+                agg[k] = {"mean": None, "std": None,
+                          "undefined": reasons[0] if reasons else "no value"}
         out[model] = agg
     return out
+
+
+def _cell(agg: Dict, fmt: str = ".4f") -> str:
+    from tfmodels import metrics as M
+    if agg["mean"] is None:
+        return M.format_metric(None, agg.get("undefined"))
+    return f"{agg['mean']:{fmt}} ± {agg['std']:{fmt}}"
 
 
 def format_table(summary: Dict[str, Dict], command: str) -> str:
@@ -64,17 +83,36 @@ def format_table(summary: Dict[str, Dict], command: str) -> str:
              "| model | AUC | GAUC | logloss | train ex/s | seeds |",
              "|---|---|---|---|---|---|"]
     for model, agg in summary.items():
-        cells = [f"{agg[k]['mean']:.4f} ± {agg[k]['std']:.4f}" for k in METRICS]
+        cells = [_cell(agg[k]) for k in METRICS]
+        speed = agg["train_examples_per_s"]["mean"]
         lines.append(f"| {model} | " + " | ".join(cells) +
-                     f" | {agg['train_examples_per_s']['mean']:.0f} | {len(agg['seeds'])} |")
+                     f" | {'n/a' if speed is None else f'{speed:.0f}'} | {len(agg['seeds'])} |")
     return "\n".join(lines)
+
+
+def split_warnings(rows: List[Dict], split: str = "test") -> List[str]:
+    """One warning per distinct evaluation set (same data, same counts) whose size makes
+    its AUC meaningless (:func:`tfmodels.metrics.small_sample_warning`)."""
+    from tfmodels import metrics as M
+    out: List[str] = []
+    for r in rows:
+        samples = r.get("samples")
+        pos = r.get("positives")
+        if samples is None or pos is None:
+            continue
+        w = M.small_sample_warning(int(samples), int(pos), f"the {split} split")
+        if w and w not in out:
+            out.append(w)
+    return out
 
 
 def plot(summary: Dict[str, Dict], path: str, title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    models = list(summary)
+    models = [m for m in summary if summary[m]["auc"]["mean"] is not None]
+    if not models:  # no model has a defined AUC: nothing to draw
+        return
     means = [summary[m]["auc"]["mean"] for m in models]
     stds = [summary[m]["auc"]["std"] for m in models]
     fig, ax = plt.subplots(figsize=(1.2 * len(models) + 2, 3.2))
@@ -131,11 +169,22 @@ def train_or_reuse(cfg, resume: bool, tag: str = "compare") -> Tuple[Dict, Dict,
 
 def result_row(model: str, seed: int, summary: Dict, result: Dict, run_dir: str) -> Dict:
     """One row of a comparison table: metrics, samples, training time and speed."""
+    from tfmodels import metrics as M
     rates = summary["train_examples_per_s"]
-    return {"model": model, "seed": seed, **{k: result.get(k) for k in METRICS},
-            "samples": result["samples"], "train_wall_s": summary["train_wall_s"],
-            "train_examples_per_s": float(np.median(rates)) if rates else None,
-            "run_dir": run_dir}
+    samples = int(result["samples"])
+    positives = result.get("positives")
+    if positives is None and result.get("positive_rate") is not None:  # an older metrics file
+        positives = int(round(float(result["positive_rate"]) * samples))
+    row = {"model": model, "seed": seed,
+           **{k: result.get(k) if M.is_defined(result.get(k)) else None for k in METRICS},
+           "samples": samples, "positives": positives,
+           "train_wall_s": summary["train_wall_s"],
+           "train_examples_per_s": float(np.median(rates)) if rates else None,
+           "run_dir": run_dir}
+    for k in METRICS:
+        if row[k] is None:
+            row[f"{k}_undefined"] = result.get(f"{k}_undefined") or "not a number"
+    return row
 
 
 def _config_dict(cfg) -> Dict:
@@ -171,9 +220,9 @@ def data_for_models(models: List[str], data_dir: str, clustered: Optional[str]) 
     from tfmodels import registry
     if clustered is not None:
         if not os.path.isdir(clustered):
-            raise ValueError(f"--clustered {clustered!r} is not a directory")
+            raise UsageError(f"--clustered {clustered!r} is not a directory")
         if not is_clustered(clustered):
-            raise ValueError(f"--clustered {clustered!r} is not a `lifelong cluster` output "
+            raise UsageError(f"--clustered {clustered!r} is not a `lifelong cluster` output "
                              f"(its meta.json has no 'clustering' section)")
     out = {}
     for m in models:
@@ -184,7 +233,7 @@ def data_for_models(models: List[str], data_dir: str, clustered: Optional[str]) 
             elif is_clustered(data_dir):
                 out[m] = data_dir
             else:
-                raise ValueError(
+                raise UsageError(
                     f"model {m!r} needs a clustered history: run `lifelong cluster --data "
                     f"{data_dir} --output CLUSTERED` and pass --clustered CLUSTERED "
                     f"(or --prepared CLUSTERED)")
@@ -194,17 +243,27 @@ def data_for_models(models: List[str], data_dir: str, clustered: Optional[str]) 
 
 
 def run(args, extra: List[str], make_cfg: Callable) -> int:
+    from tfmodels import metrics as M
     from tfmodels import registry
     import tensorflow as tf
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
         if m not in registry.MODELS:
-            raise ValueError(f"unknown model {m!r}; registered: {', '.join(registry.names())}")
+            raise UsageError(f"unknown model {m!r}; registered: {', '.join(registry.names())}")
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
-        raise ValueError(f"--seeds must be comma separated integers, got {args.seeds!r}")
+        raise UsageError(f"--seeds must be comma separated integers, got {args.seeds!r}") \
+            from None
+    if args.prepared:
+        from tfmodels import schema as S
+        try:
+            S.read_meta(args.prepared)
+        except FileNotFoundError as e:  # the one meaning of this call's FileNotFoundError
+            raise MissingInputError(f"--prepared: {e}") from e
+    elif args.data and not args.source:
+        detect_source(args.data)   # a missing --data fails before any folder is created
     work = args.work_dir or os.path.join("artifacts", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(work, exist_ok=True)
     data_dir = args.prepared or prepare_data(args, extra, os.path.join(work, "data"))
@@ -214,6 +273,7 @@ def run(args, extra: List[str], make_cfg: Callable) -> int:
 
     resume = bool(getattr(args, "resume", False))
     rows = []
+    eval_split = "test"
     total = len(models) * len(seeds)
     for i, model in enumerate(models):
         for j, seed in enumerate(seeds):
@@ -222,21 +282,29 @@ def run(args, extra: List[str], make_cfg: Callable) -> int:
             tf.keras.backend.clear_session()
             cfg = make_cfg(args, data=model_data[model], model=model, seed=seed,
                            out_dir=os.path.join(work, "runs", f"{model}-s{seed}"))
+            eval_split = cfg.eval_split
             summary, result, _ = train_or_reuse(cfg, resume)
             rows.append(result_row(model, seed, summary, result, cfg.out_dir))
-            print(f"[compare] {model} seed={seed}: AUC {result['auc']:.4f} "
-                  f"GAUC {result.get('gauc', float('nan')):.4f} "
-                  f"logloss {result['logloss']:.4f}", file=sys.stderr)
+            row = rows[-1]
+            print(f"[compare] {model} seed={seed}: " + " ".join(
+                f"{name} {M.format_metric(row[k], row.get(f'{k}_undefined'))}"
+                for name, k in (("AUC", "auc"), ("GAUC", "gauc"), ("logloss", "logloss"))),
+                file=sys.stderr)
     summary = summarize(rows)
     table = format_table(summary, command)
+    split_notes = split_warnings(rows, eval_split)
+    if split_notes:
+        table += "\n\n" + "\n".join(f"**{w}**" for w in split_notes)
     print(table)
+    for w in split_notes:
+        print(f"[compare] {w}", file=sys.stderr)
     with open(os.path.join(work, "results.md"), "w") as f:
         f.write(table + "\n")
+    results = M.json_safe({"command": command, "data": data_dir, "data_per_model": model_data,
+                           "rows": rows, "summary": summary, "warnings": split_notes,
+                           "config": {k: v for k, v in vars(args).items() if k != "func"}})
     with open(os.path.join(work, "results.json"), "w") as f:
-        json.dump({"command": command, "data": data_dir, "data_per_model": model_data,
-                   "rows": rows, "summary": summary,
-                   "config": {k: v for k, v in vars(args).items() if k != "func"}},
-                  f, indent=2, default=str)
+        json.dump(results, f, indent=2, default=str, allow_nan=False)
     plot(summary, os.path.join(work, "results.png"), os.path.basename(os.path.abspath(data_dir)))
     print(f"[compare] results in {work}/results.{{md,json,png}}", file=sys.stderr)
     return 0
