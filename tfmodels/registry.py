@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 from typing import Dict, Optional, Tuple, Type, Union
 
+from tfmodels.errors import LifelongError
+
 Entry = Union[None, str, Tuple[str, Dict]]
 
 MODELS: Dict[str, Entry] = {
@@ -39,7 +41,7 @@ MODELS: Dict[str, Entry] = {
 }
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(KeyError, LifelongError):
     def __str__(self):
         return self.args[0]
 

@@ -30,9 +30,10 @@ from tfmodels import metrics as M
 from tfmodels import registry
 from tfmodels import schema as S
 from tfmodels.model import LifelongCTRModel, build_model
+from tfmodels.errors import LifelongError
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, LifelongError):
     """A bad training/evaluation configuration (reported as one line by the CLI)."""
 
 
