@@ -182,6 +182,8 @@ class LifelongCTRModel(tfrs.models.Model):
     def call(self, features: Mapping[str, tf.Tensor], training=None) -> tf.Tensor:
         """Logits [B] from all raw features (the module's training path)."""
         target = self.embed_target(features)
+        if training and getattr(self.long_module, "reads_label", False) and S.LABEL in features:
+            target["label"] = features[S.LABEL]   # a module's auxiliary CTR task (SIM soft)
         v_long = None
         if self.long_module is not None:
             v_long = self.long_module(self.embed_sequence(features, "long"), target,

@@ -22,6 +22,10 @@ MODELS: Dict[str, Entry] = {
     # din_normalize: LREA's like-for-like baseline (METHODS 2.3 R4)
     "din_l_none": ("tfmodels.methods.din_long:DinLong", {"din_normalize": "none"}),
     "avg_pool": "tfmodels.methods.avg_pool:AvgPooling",   # B1: mean of the long sequence
+    "sim_hard": "tfmodels.methods.sim:SimHard",           # B4: same-category top-k + ESU
+    "sim_soft": "tfmodels.methods.sim:SimSoft",           # B5: inner-product top-k + ESU
+    "eta": "tfmodels.methods.eta:ETA",                    # B6: SimHash Hamming top-k + ESU
+    "sdim": "tfmodels.methods.sdim:SDIM",                 # B7: SimHash bucket sums
     "twin": "tfmodels.methods.twin:Twin",                 # B9: TWIN (GSU top-100 + 4-head ESU)
     "twin_v2": "tfmodels.methods.twin_v2:TwinV2",         # 2.4: TWIN V2 (alpha + ln n)
     "twin_v2_no_ln_gsu": ("tfmodels.methods.twin_v2:TwinV2", {"gsu_log_n": False}),
