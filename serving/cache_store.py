@@ -4,9 +4,11 @@ One small interface, :class:`CacheStore`, with two backends:
 
 * :class:`SQLiteCacheStore` (standard library; the embedded default): one table,
   primary key (model, user_id), WAL journal, one connection per thread;
-* :class:`RedisCacheStore`: key ``<prefix><model>:<user_id>``; speaks RESP over a
-  socket itself (no extra dependency) or uses any redis-py compatible client
-  passed in (pooling, TLS, cluster).
+* :class:`RedisCacheStore`: key ``<prefix><model>:<user_id>``, through redis-py
+  (the ``redis`` extra: ``pip install 'lifelong-ctr[redis]'``), with a client it
+  makes from the URL or any redis-py client passed in (pooling, TLS, cluster).
+  Without redis-py it raises :class:`RedisNotInstalledError`; an unreachable
+  server raises :class:`RedisUnavailableError` (a ``ConnectionError``).
 
 A value is one :class:`CacheEntry`: model name, model version, user id and the
 tensors the client sends to ``rank`` (each cache tensor and the short window,
@@ -23,17 +25,22 @@ client which exported version the cache belongs to (it pins its request to it).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
-import socket
 import sqlite3
 import struct
 import threading
-from typing import Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import urlparse
 
 import numpy as np
+
+# The package's user-error base: the CLI prints a LifelongError as one line, exit 2.
+# Importing it runs tfmodels/__init__ (sets TF_USE_LEGACY_KERAS) but loads no
+# TensorFlow, so the client's import path stays TF-free (tests/test_serving.py).
+from tfmodels.errors import LifelongError
 
 MAGIC = b"LLC1"
 _HEADER = struct.Struct("<I")
@@ -45,6 +52,10 @@ EntryTuple = Tuple[str, int, int, Mapping[str, np.ndarray]]
 
 class CacheFormatError(ValueError):
     """A stored value is not a cache entry of this format."""
+
+
+class StoreSpecError(ValueError, LifelongError):
+    """A store spec or URL that names no usable store (``--store``)."""
 
 
 @dataclasses.dataclass
@@ -104,11 +115,19 @@ def _as_entry(item: Union[CacheEntry, EntryTuple]) -> CacheEntry:
 
 
 class CacheStore:
-    """Interface: get / put / put_many / delete / count / close."""
+    """Interface: get / get_many / put / put_many / delete / count / close."""
 
     def get(self, model_name: str, user_id: int) -> Optional[CacheEntry]:
         raw = self.get_raw(model_name, int(user_id))
         return None if raw is None else CacheEntry.from_bytes(raw)
+
+    def get_many(self, model_name: str, user_ids: Iterable[int]) -> List[Optional[CacheEntry]]:
+        """One entry (or None) per user id, in order (Redis: MGET, one round trip per 500)."""
+        raws = self.get_many_raw(model_name, [int(u) for u in user_ids])
+        return [None if raw is None else CacheEntry.from_bytes(raw) for raw in raws]
+
+    def get_many_raw(self, model_name: str, user_ids: Sequence[int]) -> List[Optional[bytes]]:
+        return [self.get_raw(model_name, int(u)) for u in user_ids]
 
     def put(self, entry: Union[CacheEntry, EntryTuple]) -> None:
         self.put_many([entry])
@@ -201,154 +220,145 @@ class SQLiteCacheStore(CacheStore):
 
 
 # ---- Redis -------------------------------------------------------------------------------
-class RespError(RuntimeError):
-    """An error reply from Redis."""
+class RedisNotInstalledError(ImportError, LifelongError):
+    """The Redis backend was asked for but redis-py is not installed."""
 
 
-class MiniRedis:
-    """A minimal RESP2 client (one connection per thread): the commands this store uses."""
+class RedisUnavailableError(ConnectionError, LifelongError):
+    """The Redis server could not be reached (refused, timed out, dropped, bad AUTH).
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 6379, db: int = 0,
-                 password: Optional[str] = None, timeout_s: float = 5.0):
-        self.host, self.port, self.db, self.password = host, port, db, password
-        self.timeout_s = timeout_s
-        self._local = threading.local()
+    A builtin ``ConnectionError`` (an ``OSError``), as socket errors were when the
+    store spoke RESP itself; the message names the server and how to start one."""
 
-    def _socket(self):
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            sock = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = (sock, sock.makefile("rb"))
-            self._local.conn = conn
-            if self.password:
-                self._roundtrip([("AUTH", self.password)])
-            if self.db:
-                self._roundtrip([("SELECT", str(self.db))])
-        return conn
 
-    @staticmethod
-    def _encode(args: Sequence) -> bytes:
-        out = [b"*%d\r\n" % len(args)]
-        for a in args:
-            b = a if isinstance(a, bytes) else str(a).encode("utf-8")
-            out.append(b"$%d\r\n%s\r\n" % (len(b), b))
-        return b"".join(out)
+def _import_redis():
+    try:
+        import redis
+    except ImportError as e:
+        raise RedisNotInstalledError(
+            "the Redis cache store needs redis-py: pip install 'lifelong-ctr[redis]' "
+            "(or pip install 'redis>=5'); the SQLite store (sqlite:PATH) needs nothing") from e
+    return redis
 
-    def _read(self, f):
-        line = f.readline()
-        if not line:
-            raise ConnectionError("redis closed the connection")
-        kind, rest = line[:1], line[1:-2]
-        if kind == b"+":
-            return rest
-        if kind == b"-":
-            return RespError(rest.decode("utf-8", "replace"))
-        if kind == b":":
-            return int(rest)
-        if kind == b"$":
-            n = int(rest)
-            if n < 0:
-                return None
-            data = f.read(n + 2)
-            return data[:-2]
-        if kind == b"*":
-            n = int(rest)
-            return None if n < 0 else [self._read(f) for _ in range(n)]
-        raise ConnectionError(f"bad RESP reply {line[:40]!r}")
 
-    def _roundtrip(self, commands):
-        sock, f = self._socket()
-        try:
-            sock.sendall(b"".join(self._encode(c) for c in commands))
-            replies = [self._read(f) for _ in commands]
-        except (OSError, ConnectionError):
-            self.close_thread()
-            raise
-        for r in replies:
-            if isinstance(r, RespError):
-                raise r
-        return replies
-
-    def execute(self, *args):
-        return self._roundtrip([args])[0]
-
-    def pipeline_execute(self, commands):
-        return self._roundtrip(commands)
-
-    def close_thread(self):
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
-            try:
-                conn[1].close()
-                conn[0].close()
-            finally:
-                self._local.conn = None
+def _redact(url: str) -> str:
+    """``url`` without its password (error messages, repr)."""
+    u = urlparse(url)
+    if u.password is None:
+        return url
+    netloc = f"{u.username or ''}:***@{u.hostname or ''}" + (f":{u.port}" if u.port else "")
+    return u._replace(netloc=netloc).geturl()
 
 
 class RedisCacheStore(CacheStore):
-    """Redis backend. ``client``: a redis-py compatible object, else a built-in RESP client."""
+    """Redis backend through redis-py (``pip install 'lifelong-ctr[redis]'``).
+
+    Key ``<prefix><model>:<user_id>``, value the encoded :class:`CacheEntry` (its
+    ``model_version`` travels in the value, so a new version overwrites the key).
+    ``client``: any redis-py client (``redis.Redis`` with your own pool or TLS,
+    ``redis.RedisCluster``); else one is made from ``url`` (``redis://[:password@]
+    host:port/db``) with ``timeout_s`` for connect and each reply. redis-py's client is
+    thread-safe (a connection pool), so one store is shared by threads. The server is
+    pinged on construction: an unreachable server fails here, before a long
+    precompute, with :class:`RedisUnavailableError`.
+    """
 
     def __init__(self, url: str = "redis://127.0.0.1:6379/0", prefix: str = "lifelong:cache:",
-                 client=None):
+                 client=None, timeout_s: float = 5.0):
         self.url, self.prefix = url, prefix
-        self._client = client
+        self._where = _redact(url) if client is None else repr(client)
+        self._owns_client = client is None
         if client is None:
             u = urlparse(url)
-            if u.scheme != "redis":
-                raise ValueError(f"redis store URL must be redis://host:port/db, got {url!r}")
-            db = int(u.path.strip("/") or 0)
-            self._mini = MiniRedis(u.hostname or "127.0.0.1", u.port or 6379, db, u.password)
+            try:
+                ok = u.scheme == "redis" and int(u.path.strip("/") or 0) >= 0 \
+                    and (u.port is None or u.port > 0)      # .port: ValueError if bad
+            except ValueError:
+                ok = False
+            if not ok:
+                raise StoreSpecError(
+                    f"redis store URL must be redis://host:port/db, got {self._where!r}")
+            redis = _import_redis()
+            client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s,
+                                          socket_timeout=timeout_s)
+            self._unavailable = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
         else:
-            self._mini = None
+            try:
+                redis = _import_redis()
+                self._unavailable = (redis.exceptions.ConnectionError,
+                                     redis.exceptions.TimeoutError)
+            except RedisNotInstalledError:   # a compatible client that does not need redis-py
+                self._unavailable = ()
+        self._client = client
+        with self._errors():
+            self._client.ping()
+
+    @contextlib.contextmanager
+    def _errors(self):
+        try:
+            yield
+        except self._unavailable as e:
+            raise RedisUnavailableError(
+                f"redis cache store {self._where} is unreachable: {e} "
+                "(is redis-server running there? e.g. `redis-server --port 6379`; "
+                "or use the embedded store, sqlite:PATH)") from e
 
     def _key(self, model_name: str, user_id: int) -> bytes:
         return f"{self.prefix}{model_name}:{int(user_id)}".encode("utf-8")
 
     def put_many(self, entries):
-        cmds = []
+        n, chunk = 0, []
+
+        def flush():
+            # transaction=False: a plain pipeline (one round trip per 500 SETs), no
+            # MULTI/EXEC; also what redis.RedisCluster accepts.
+            pipe = self._client.pipeline(transaction=False)
+            for k, v in chunk:
+                pipe.set(k, v)
+            with self._errors():
+                pipe.execute()
+
         for item in entries:
             e = _as_entry(item)
-            cmds.append(("SET", self._key(e.model_name, e.user_id), e.to_bytes()))
-        for i in range(0, len(cmds), 500):
-            chunk = cmds[i:i + 500]
-            if self._mini is not None:
-                self._mini.pipeline_execute(chunk)
-            else:
-                pipe = self._client.pipeline()
-                for _, k, v in chunk:
-                    pipe.set(k, v)
-                pipe.execute()
-        return len(cmds)
+            chunk.append((self._key(e.model_name, e.user_id), e.to_bytes()))
+            n += 1
+            if len(chunk) >= 500:
+                flush()
+                chunk = []
+        if chunk:
+            flush()
+        return n
 
     def get_raw(self, model_name, user_id):
-        key = self._key(model_name, user_id)
-        raw = self._mini.execute("GET", key) if self._mini is not None else self._client.get(key)
+        with self._errors():
+            raw = self._client.get(self._key(model_name, user_id))
         return None if raw is None else bytes(raw)
 
-    def delete(self, model_name, user_id):
-        key = self._key(model_name, user_id)
-        n = self._mini.execute("DEL", key) if self._mini is not None else self._client.delete(key)
-        return int(n) > 0
+    def get_many_raw(self, model_name, user_ids):
+        keys = [self._key(model_name, u) for u in user_ids]
+        out = []
+        for i in range(0, len(keys), 500):
+            with self._errors():
+                out.extend(self._client.mget(keys[i:i + 500]))
+        return [None if raw is None else bytes(raw) for raw in out]
 
-    def _scan(self, pattern: bytes) -> Iterator[bytes]:
-        if self._mini is None:
-            yield from self._client.scan_iter(match=pattern, count=1000)
-            return
-        cursor = b"0"
-        while True:
-            cursor, keys = self._mini.execute("SCAN", cursor, "MATCH", pattern, "COUNT", "1000")
-            yield from keys
-            if cursor in (b"0", 0):
-                return
+    def delete(self, model_name, user_id):
+        with self._errors():
+            n = self._client.delete(self._key(model_name, user_id))
+        return int(n) > 0
 
     def count(self, model_name=None):
         suffix = "*" if model_name is None else f"{model_name}:*"
-        return sum(1 for _ in self._scan(f"{self.prefix}{suffix}".encode("utf-8")))
+        with self._errors():
+            return sum(1 for _ in self._client.scan_iter(
+                match=f"{self.prefix}{suffix}".encode("utf-8"), count=1000))
 
     def close(self):
-        if self._mini is not None:
-            self._mini.close_thread()
+        # Only a client the store made is closed (its pool's sockets); a passed-in
+        # client belongs to the caller. A later call reconnects, as before.
+        if self._owns_client:
+            self._client.close()
+            self._client.connection_pool.disconnect()
 
 
 def open_store(spec: str) -> CacheStore:
@@ -358,5 +368,6 @@ def open_store(spec: str) -> CacheStore:
     if spec.startswith("sqlite:"):
         return SQLiteCacheStore(spec[len("sqlite:"):])
     if "://" in spec:
-        raise ValueError(f"unknown cache store {spec!r}; use sqlite:PATH or redis://host:port/db")
+        raise StoreSpecError(
+            f"unknown cache store {spec!r}; use sqlite:PATH or redis://host:port/db")
     return SQLiteCacheStore(spec)

@@ -8,8 +8,6 @@ swap under concurrent load, explicit bad-input cases, path escapes and users
 without a cache entry.
 """
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +24,7 @@ import tensorflow as tf
 
 from serving import export as E
 from serving import protos
-from serving.cache_store import CacheEntry, RedisCacheStore, SQLiteCacheStore, open_store
+from serving.cache_store import SQLiteCacheStore
 from serving.client import NoCacheEntryError, RankingClient
 from serving.server import Limits, LocalServer
 from tfmodels import data as D
@@ -824,88 +822,7 @@ def test_user_without_cache_entry(server, store, features):
         fallback_client.rank(123456, (items[0], cates[0]))
 
 
-# ---- cache store ------------------------------------------------------------------------------------
-def _entries():
-    rng = np.random.default_rng(0)
-    return [CacheEntry("m", 3, u, {"f32": rng.normal(size=(1, 4, 3)).astype(np.float32),
-                                   "f64": rng.normal(size=(1, 2)),
-                                   "i64": rng.integers(0, 9, size=(1, 5)),
-                                   "i32": rng.integers(0, 9, size=(1, 2)).astype(np.int32),
-                                   "b": np.array([[True, False]]),
-                                   "u8": np.arange(3, dtype=np.uint8)[None],
-                                   "empty": np.zeros((1, 0), np.float32)})
-            for u in (2, 3, 4)]
-
-
-def _check_store(store):
-    entries = _entries()
-    assert store.put_many(entries) == 3
-    store.put(("other", 2, 1, {"x": np.ones([1, 2], np.float32)}))
-    assert store.count("m") == 3 and store.count() == 4
-    for e in entries:
-        got = store.get("m", e.user_id)
-        assert (got.model_name, got.model_version, got.user_id) == ("m", 3, e.user_id)
-        for k, v in e.tensors.items():
-            assert got.tensors[k].dtype == v.dtype and got.tensors[k].shape == v.shape
-            np.testing.assert_array_equal(got.tensors[k], v)
-    assert store.get("m", 99) is None and store.get("nope", 2) is None
-    store.put(CacheEntry("m", 4, 2, {"x": np.zeros([1, 1], np.float32)}))    # overwrite
-    assert store.get("m", 2).model_version == 4 and store.count("m") == 3
-    assert store.delete("m", 2) and not store.delete("m", 2)
-    errors = []
-
-    def reader():
-        try:
-            for _ in range(50):
-                assert store.get("m", 3).user_id == 3
-        except Exception as e:  # pragma: no cover
-            errors.append(e)
-
-    threads = [threading.Thread(target=reader) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
-
-
-def test_sqlite_store(tmp_path):
-    with open_store(f"sqlite:{tmp_path / 'c.db'}") as store:
-        assert isinstance(store, SQLiteCacheStore)
-        _check_store(store)
-    with pytest.raises(ValueError, match="unknown cache store"):
-        open_store("mongodb://x")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
-def test_redis_store(tmp_path):
-    port = _free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        store = open_store(f"redis://127.0.0.1:{port}/0")
-        assert isinstance(store, RedisCacheStore)
-        deadline = time.time() + 20
-        while True:
-            try:
-                store._mini.execute("PING")
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.1)
-        _check_store(store)
-        store.close()
-    finally:
-        proc.terminate()
-        proc.wait(10)
+# ---- cache store: tests/test_cache_store.py (SQLite and Redis, against a real redis-server) ----
 
 
 def test_client_import_path_has_no_tensorflow():
