@@ -1,0 +1,1 @@
+"""Benchmarks (training, serving, precompute, storage, clustering): one idea per module."""
