@@ -1,4 +1,5 @@
-"""Installable package: tfmodels (Keras models), beam_jobs (Beam pipelines), serving (gRPC)."""
+"""Installable package: tfmodels (Keras models), beam_jobs (Beam pipelines), serving (gRPC),
+lifelong (the application on top: CLI, compare, replay, benchmarks, reports)."""
 from setuptools import find_packages, setup
 
 # One compatible set, checked to install and import together on Python 3.11
@@ -26,8 +27,8 @@ setup(
     version="0.1.0",
     description="Lifelong user-behavior CTR prediction: Keras models, Beam jobs, TF Serving",
     python_requires=">=3.10,<3.13",
-    packages=find_packages(include=["tfmodels*", "beam_jobs*", "serving*"]),
+    packages=find_packages(include=["tfmodels*", "beam_jobs*", "serving*", "lifelong*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": ["lifelong=tfmodels.cli:main"]},
+    entry_points={"console_scripts": ["lifelong=lifelong.cli:main"]},
 )

@@ -19,6 +19,7 @@ import sys
 import traceback
 from typing import List, Optional
 
+from lifelong.bench.flags import SERVING_BENCHES
 from tfmodels.errors import LifelongError
 
 TRAIN_FLAGS = {  # flag -> (type, help); defaults come from TrainConfig
@@ -155,7 +156,7 @@ def cmd_evaluate(args, extra: List[str]) -> int:
 
 
 def cmd_compare(args, extra: List[str]) -> int:
-    from tfmodels import compare
+    from lifelong import compare
     return compare.run(args, extra, _train_config)
 
 
@@ -164,13 +165,13 @@ def cmd_compare(args, extra: List[str]) -> int:
 # are Beam pipeline options).
 MODULE_COMMANDS = {
     "cluster": ("beam_jobs.cluster", "TWIN V2 hierarchical clustering of histories (Beam)", True),
-    "cluster-bench": ("beam_jobs.cluster_bench",
+    "cluster-bench": ("lifelong.bench.clustering",
                       "TWIN V2 clustering speed and accuracy per user (benchmark)", False),
-    "cluster-quality": ("tfmodels.cluster_quality",
+    "cluster-quality": ("lifelong.reports.cluster_quality",
                         "C-Former vs K-means silhouette on a trained run", False),
-    "lrea-grid": ("tfmodels.methods.lrea_grid",
+    "lrea-grid": ("lifelong.reports.lrea_grid",
                   "LREA sensitivity grid over rank r and lambda (one command)", False),
-    "replay": ("serving.replay", "replay a compare's test requests through export, Beam "
+    "replay": ("lifelong.replay", "replay a compare's test requests through export, Beam "
                "precompute and the local gRPC server: AUC, parity, latency", False),
 }
 
@@ -186,14 +187,13 @@ def cmd_module(args, extra: List[str]) -> int:
 
 
 def cmd_bench(args, extra: List[str]) -> int:
-    if args.what in SERVING_BENCHES:
-        from serving import bench as serving_bench
-        return serving_bench.run(args)
-    if not args.data:
-        raise CliError("--data is required (a prepared dataset directory)")
-    _require_dataset(args.data, "--data")
-    from tfmodels import bench
-    return bench.run(args)
+    """``lifelong bench WHAT``: the module :mod:`lifelong.bench.<WHAT>` runs it."""
+    import importlib
+    if args.what not in SERVING_BENCHES:
+        if not args.data:
+            raise CliError("--data is required (a prepared dataset directory)")
+        _require_dataset(args.data, "--data")
+    return importlib.import_module(f"lifelong.bench.{args.what}").run(args)
 
 
 def cmd_export(args, extra: List[str]) -> int:
@@ -219,8 +219,8 @@ def cmd_precompute(args, extra: List[str]) -> int:
 
 
 def cmd_serve(args, extra: List[str]) -> int:
-    from serving import server
-    return server.run(args)
+    from lifelong.bench import identity   # serving.server + the bench's --identity
+    return identity.run(args)
 
 
 # ---- parser --------------------------------------------------------------------------------
@@ -296,12 +296,11 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
                        "windows at several L), `train` (training examples/s vs L), `serving` "
                        "(rank / one-shot / identity gRPC latency; `lifelong bench serving "
                        "--help`), `precompute` (user-cache users/s and bytes per user).")
+    from lifelong.bench import flags as bench_flags      # no TensorFlow
     if _ARGV_HINT.get("bench") in SERVING_BENCHES:
-        from serving import bench as serving_bench   # its flags; TensorFlow loads lazily
-        serving_bench.add_arguments(p)
+        bench_flags.add_serving_arguments(p)
     else:
-        from tfmodels import bench_args
-        bench_args.add_arguments(p)
+        bench_flags.add_arguments(p)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("export", help="export split-signature SavedModels for TF Serving",
@@ -322,7 +321,7 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
                        description="Serve saved_models/ over TensorFlow Serving's gRPC API "
                        "(Predict, GetModelMetadata, GetModelStatus); picks up new versions "
                        "without a restart; binds to 127.0.0.1 by default.")
-    _module_arguments(p, "serve", "serving.server")
+    _module_arguments(p, "serve", "lifelong.bench.identity")
     p.set_defaults(func=cmd_serve)
 
     for name, (module_name, help_, beam_extra) in MODULE_COMMANDS.items():
@@ -333,8 +332,6 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
     return parser
 
 
-# `lifelong bench serving|precompute` are the serving benchmarks (serving/bench.py).
-SERVING_BENCHES = ("serving", "precompute")
 # Filled by main() from argv: which subcommand (and bench kind) is being parsed, so a
 # subcommand's flags are imported from its module only when it runs.
 _ARGV_HINT: dict = {}

@@ -320,7 +320,7 @@ def test_redis_server_gone_after_open(tmp_path_factory):
 def test_cli_precompute_reports_unreachable_redis_in_one_line(tmp_path, capsys):
     """The store opens (and pings) before the Beam pipeline: one error line, exit 2."""
     _redis_py()
-    from tfmodels import cli
+    from lifelong import cli
     port = _free_port()
     rc = cli.main(["precompute", "--records", str(tmp_path / "none-*.tfrecord.gz"),
                    "--model_dir", str(tmp_path / "m" / "1"), "--output", str(tmp_path / "o"),

@@ -573,7 +573,7 @@ def numpy_silhouette(x, labels, metric="euclidean"):
 @pytest.mark.parametrize("metric", ["euclidean", "cosine"])
 def test_silhouette_matches_reference_and_separates_planted_clusters(metric):
     from sklearn.metrics import silhouette_score
-    from tfmodels import cluster_quality as CQ
+    from lifelong.reports import cluster_quality as CQ
     rng = np.random.default_rng(0)
     centers = np.eye(4, 6) * 10.0                                   # 4 well-separated clusters
     planted = np.repeat(np.arange(4), 15)
@@ -611,7 +611,7 @@ def _fake_run(run_dir, data_dir, model_name, **extra):
 
 
 def test_cluster_quality_report(tiny_data, tmp_path, capsys):
-    from tfmodels import cluster_quality as CQ
+    from lifelong.reports import cluster_quality as CQ
     from tfmodels.train import ConfigError
     run_dir = _fake_run(str(tmp_path / "run"), tiny_data, "cformer",
                         long_module_config={"num_clusters": 3, "din_hidden": [8, 4]})

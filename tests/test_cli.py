@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from tfmodels import cli
+from lifelong import cli
 
 TINY = ["--short_len", "5", "--long_len", "24", "--emb_dim", "4", "--mlp_hidden", "8",
         "--din_hidden", "8,4", "--batch_size", "16", "--verbose", "0"]
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "tfmodels.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lifelong.cli", *args], capture_output=True,
                           text=True, timeout=300)
 
 
@@ -113,7 +113,7 @@ def test_compare_resume_reuses_finished_runs(tiny_data, tmp_path, capsys):
 def test_compare_routes_twin_v2_to_the_clustered_dataset(tmp_path):
     """One compare call covers raw baselines and TWIN V2: cluster-aware models train on
     --clustered, the others on --prepared; a TWIN V2 without clusters is refused."""
-    from tfmodels import compare
+    from lifelong import compare
     raw, clu = tmp_path / "raw", tmp_path / "clu"
     raw.mkdir()
     clu.mkdir()
@@ -144,7 +144,7 @@ def test_programming_errors_keep_their_traceback(exc, monkeypatch, capsys):
 
 
 def test_programming_error_exits_1_with_a_traceback():
-    code = ("import sys\nfrom tfmodels import cli\n"
+    code = ("import sys\nfrom lifelong import cli\n"
             "def broken(args, extra):\n    return {}['no such key']\n"
             "cli.cmd_evaluate = broken\nsys.exit(cli.main(['evaluate', '--run', 'x']))\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -174,7 +174,7 @@ def test_error_classes_derive_from_lifelong_error_and_keep_their_builtin():
     from beam_jobs.precompute import PrecomputeError
     from beam_jobs.prepare import PrepareError
     from serving.export import ExportError
-    from serving.replay import ReplayError
+    from lifelong.replay import ReplayError
     from tfmodels._env import KerasLineError
     from tfmodels.errors import LifelongError, MissingInputError, UsageError
     from tfmodels.registry import UnknownModelError

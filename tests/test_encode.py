@@ -14,7 +14,7 @@ from tfmodels import registry
 from tfmodels.methods.encode import (Encode, InterestTargetAttention, IntraClusterAttention,
                                      MetricDimensionReduction, cosine_distance,
                                      farthest_point_seeds, sample_pairs, spherical_kmeans)
-from tfmodels.methods.encode_report import (distance_spearman, triplet_agreement,
+from lifelong.reports.encode_report import (distance_spearman, triplet_agreement,
                                             triplet_order_preservation, user_sequences)
 from tfmodels.testing import layer_test, random_sequence, random_target
 

@@ -517,7 +517,7 @@ def test_bad_config_is_rejected():
 def test_grid_and_absorbed_gap(tiny_data, tmp_path, capsys):
     """One tiny cell through the whole grid command, then the serving-path gap of its run
     (the model-level check of training path vs rank(user_tower(x)) on a whole split)."""
-    from tfmodels.methods import lrea_grid
+    from lifelong.reports import lrea_grid
     parser = argparse.ArgumentParser()
     lrea_grid.add_arguments(parser)
     args = parser.parse_args(["--prepared", tiny_data, "--ranks", "8", "--lams", "0.3",
@@ -594,7 +594,7 @@ def test_grid_and_absorbed_gap(tiny_data, tmp_path, capsys):
 
 
 def test_grid_defaults_and_report(tmp_path):
-    from tfmodels.methods import lrea_grid
+    from lifelong.reports import lrea_grid
     parser = argparse.ArgumentParser()
     lrea_grid.add_arguments(parser)
     args = parser.parse_args([])
@@ -614,7 +614,7 @@ def test_grid_defaults_and_report(tmp_path):
 def test_grid_designs():
     """--design paper is Table 3's layout: r swept at lambda = 0.3, lambda swept at
     r = 128, the shared cell once; --design full the whole product."""
-    from tfmodels.methods import lrea_grid
+    from lifelong.reports import lrea_grid
     ranks, lams = lrea_grid.PAPER_RANKS, lrea_grid.PAPER_LAMS
     paper = lrea_grid.grid_cells(ranks, lams)
     assert paper == [(32, 0.3), (64, 0.3), (128, 0.3), (128, 0.05), (128, 0.1),
@@ -787,7 +787,7 @@ def test_served_ctr_equals_in_process_absorbed_path(name, head_bn, tmp_path, rec
 
 def test_head_batchnorm_flag_reaches_the_model(tiny_data):
     """`--head_batchnorm` (train / compare / lrea-grid flags) -> TrainConfig -> model."""
-    from tfmodels import cli
+    from lifelong import cli
     from tfmodels import train as T
     parser = cli.build_parser(prepare_flags=False, command="train")
     for argv, want in ((["--head_batchnorm"], True), ([], False)):

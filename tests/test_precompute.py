@@ -18,7 +18,7 @@ from serving import export as E
 from serving.cache_store import SQLiteCacheStore
 from serving.client import RankingClient
 from serving.server import LocalServer
-from tfmodels import cli
+from lifelong import cli
 from tfmodels import data as D
 from tfmodels import schema as S
 from tfmodels.testing import write_tiny_dataset

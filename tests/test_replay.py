@@ -9,8 +9,8 @@ import pytest
 import tfmodels  # noqa: F401
 import tensorflow as tf
 
-from serving import replay as R
-from tfmodels import cli
+from lifelong import replay as R
+from lifelong import cli
 from tfmodels import data as D
 from tfmodels import metrics as M
 from tfmodels import schema as S

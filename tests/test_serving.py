@@ -868,7 +868,7 @@ def test_identity_savedmodel_floor_takes_the_rank_request(exported, server, base
     """The bench's identity SavedModel: the same rank inputs (names, dtypes, shapes) as the
     model it mirrors, ctr = zeros [N]; it answers the model's own rank request unchanged
     and rejects what rank rejects (a missing input) before any session call."""
-    from serving.bench import export_identity_model
+    from lifelong.bench.serving import export_identity_model
     from serving.server import SavedModelServable, decode_inputs
     base, _ = exported
     like = os.path.join(base, "din_l", "1")
@@ -910,7 +910,7 @@ def test_identity_savedmodel_floor_takes_the_rank_request(exported, server, base
 def test_bench_serving_plot_layouts(tmp_path, lens, models):
     """The bench plot: panels per N over L when several L are timed, one panel over N
     when a single L is (several rank models, each with its floors)."""
-    from serving.bench import _plot
+    from lifelong.bench.serving import _plot
     rows = [dict(kind=kind, model=m, L=L, N=n, p50_ms=1.0 + n / 100)
             for L in lens for n in (1, 100)
             for kind, ms in (("rank", models), ("identity", models), ("identity_sm", models),

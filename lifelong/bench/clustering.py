@@ -1,4 +1,6 @@
-"""Benchmark of the TWIN V2 hierarchical clustering (Table 4 and the issue's targets).
+"""``lifelong cluster-bench``: speed and accuracy of the TWIN V2 hierarchical clustering.
+
+The numbers of the paper's Table 4 and of the clustering issue's targets.
 
 For users with T = 1,000 / 14,500 / 100,000 behaviors (the synthetic generator's
 event stream: items, categories and engagement of one user, embedded with the
@@ -17,7 +19,7 @@ category-anchored fallback of :mod:`beam_jobs.cluster`, d = 64 as in
 
 Prints a Markdown table and the command line; ``--out`` also writes JSON + Markdown.
 
-    python -m beam_jobs.cluster_bench [--sizes 1000,14500,100000] [--repeats 3] [--out DIR]
+    python -m lifelong.bench.clustering [--sizes 1000,14500,100000] [--repeats 3] [--out DIR]
 """
 from __future__ import annotations
 
@@ -193,7 +195,7 @@ def run(args: argparse.Namespace, extra: Optional[List[str]] = None) -> Dict[str
                                                           if b not in BENCH_BACKENDS]
     if bad:
         raise C.ClusterError(f"unknown variant/backend {bad}")
-    command = "python -m beam_jobs.cluster_bench " + " ".join(
+    command = "python -m lifelong.bench.clustering " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if extra is None else extra))
     rows = time_clustering(sizes, variants, backends, args.repeats, args.dim, args.seed,
                            args.sklearn_max)

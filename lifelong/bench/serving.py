@@ -1,6 +1,6 @@
-"""``lifelong bench serving`` and ``lifelong bench precompute``: numbers, not timed tests.
+"""``lifelong bench serving``: gRPC latency of ``rank`` against its floors; numbers, not timed tests.
 
-``bench serving`` (all in one run, one server process, one client process):
+All in one run, one server process, one client process:
 
 * ``rank`` of each ``--rank_models`` model through gRPC (the real client:
   cache-store read, request built from NumPy bytes, Predict, decode) for
@@ -25,18 +25,14 @@ vocabulary (the cost of a forward pass does not depend on the weights'
 values). The rank and identity configurations of one N are measured in
 interleaved rounds so that machine noise hits them alike (ratios from one run
 are what to compare; ``../shared/ANCHORS.md``). Prints a Markdown table, the
-target ratios and the command line; writes ``results.json`` and a PNG.
-
-``bench precompute``: users/s of the Beam precompute (``beam_jobs.precompute``,
-DirectRunner, in process) at L = ``--precompute_long_len`` for each model, with
-the cache bytes per user (the stored entry and the TFRecord).
+target ratios and the command line; writes ``results.json``
+(:mod:`lifelong.bench.record`) and a PNG. The users and untrained models are
+:mod:`lifelong.bench.workload`'s; ``lifelong bench precompute`` is
+:mod:`lifelong.bench.precompute`.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shlex
 import subprocess
 import sys
 import threading
@@ -45,95 +41,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from lifelong.bench import record
+from lifelong.bench.flags import parse_ints
+from lifelong.bench.workload import NUM_ITEMS, item_cate, synthetic_records, untrained_model
+from tfmodels.errors import UsageError
 
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags of ``lifelong bench serving|precompute`` (no TensorFlow import)."""
-    p.add_argument("what", choices=["serving", "precompute"], help="which benchmark")
-    p.add_argument("--long_lens", default="100,1000,10000", help="L values (default 100,1000,10000)")
-    p.add_argument("--candidates", default="1,100,1000", help="N values (default 1,100,1000)")
-    p.add_argument("--rank_models", default="avg_pool",
-                   help="serving: models whose `rank` is timed (default avg_pool)")
-    p.add_argument("--one_shot_model", default="din_l",
-                   help="serving: model whose serving_default is timed (default din_l)")
-    p.add_argument("--models", default="",
-                   help="precompute: comma separated models (default: every registered model)")
-    p.add_argument("--short_len", type=int, default=50, help="S (default 50)")
-    p.add_argument("--emb_dim", type=int, default=8, help="embedding size per field (default 8)")
-    p.add_argument("--din_hidden", default="16,8", help="DIN attention MLP (default 16,8)")
-    p.add_argument("--mlp_hidden", default="32,16", help="head MLP (default 32,16)")
-    p.add_argument("--users", type=int, default=8, help="serving: users cycled through (default 8)")
-    p.add_argument("--requests", type=int, default=300,
-                   help="serving: sequential requests per configuration (default 300)")
-    p.add_argument("--rounds", type=int, default=6,
-                   help="serving: interleaved rounds the requests are split into (default 6)")
-    p.add_argument("--seconds", type=float, default=1.0,
-                   help="serving: throughput window per configuration (default 1.0)")
-    p.add_argument("--threads", type=int, default=4, help="serving: client threads (default 4)")
-    p.add_argument("--one_shot_budget_s", type=float, default=10.0,
-                   help="serving: time budget per one-shot configuration (default 10)")
-    p.add_argument("--precompute_users", type=int, default=1000,
-                   help="precompute: users (default 1000)")
-    p.add_argument("--precompute_long_len", type=int, default=1000,
-                   help="precompute: L (default 1000)")
-    p.add_argument("--no_jit_rank", dest="jit_rank", action="store_false",
-                   help="serving: export rank WITHOUT XLA (default: `lifelong export --jit_rank`, "
-                   "the recommended ranking deployment)")
-    p.add_argument("--inter_op", type=int, default=-1,
-                   help="serving: the server's --inter_op (default -1, its default)")
-    p.add_argument("--intra_op", type=int, default=0,
-                   help="serving: the server's --intra_op (default 0, its default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="output folder (default artifacts/bench-<what>-<time>)")
-
-
-def _ints(text: str) -> List[int]:
-    return [int(x) for x in str(text).split(",") if x.strip()]
-
-
-# ---- synthetic users -------------------------------------------------------------------------
-NUM_ITEMS, NUM_CATES = 10_000, 100
-
-
-def _vocab():
-    from tfmodels import schema as S
-    return S.Vocab(NUM_ITEMS + S.FIRST_ID, NUM_CATES + S.FIRST_ID, 100_000 + S.FIRST_ID)
-
-
-def _item_cate(seed: int) -> np.ndarray:
-    from tfmodels import schema as S
-    rng = np.random.default_rng(seed)
-    return rng.integers(S.FIRST_ID, S.FIRST_ID + NUM_CATES, size=NUM_ITEMS + S.FIRST_ID)
-
-
-def synthetic_records(n_users: int, min_hist: int, max_hist: int, seed: int) -> List[bytes]:
-    """Per-user records (no impressions) with ``min_hist..max_hist`` behaviors each."""
-    from tfmodels import schema as S
-    rng = np.random.default_rng(seed + 1)
-    cate = _item_cate(seed)
-    out = []
-    for u in range(n_users):
-        h = int(rng.integers(min_hist, max_hist + 1))
-        items = rng.integers(S.FIRST_ID, S.FIRST_ID + NUM_ITEMS, size=h)
-        ts = 1_500_000_000 + np.cumsum(rng.integers(1, 600, size=h))
-        hist = {"hist_item_id": items, "hist_cate_id": cate[items], "hist_ts": ts,
-                "hist_engage": rng.random(h), "hist_domain": np.full(h, S.DEFAULT_DOMAIN)}
-        imps = {k: [] for k in S.IMPRESSION_FIELDS}
-        out.append(S.encode_user_record(S.FIRST_ID + u, f"u{u}", hist, imps))
-    return out
-
-
-def _model(args, name: str, L: int):
-    import tensorflow as tf
-    from tfmodels import schema as S
-    from tfmodels.model import build_model
-    from tfmodels.train import TrainConfig
-    tf.keras.utils.set_random_seed(args.seed)
-    fs = S.FeatureSchema(_vocab(), args.short_len, L)
-    return build_model(fs, name, emb_dim=args.emb_dim, mlp_hidden=_ints(args.mlp_hidden),
-                       din_hidden=_ints(args.din_hidden),
-                       din_normalize=TrainConfig().din_normalize)   # as `lifelong train`
+# the repository root (the server subprocess runs from it)
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ---- timing helpers ----------------------------------------------------------------------------
@@ -172,7 +86,7 @@ def _throughput(fn, threads: int, seconds: float) -> float:
 # ---- server process ------------------------------------------------------------------------------
 def start_server(base: str, identity: Sequence[str], log_path: str,
                  extra: Sequence[str] = ()) -> Tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "serving.server", "--base", base, "--port", "0",
+    cmd = [sys.executable, "-m", "lifelong.bench.identity", "--base", base, "--port", "0",
            "--poll_s", "0", "--max_request_mb", "1024", "--max_elements", "200000000",
            "--identity", ",".join(identity), *extra]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -203,7 +117,7 @@ def export_identity_model(like: str, base: str, name: str, version: int = 1) -> 
     import tensorflow as tf
     from tensorflow.core.protobuf import saved_model_pb2
     from serving import export as E
-    from serving.server import _spec_from_tensor_info
+    from serving.servable import spec_from_tensor_info
 
     sm = saved_model_pb2.SavedModel()
     with open(os.path.join(like, "saved_model.pb"), "rb") as f:
@@ -211,10 +125,10 @@ def export_identity_model(like: str, base: str, name: str, version: int = 1) -> 
     sig = sm.meta_graphs[0].signature_def["rank"]
     specs = {}
     for key, info in sig.inputs.items():
-        spec = _spec_from_tensor_info(info)    # the server's reading of a signature input
+        spec = spec_from_tensor_info(info)     # the server's reading of a signature input
         specs[key] = tf.TensorSpec(spec.shape, tf.as_dtype(spec.dtype), key)
     if "target_item_id" not in specs:
-        raise ValueError(f"{like}: its rank signature has no target_item_id input")
+        raise UsageError(f"{like}: its rank signature has no target_item_id input")
 
     def rank(inputs):
         return {"ctr": tf.zeros(tf.shape(inputs["target_item_id"])[:1], tf.float32)}
@@ -240,7 +154,8 @@ def bench_serving(args) -> Dict:
     from serving.client import RankingClient
     from serving.export import export_model
 
-    lens, ns = sorted(_ints(args.long_lens)), sorted(_ints(args.candidates))
+    lens = sorted(parse_ints(args.long_lens, "long_lens"))
+    ns = sorted(parse_ints(args.candidates, "candidates"))
     rank_models = [m for m in args.rank_models.split(",") if m]
     work = os.path.join(args.out, "work")
     base = os.path.join(work, "saved_models")
@@ -252,7 +167,7 @@ def bench_serving(args) -> Dict:
     for L in lens:
         for m in dict.fromkeys(rank_models + [args.one_shot_model]):
             name = f"{m}_L{L}"
-            exports[(m, L)] = export_model(_model(args, m, L), base, name, 1,
+            exports[(m, L)] = export_model(untrained_model(args, m, L), base, name, 1,
                                            jit_rank=args.jit_rank)["name"]
             print(f"[bench] exported {name}", file=sys.stderr, flush=True)
     for m in rank_models:
@@ -286,7 +201,7 @@ def bench_serving(args) -> Dict:
                     clients[(kind, m, L)] = RankingClient(address, f"{kind}_{m}_L{L}",
                                                           store, timeout_s=60)
         user_ids = [int(u) for u in uids]
-        cate = _item_cate(args.seed)
+        cate = item_cate(args.seed)
         rng = np.random.default_rng(args.seed + 2)
         cands = {}
         for n in ns:
@@ -295,7 +210,7 @@ def bench_serving(args) -> Dict:
         # raw per-user features for the one-shot path
         user_feats = {}
         for L in lens:
-            fs = _model(args, args.one_shot_model, L).feature_schema
+            fs = untrained_model(args, args.one_shot_model, L).feature_schema
             feats = D.user_history_features(tf.constant(records), fs)
             user_feats[L] = [{k: v[i:i + 1].numpy() for k, v in feats.items()
                               if k not in ("user_id", "imp_ts")} for i in range(len(records))]
@@ -497,82 +412,19 @@ def print_serving(res: Dict, command: str) -> None:
         print(f"| {t['target']} | {t['value']:.2f}x | {t['goal']} |")
 
 
-# ---- bench precompute ----------------------------------------------------------------------------
-def bench_precompute(args) -> Dict:
-    import tfmodels  # noqa: F401
-    import tensorflow as tf
-    from tfmodels import registry
-    from beam_jobs import precompute as P
-    from serving.cache_store import SQLiteCacheStore
-    from serving.export import export_model
-
-    L = args.precompute_long_len
-    models = [m for m in args.models.split(",") if m] or registry.names()
-    work = os.path.join(args.out, "work")
-    base = os.path.join(work, "saved_models")
-    os.makedirs(base, exist_ok=True)
-    rec_path = os.path.join(work, "users-00000-of-00001.tfrecord.gz")
-    records = synthetic_records(args.precompute_users, L, L + 200, args.seed)
-    with tf.io.TFRecordWriter(rec_path, options="GZIP") as w:
-        for r in records:
-            w.write(r)
-    rows = []
-    for m in models:
-        out = export_model(_model(args, m, L), base, m, 1)
-        ns = argparse.Namespace(records=rec_path, model=m, base=base, version=1, model_dir=None,
-                                output=os.path.join(work, f"cache_{m}"), num_shards=1,
-                                no_reshuffle=False, store=None)
-        store = SQLiteCacheStore(os.path.join(work, f"cache_{m}.db"))
-        rep = P.run(ns, ["--direct_num_workers=1"], store=store)
-        entry = store.get(m, 2)
-        store.close()
-        rows.append({"model": m, "L": L, "users": rep["users"], "wall_s": rep["wall_s"],
-                     "users_per_s": rep["users_per_s"],
-                     "store_bytes_per_user": entry.nbytes if entry else None,
-                     "record_bytes_per_user": rep.get("record_bytes_per_user"),
-                     "cache_tensors": {k: list(v.shape) for k, v in entry.tensors.items()}
-                     if entry else {}, "export_s": out["wall_s"]})
-        print(f"[bench] precompute {m}: {rep['users_per_s']:.0f} users/s, "
-              f"{rows[-1]['store_bytes_per_user']} B/user", file=sys.stderr, flush=True)
-    return {"rows": rows, "L": L, "users": args.precompute_users}
-
-
-def print_precompute(res: Dict, command: str) -> None:
-    print(f"command: {command}\n")
-    print(f"| model | L | users | wall s | users/s | stored bytes/user | record bytes/user | "
-          f"cache tensors (per user) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in res["rows"]:
-        tensors = ", ".join(f"{k} {v}" for k, v in r["cache_tensors"].items())
-        print(f"| {r['model']} | {r['L']:,} | {r['users']} | {r['wall_s']:.1f} | "
-              f"{r['users_per_s']:.0f} | {r['store_bytes_per_user']:,} | "
-              f"{r['record_bytes_per_user']:,.0f} | {tensors} |")
-
-
 # ---- entry -----------------------------------------------------------------------------------
+def _measure(args) -> Dict:
+    res = bench_serving(args)
+    res["ratios"] = serving_ratios(res)
+    res["plot"] = _plot(res, os.path.join(args.out, "bench_serving.png"))
+    return res
+
+
+def _show(res: Dict, command: str) -> None:
+    print_serving(res, command)
+    if res.get("plot"):
+        print(f"\nplot: {res['plot']}")
+
+
 def run(args) -> int:
-    command = "lifelong bench " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-    args.out = args.out or os.path.join("artifacts",
-                                        f"bench-{args.what}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(args.out, exist_ok=True)
-    env = {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
-    t0 = time.perf_counter()
-    if args.what == "serving":
-        res = bench_serving(args)
-        res["ratios"] = serving_ratios(res)
-        res["plot"] = _plot(res, os.path.join(args.out, "bench_serving.png"))
-    else:
-        res = bench_precompute(args)
-    env.update(loadavg_end=os.getloadavg(), wall_s=time.perf_counter() - t0)
-    res.update(command=command, env=env)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(res, f, indent=2, default=str)
-    if args.what == "serving":
-        print_serving(res, command)
-        if res.get("plot"):
-            print(f"\nplot: {res['plot']}")
-    else:
-        print_precompute(res, command)
-    print(f"results: {os.path.join(args.out, 'results.json')} (wall {env['wall_s']:.0f}s, load "
-          f"{env['loadavg_start'][0]:.1f} -> {env['loadavg_end'][0]:.1f})")
-    return 0
+    return record.run_in_folder(args, _measure, _show)

@@ -19,9 +19,10 @@ Users with fewer than J + 1 real behaviors are skipped (the silhouette needs
 fewer labels than points), and so are users for whom either labeling has a
 single non-empty cluster (silhouette undefined). Prints mean ± std over users.
 
-Usage (the ``lifelong`` subcommand is wired elsewhere)::
+Usage: ``lifelong cluster-quality --run RUN_DIR`` (the report the ``cformer`` registry
+entry declares), or::
 
-    python -m tfmodels.cluster_quality --run RUN_DIR [--split test] [--num_users 200]
+    python -m lifelong.reports.cluster_quality --run RUN_DIR [--split test] [--num_users 200]
 """
 from __future__ import annotations
 

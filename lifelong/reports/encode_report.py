@@ -9,7 +9,7 @@ behavior embeddings (the trained item embedding) of a sample of users.
 
 Usage::
 
-    python -m tfmodels.methods.encode_report --run RUN_DIR [--data DATA] [--users 200]
+    python -m lifelong.reports.encode_report --run RUN_DIR [--data DATA] [--users 200]
 """
 from __future__ import annotations
 

@@ -6,8 +6,8 @@
   r = 128 (7 cells); ``--design full`` every r x lambda pair (15). For every cell and seed
   it trains the registered ``lrea`` model with ``long_module_config`` {"rank": r,
   "lam": lambda} through :func:`tfmodels.train.train` / :func:`~tfmodels.train.evaluate`
-  (data prepared once with :func:`tfmodels.compare.prepare_data`), prints AUC / GAUC /
-  logloss per cell (mean +- std over seeds, :func:`tfmodels.compare.format_table`) and
+  (data prepared once with :func:`lifelong.compare.prepare_data`), prints AUC / GAUC /
+  logloss per cell (mean +- std over seeds, :func:`lifelong.compare.format_table`) and
   an AUC matrix, and writes ``results.{md,json}`` and the heatmap ``grid.png`` into
   the work directory. ``--absorbed_gap`` also measures :func:`absorbed_gap` per run.
 * :func:`absorbed_gap`: a trained LREA run evaluated with the training path
@@ -15,8 +15,8 @@
   (``model.rank(model.user_tower(x), x)``, R7): mean / max absolute CTR difference
   and the AUC of each path (:func:`tfmodels.metrics.auc`).
 
-CLI wiring is left to ``tfmodels.cli``: a subcommand calls ``add_arguments(parser)``
-and ``run(args, extra)``.
+``lifelong lrea-grid`` (the report the ``lrea`` registry entry declares) calls
+``add_arguments(parser)`` and ``run(args, extra)``.
 """
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def absorbed_gap(run_dir: str, split: str = "test", data: Optional[str] = None,
 # ---- the r x lambda grid ---------------------------------------------------------------------
 def add_arguments(parser) -> None:
     """Flags of the grid command: data as in ``lifelong compare``, the grid, train flags."""
-    from tfmodels.cli import _add_train_flags
+    from lifelong.cli import _add_train_flags
     parser.add_argument("--data", help="raw input: a MovieLens folder or a Taobao "
                         "UserBehavior.csv; default: the synthetic generator")
     parser.add_argument("--source", choices=["synthetic", "movielens", "taobao"],
@@ -247,12 +247,12 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
     ``make_cfg(args, **overrides) -> TrainConfig`` defaults to the CLI's builder
     (flags > --config file > defaults); ``extra`` goes to the data-prep step.
     """
-    from tfmodels import compare as C
+    from lifelong import compare as C
     from tfmodels import registry
     import tensorflow as tf
 
     if make_cfg is None:
-        from tfmodels.cli import _train_config as make_cfg
+        from lifelong.cli import _train_config as make_cfg
     extra = list(extra or [])
     model = getattr(args, "model", None) or "lrea"
     baselines = [b.strip() for b in str(getattr(args, "baselines", "") or "").split(",")
@@ -354,8 +354,8 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m tfmodels.methods.lrea_grid [grid flags]`` runs the grid;
-    ``python -m tfmodels.methods.lrea_grid gap --run RUN_DIR [--split test]`` prints
+    """``python -m lifelong.reports.lrea_grid [grid flags]`` runs the grid;
+    ``python -m lifelong.reports.lrea_grid gap --run RUN_DIR [--split test]`` prints
     :func:`absorbed_gap` of a trained run (until the ``lifelong`` CLI wires both)."""
     import argparse
     argv = sys.argv[1:] if argv is None else list(argv)
