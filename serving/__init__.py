@@ -4,7 +4,9 @@
   TensorFlow Serving's layout, plus ``models.config``;
 * :mod:`serving.cache_store` -- per-user cache entries in SQLite (default) or Redis;
 * :mod:`serving.server` -- a local server speaking TF Serving's gRPC API
-  (PredictionService Predict / GetModelMetadata, ModelService GetModelStatus);
+  (PredictionService Predict / GetModelMetadata, ModelService GetModelStatus), built
+  from :mod:`serving.servable`, :mod:`serving.model_manager`, :mod:`serving.validation`,
+  :mod:`serving.services`, :mod:`serving.errors` and :mod:`serving.paths`;
 * :mod:`serving.client` -- the thin ranking client (no TensorFlow on its import path);
 * :mod:`serving.bench` -- ``lifelong bench serving``;
 * ``serving/tf_serving.sh`` -- the production command (the real ``tensorflow/serving`` image).

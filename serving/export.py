@@ -54,6 +54,7 @@ import tensorflow as tf
 from tfmodels import data as D
 from tfmodels import schema as S
 from tfmodels.errors import LifelongError
+from serving.paths import inside
 
 SIGNATURES = ("user_tower", "rank", "serving_default")
 RECORDS = "records"
@@ -92,21 +93,16 @@ def validate_version(version) -> int:
     return version
 
 
-def _inside(base: str, path: str) -> bool:
-    base_r, path_r = os.path.realpath(base), os.path.realpath(path)
-    return path_r == base_r or path_r.startswith(base_r + os.sep)
-
-
 def model_dir(base: str, name: str) -> str:
     path = os.path.join(base, validate_model_name(name))
-    if not _inside(base, path) or os.path.realpath(path) == os.path.realpath(base):
+    if not inside(base, path):
         raise ExportError(f"model folder {path!r} resolves outside the base path {base!r}")
     return path
 
 
 def version_dir(base: str, name: str, version) -> str:
     path = os.path.join(model_dir(base, name), str(validate_version(version)))
-    if not _inside(base, path):
+    if not inside(base, path):
         raise ExportError(f"version folder {path!r} resolves outside the base path {base!r}")
     return path
 
@@ -519,7 +515,7 @@ def write_models_config(base: str, config_base: str = "/models", num_versions: i
     for name in sorted(os.listdir(base)):
         if not NAME_RE.match(name) or not list_versions(os.path.join(base, name)):
             continue
-        if not _inside(base, os.path.join(base, name)):
+        if not inside(base, os.path.join(base, name)):
             continue
         c = config.model_config_list.config.add()
         c.name = name

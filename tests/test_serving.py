@@ -320,7 +320,7 @@ def test_jit_rank_export_equals_plain_rank(name, exported, server, records, sche
     """`export --jit_rank` (XLA) ranks like the plain export, and rejects the same bad
     inputs with the same messages (its checks are computed inside the XLA cluster,
     which would drop an Assert, and one Assert outside gates the output)."""
-    from serving.server import SavedModelServable
+    from serving.servable import SavedModelServable
     plain = server.manager.get(name)
     # The same weights as the plain export: rebuilt with its seed, exported with jit_rank.
     jit_model = _build(schema, name, seed=MODELS.index(name))
@@ -354,7 +354,7 @@ def test_jit_rank_export_equals_plain_rank(name, exported, server, records, sche
             jit.run("rank", bad)
         # Every input made bad in turn (ids -1, floats NaN): the XLA checks fail exactly
         # where the plain export's do, with the same message.
-        from serving.server import _first_line
+        from serving.services import _first_line
         checked = 0
         for k, v in feed.items():
             x = np.array(v)
@@ -801,6 +801,71 @@ def test_symlink_escaping_the_base_is_rejected(tmp_path, schema):
     assert not os.listdir(outside)
 
 
+def test_inside_edges(tmp_path):
+    """The one containment rule of the exporter and the model manager
+    (:func:`serving.paths.inside`): strictly below the base, by whole path components,
+    after following symlinks."""
+    from serving.paths import inside
+    base = tmp_path / "b"
+    (base / "m" / "1").mkdir(parents=True)
+    (tmp_path / "bc").mkdir()
+    os.symlink(tmp_path / "bc", base / "escape")
+    os.symlink(base / "m", base / "alias")
+    assert inside(str(base), str(base / "m")) and inside(str(base), str(base / "m" / "1"))
+    assert inside(str(base), str(base / "alias"))               # a link that stays inside
+    assert not inside(str(base), str(base))                      # the base itself
+    assert not inside(str(base), str(base) + os.sep)
+    assert not inside(str(base), str(base / "m" / ".."))         # resolves to the base
+    assert not inside(str(base), str(tmp_path / "bc"))           # /x/b vs sibling /x/bc
+    assert not inside(str(base), str(base / "escape"))           # symlink escaping
+    assert not inside(str(base), str(base / "escape" / "x"))
+
+
+def test_folders_resolving_to_the_base_itself_are_rejected(tmp_path):
+    """A model or version folder that is a link to the base itself is rejected by the
+    exporter (model and version alike) and skipped by the server's model manager, with
+    or without models.config; a sibling sharing the base's name prefix is skipped too."""
+    from serving.model_manager import ModelManager
+    base = tmp_path / "b"
+    (base / "m").mkdir(parents=True)
+    (tmp_path / "bc" / "1").mkdir(parents=True)
+    os.symlink(base, base / "self")
+    os.symlink(base, base / "m" / "7")
+    os.symlink(tmp_path / "bc", base / "prefix")
+    with pytest.raises(E.ExportError, match="model folder .* outside the base path"):
+        E.version_dir(str(base), "self", 1)
+    with pytest.raises(E.ExportError, match="version folder .* outside the base path"):
+        E.version_dir(str(base), "m", 7)
+    assert E.version_dir(str(base), "m", 8) == os.path.join(str(base), "m", "8")
+    manager = ModelManager(str(base), poll_interval_s=0)
+    assert [c.name for c in manager.read_config()] == ["m"]
+    (base / "models.config").write_text(
+        "model_config_list { config { name: 'self' base_path: '%s' } "
+        "config { name: 'prefix' base_path: '%s' } config { name: 'm' base_path: '%s' } }"
+        % (base, tmp_path / "bc", base / "m"))
+    assert [c.name for c in manager.read_config()] == ["m"]
+
+
+def test_port_taken_is_a_one_line_server_error(tmp_path, capsys):
+    """A taken port: ServerError (still an OSError, and a LifelongError), which
+    `lifelong serve` reports as one line with exit code 2."""
+    from lifelong import cli
+    from serving.server import ServerError
+    from tfmodels.errors import LifelongError
+    busy = LocalServer(str(tmp_path), port=0, poll_interval_s=0)
+    try:
+        with pytest.raises(ServerError, match=f"^cannot bind 127.0.0.1:{busy.port}$") as e:
+            LocalServer(str(tmp_path), port=busy.port, poll_interval_s=0)
+        assert isinstance(e.value, OSError) and isinstance(e.value, LifelongError)
+        capsys.readouterr()
+        assert cli.main(["serve", "--base", str(tmp_path), "--port", str(busy.port),
+                         "--poll_s", "0"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"lifelong serve: error: cannot bind 127.0.0.1:{busy.port}\n"
+    finally:
+        busy.stop()
+
+
 # ---- users without a cache entry ------------------------------------------------------------------
 def test_user_without_cache_entry(server, store, features):
     client = RankingClient(server.address, "avg_pool", store, timeout_s=30)
@@ -869,7 +934,8 @@ def test_identity_savedmodel_floor_takes_the_rank_request(exported, server, base
     model it mirrors, ctr = zeros [N]; it answers the model's own rank request unchanged
     and rejects what rank rejects (a missing input) before any session call."""
     from lifelong.bench.serving import export_identity_model
-    from serving.server import SavedModelServable, decode_inputs
+    from serving.servable import SavedModelServable
+    from serving.validation import decode_inputs
     base, _ = exported
     like = os.path.join(base, "din_l", "1")
     path = export_identity_model(like, str(tmp_path), "identity_sm_din_l")
@@ -925,7 +991,7 @@ def test_bench_serving_plot_layouts(tmp_path, lens, models):
 def test_servable_run_casts_inputs_to_the_signature_dtypes(exported):
     """`SavedModelServable.run` feeds through the session's callable, which takes exact
     dtypes: Python lists and int32 ids are cast to the signature's dtypes first."""
-    from serving.server import SavedModelServable
+    from serving.servable import SavedModelServable
     base, _ = exported
     sv = SavedModelServable("avg_pool", 1, os.path.join(base, "avg_pool", "1"))
     try:
