@@ -30,27 +30,34 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
 
-# TensorFlow's DataType enum values (tensorflow/core/framework/types.proto; stable).
+# TensorFlow's DataType enum (tensorflow/core/framework/types.proto; values stable), one
+# row per value: its name, the NumPy dtype a tensor of it decodes to and the TensorProto
+# field holding its typed values (both None: named in messages, never decoded here).
 DT_INVALID = 0
-DTYPE_TO_NUMPY: Dict[int, np.dtype] = {
-    1: np.dtype("<f4"),    # DT_FLOAT
-    2: np.dtype("<f8"),    # DT_DOUBLE
-    3: np.dtype("<i4"),    # DT_INT32
-    4: np.dtype("u1"),     # DT_UINT8
-    5: np.dtype("<i2"),    # DT_INT16
-    6: np.dtype("i1"),     # DT_INT8
-    7: np.dtype(object),   # DT_STRING
-    9: np.dtype("<i8"),    # DT_INT64
-    10: np.dtype("?"),     # DT_BOOL
-    17: np.dtype("<u2"),   # DT_UINT16
-    19: np.dtype("<f2"),   # DT_HALF
-    22: np.dtype("<u4"),   # DT_UINT32
-    23: np.dtype("<u8"),   # DT_UINT64
+_DTYPES: Dict[int, Tuple[str, Optional[np.dtype], Optional[str]]] = {
+    0: ("DT_INVALID", None, None),
+    1: ("DT_FLOAT", np.dtype("<f4"), "float_val"),
+    2: ("DT_DOUBLE", np.dtype("<f8"), "double_val"),
+    3: ("DT_INT32", np.dtype("<i4"), "int_val"),
+    4: ("DT_UINT8", np.dtype("u1"), "int_val"),
+    5: ("DT_INT16", np.dtype("<i2"), "int_val"),
+    6: ("DT_INT8", np.dtype("i1"), "int_val"),
+    7: ("DT_STRING", np.dtype(object), "string_val"),
+    8: ("DT_COMPLEX64", None, None),
+    9: ("DT_INT64", np.dtype("<i8"), "int64_val"),
+    10: ("DT_BOOL", np.dtype("?"), "bool_val"),
+    17: ("DT_UINT16", np.dtype("<u2"), "int_val"),
+    18: ("DT_COMPLEX128", None, None),
+    19: ("DT_HALF", np.dtype("<f2"), "half_val"),
+    20: ("DT_RESOURCE", None, None),
+    21: ("DT_VARIANT", None, None),
+    22: ("DT_UINT32", np.dtype("<u4"), "uint32_val"),
+    23: ("DT_UINT64", np.dtype("<u8"), "uint64_val"),
 }
-DTYPE_NAMES = {0: "DT_INVALID", 1: "DT_FLOAT", 2: "DT_DOUBLE", 3: "DT_INT32", 4: "DT_UINT8",
-               5: "DT_INT16", 6: "DT_INT8", 7: "DT_STRING", 8: "DT_COMPLEX64", 9: "DT_INT64",
-               10: "DT_BOOL", 17: "DT_UINT16", 18: "DT_COMPLEX128", 19: "DT_HALF",
-               20: "DT_RESOURCE", 21: "DT_VARIANT", 22: "DT_UINT32", 23: "DT_UINT64"}
+DTYPE_NAMES: Dict[int, str] = {k: name for k, (name, _, _) in _DTYPES.items()}
+DTYPE_TO_NUMPY: Dict[int, np.dtype] = {k: dt for k, (_, dt, _) in _DTYPES.items()
+                                       if dt is not None}
+_TYPED_FIELD: Dict[int, str] = {k: f for k, (_, _, f) in _DTYPES.items() if f is not None}
 _NUMPY_TO_DTYPE = {np.dtype(v).str if v.kind != "O" else "O": k for k, v in DTYPE_TO_NUMPY.items()}
 
 # The proto files the client needs (dependencies are followed automatically).
@@ -204,11 +211,6 @@ def make_tensor_proto(value, proto_class=None):
     proto = (proto_class or messages().TensorProto)()
     fill_tensor_proto(proto, value)
     return proto
-
-
-_TYPED_FIELD = {1: "float_val", 2: "double_val", 3: "int_val", 4: "int_val", 5: "int_val",
-                6: "int_val", 7: "string_val", 9: "int64_val", 10: "bool_val", 17: "int_val",
-                19: "half_val", 22: "uint32_val", 23: "uint64_val"}
 
 
 def tensor_shape(proto) -> Tuple[int, ...]:
