@@ -42,6 +42,45 @@ def test_din_matches_concat_reference():
     assert np.all(out[0] == 0), "a row without valid behaviors must give a zero vector"
 
 
+def _concat_first_layer(layer, keys, query):
+    """[k, q, k - q, k * q] W + b: the DIN unit's first layer on the literal concatenation
+    (keys [B or 1, L, d] broadcast against query [B, d]) -> [B, L, h0]."""
+    t = np.broadcast_to(query[:, None, :], (query.shape[0],) + keys.shape[1:])
+    k = np.broadcast_to(keys, t.shape)
+    x = np.concatenate([k, t, k - t, k * t], -1)
+    return x @ layer.w1.numpy() + layer.b1.numpy()
+
+
+def test_din_first_layer_split_equals_the_concatenation():
+    """The split blocks (W_a + W_c, W_b - W_c, W_d) give the concatenation formula, in
+    both layouts: per candidate (DinAttention's own) and one user against N candidates
+    (the serving path's single GEMM), with a precomputed key projection used as is."""
+    rng = np.random.default_rng(4)
+    d, h0 = 5, 7
+    layer = DinAttention((h0, 3))
+    layer.build(tf.TensorShape([None, None, d]))
+    layer.w1.assign(rng.normal(size=(4 * d, h0)))
+    layer.b1.assign(rng.normal(size=h0))            # a bias that is not zero
+    keys = rng.normal(size=(3, 6, d)).astype(np.float32)
+    query = rng.normal(size=(3, d)).astype(np.float32)
+    got = layer.first_layer(tf.constant(keys), tf.constant(query)).numpy()
+    assert got.shape == (3, 6, h0)
+    np.testing.assert_allclose(got, _concat_first_layer(layer, keys, query), atol=1e-4)
+
+    one = rng.normal(size=(1, 6, d)).astype(np.float32)      # one user's keys
+    cands = rng.normal(size=(4, d)).astype(np.float32)       # N = 4 candidates
+    want = _concat_first_layer(layer, one, cands)
+    for one_user in (False, True):
+        got = layer.first_layer(tf.constant(one), tf.constant(cands), one_user=one_user)
+        assert got.shape == (4, 6, h0)
+        np.testing.assert_allclose(got.numpy(), want, atol=1e-4)
+    shifted = layer.precompute(tf.constant(one)) + 1.0      # key_proj is taken as given
+    for one_user in (False, True):
+        got = layer.first_layer(tf.constant(one), tf.constant(cands), key_proj=shifted,
+                                one_user=one_user).numpy()
+        np.testing.assert_allclose(got, want + 1.0, atol=1e-4)
+
+
 def test_din_precompute_and_broadcast():
     rng = np.random.default_rng(1)
     keys = rng.normal(size=(1, 5, 4)).astype(np.float32)

@@ -190,18 +190,44 @@ class DinAttention(tf.keras.layers.Layer):
         w_key, _, _ = self._blocks()
         return tf.einsum("bld,dh->blh", keys, w_key) + self.b1
 
-    def attention_weights(self, keys, mask, query, key_proj=None):
-        """Per-position weights w_l [B, L] (masked, unnormalised unless softmax)."""
-        self._build_for_dim(int(keys.shape[-1]))
+    def first_layer(self, keys, query, key_proj=None, one_user: bool = False):
+        """Pre-activation of the attention MLP's first layer,
+        [e_l, e_t, e_l - e_t, e_l * e_t] W + b1 -> [B, L, h0], through the split blocks:
+        key_proj (= :meth:`precompute`) + e_t (W_b - W_c) + (e_l * e_t) W_d. The one
+        implementation of the split; :meth:`attention_weights` and the serving path
+        (:func:`tfmodels.model.din_one_user`) both call it.
+
+        * default: keys [B or 1, L, d], query [B, d]. (e_l * e_t) W_d is computed as
+          e_l (diag(e_t) W_d), B small batched matmuls over the keys broadcast to B.
+        * ``one_user=True``: keys [1, S, d] of ONE user, query [N, d] -> [N, S, h0].
+          Per position, M_l = W_b - W_c + diag(e_l) W_d ([S, d, h0]) does not depend
+          on the candidate, so all N x S pre-activations come out of ONE GEMM
+          query [N, d] x M [d, S * h0] (faster for many candidates; equal up to float
+          reassociation, about 1e-7).
+
+        ``key_proj``: this layer's :meth:`precompute` of ``keys``, when already computed.
+        """
+        d = int(keys.shape[-1])
+        self._build_for_dim(d)
         if key_proj is None:
-            key_proj = self.precompute(keys)
-        _, w_query, w_cross = self._blocks()
+            key_proj = self.precompute(keys)                           # [B or 1, L, h0]
+        _, w_query, w_cross = self._blocks()                           # [d, h0] each
+        if one_user:
+            k = keys[0]                                                # [S, d]
+            m = k[:, :, None] * w_cross[None] + w_query[None]          # [S, d, h0]
+            m = tf.reshape(tf.transpose(m, [1, 0, 2]), [d, -1])        # [d, S*h0]
+            pre = tf.matmul(query, m) + tf.reshape(key_proj[0], [1, -1])   # [N, S*h0]
+            return tf.reshape(pre, tf.stack([-1, tf.shape(k)[0], self.hidden[0]]))
         q = tf.matmul(query, w_query)                                  # [B, h0]
         # (e_l * e_t) W_d = e_l (diag(e_t) W_d): per candidate, [B, L, h0].
         cross = tf.einsum("bld,bdh->blh", tf.broadcast_to(
             keys, tf.concat([tf.shape(query)[:1], tf.shape(keys)[1:]], 0)),
             query[:, :, None] * w_cross[None])
-        h = self.act1(key_proj + q[:, None, :] + cross)
+        return key_proj + q[:, None, :] + cross
+
+    def attention_weights(self, keys, mask, query, key_proj=None):
+        """Per-position weights w_l [B, L] (masked, unnormalised unless softmax)."""
+        h = self.act1(self.first_layer(keys, query, key_proj))
         logits = tf.squeeze(self.rest(h), -1)                          # [B, L]
         mask = tf.broadcast_to(mask, tf.shape(logits))
         if self.normalize == "softmax":

@@ -221,31 +221,19 @@ def din_one_user(din: DinAttention, keys: tf.Tensor, mask: tf.Tensor,
 
     Shapes: keys [1, S, d], mask [1, S], query [N, d] -> [N, d]. Equal to
     :class:`DinAttention` up to float reassociation (about 1e-7), but organised
-    for serving: with W = [W_a; W_b; W_c; W_d] the first layer is, per candidate n
-    and position l,
-
-        e_l (W_a + W_c) + b_1  +  e_t (W_b - W_c + diag(e_l) W_d).
-
-    The first term is ``din.precompute`` ([S, h0]) and the bracket
-    M_l = W_b - W_c + diag(e_l) W_d ([S, d, h0]) does not depend on the candidate
-    either, so both are computed once per request and all N x S pre-activations
-    come out of ONE GEMM query [N, d] x M [d, S * h0], already laid out as
-    [N, S, h0]. :class:`DinAttention` instead broadcasts the keys to an
-    [N, S, d] copy and runs N small batched matmuls against per-candidate
+    for serving: the first layer is ``din.first_layer(..., one_user=True)``, which
+    computes the candidate-independent parts once per request (``precompute`` and
+    M_l = W_b - W_c + diag(e_l) W_d) and all N x S pre-activations with ONE GEMM
+    query [N, d] x M [d, S * h0]. :class:`DinAttention` instead broadcasts the keys
+    to an [N, S, d] copy and runs N small batched matmuls against per-candidate
     diag(e_t) W_d matrices; on 2 cores (d = 32, 80-40, N = 1,000) this path is
     about 1.5-2.3x faster. The attention MLP's remaining layers (which dominate
     what is left) run unchanged.
     """
-    d = int(keys.shape[-1])
-    din._build_for_dim(d)
     k = keys[0]                                                     # [S, d]
     s = tf.shape(k)[0]
     h0 = din.hidden[0]
-    _, w_query, w_cross = din._blocks()                             # [d, h0] each
-    key_proj = tf.reshape(din.precompute(keys)[0], [1, -1])         # [1, S*h0]
-    m = k[:, :, None] * w_cross[None] + w_query[None]               # [S, d, h0]
-    m = tf.reshape(tf.transpose(m, [1, 0, 2]), [d, -1])             # [d, S*h0]
-    pre = tf.reshape(tf.matmul(query, m) + key_proj, [-1, h0])     # [N*S, h0]
+    pre = tf.reshape(din.first_layer(keys, query, one_user=True), [-1, h0])   # [N*S, h0]
     # The rest of the attention MLP on a 2-D [N*S, h0] matrix: plain MatMul + BiasAdd
     # (a Dense layer on [N, S, h0] would go through tensordot's reshapes per layer).
     logits = tf.reshape(din.rest(din.act1(pre)), tf.stack([-1, s]))  # [N, S]
