@@ -4,7 +4,7 @@ Why our own kernel and not scikit-learn / faiss: one user needs hundreds of
 k-means calls on sets of 20 to a few thousand rows. scikit-learn's ``KMeans``
 pays about 1.2 ms of Python/validation overhead per call (ANCHORS), faiss about
 0.16 s per 14,500-behavior user, and the batched NumPy version
-(:func:`beam_jobs.cluster.hierarchical_clustering`) still pays NumPy call overhead
+(:func:`beam_jobs.cluster_algo.hierarchical_clustering`) still pays NumPy call overhead
 and passes over small temporaries. Compiled, each k-means is a few tight loops over
 a contiguous [n, d] buffer, so the cost is the arithmetic (ANCHORS: numba 0.069 s
 per user at 14,500, one core).
@@ -28,7 +28,7 @@ inside the compiled function), so a fixed ``seed`` gives the same labels on ever
 run and worker, but not the same labels as the NumPy backend.
 
 ``numba`` is optional at import time: :data:`AVAILABLE` tells whether it loaded;
-:mod:`beam_jobs.cluster` falls back to the NumPy backend without it.
+:mod:`beam_jobs.cluster_algo` falls back to the NumPy backend without it.
 """
 from __future__ import annotations
 
@@ -275,7 +275,7 @@ def _hierarchical(emb, groups, gamma, variant, max_iter, tol, seed, delta_power,
 def hierarchical_clustering_numba(emb: np.ndarray, groups: np.ndarray, gamma: int,
                                   variant: str, max_iter: int, seed: int, tol: float,
                                   delta_power: float, stats: dict) -> np.ndarray:
-    """Python entry point (validated arguments come from :mod:`beam_jobs.cluster`).
+    """Python entry point (validated arguments come from :mod:`beam_jobs.cluster_algo`).
 
     ``stats`` accumulates ``kmeans_sets`` and ``chunk_fallbacks``; when it has a
     ``trace`` key it gets an int array [calls, 2] of (set size, delta) per k-means call."""

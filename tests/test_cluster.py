@@ -6,12 +6,16 @@ import glob
 import json
 import math
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from beam_jobs import cluster as C
+from beam_jobs import cluster as CJ
+from beam_jobs import cluster_algo as C
+from beam_jobs import cluster_snapshot as CS
 from tfmodels import schema as S
 
 VARIANTS = C.VARIANTS
@@ -38,6 +42,24 @@ def _check_partition(labels, groups, gamma, t):
     assert sizes.sum() == t and sizes.max() < gamma
     for c in range(len(sizes)):
         assert len(set(groups[labels == c])) == 1, "a cluster mixes engagement groups"
+
+
+# ---- module layering -------------------------------------------------------------------------
+def test_algorithm_imports_without_beam():
+    """The NumPy algorithm and the snapshot logic import without Apache Beam (benchmarks and
+    notebooks use them alone); the Beam job, imported next in the same fresh interpreter,
+    does load Beam, so the check would see it."""
+    code = ("import sys\n"
+            "beam = lambda: sorted(m for m in sys.modules if m.split('.')[0] == 'apache_beam')\n"
+            "import beam_jobs.cluster_algo, beam_jobs.cluster_snapshot\n"
+            "print(len(beam()))\n"
+            "import beam_jobs.cluster\n"
+            "print(len(beam()) > 0)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["0", "True"], r.stdout
 
 
 # ---- Algorithm 1 -------------------------------------------------------------------------
@@ -230,18 +252,18 @@ def test_plan_groups_grid_and_keep_recent():
     hist_ts = np.arange(0, 1000, 10)                 # 100 rows, ts 0..990
     imp_ts = np.array([255, 505, 515, 995])
     p = np.array([26, 51, 52, 100])                  # rows strictly before each impression
-    groups = C.plan_groups(hist_ts, imp_ts, p, snapshot_ts=500, refresh_s=250,
-                           keep_recent=10, max_cluster_history=1000)
+    groups = CS.plan_groups(hist_ts, imp_ts, p, snapshot_ts=500, refresh_s=250,
+                            keep_recent=10, max_cluster_history=1000)
     assert [g["imps"] for g in groups] == [[0], [1, 2], [3]]
     assert [g["snapshot"] for g in groups] == [250, 500, 750]
     # c = min(#rows with ts < s, p_min - keep_recent)
     assert [(g["lo"], g["c"], g["hi"]) for g in groups] == [(0, 16, 26), (0, 41, 52),
                                                            (0, 75, 100)]
     # per-record rule (no snapshot ts) and the history cap
-    (g,) = C.plan_groups(hist_ts, imp_ts, p, None, 0, keep_recent=10, max_cluster_history=5)
+    (g,) = CS.plan_groups(hist_ts, imp_ts, p, None, 0, keep_recent=10, max_cluster_history=5)
     assert (g["lo"], g["c"], g["hi"], g["snapshot"]) == (11, 16, 100, None)
     # impressions before a single snapshot fall back to the per-record rule
-    gs = C.plan_groups(hist_ts, imp_ts, p, 600, 0, keep_recent=0)
+    gs = CS.plan_groups(hist_ts, imp_ts, p, 600, 0, keep_recent=0)
     assert [(g["imps"], g["snapshot"], g["c"]) for g in gs] == [([0, 1, 2], None, 26),
                                                                ([3], 600, 60)]
 
@@ -250,7 +272,7 @@ def test_plan_groups_grid_and_keep_recent():
 def _records(path, split):
     out = []
     for f in sorted(glob.glob(S.split_pattern(path, split))):
-        out.extend(C.parse_record(r.numpy()) | {"raw": r.numpy()} for r in
+        out.extend(CS.parse_record(r.numpy()) | {"raw": r.numpy()} for r in
                    tf.data.TFRecordDataset(f, compression_type="GZIP"))
     return out
 
@@ -262,12 +284,12 @@ def _sizes(raw):
 
 def _run_job(data, out, **flags):
     parser = argparse.ArgumentParser()
-    C.add_arguments(parser)
+    CJ.add_arguments(parser)
     argv = ["--data", data, "--output", out, "--write_members", "--num_shards", "2"]
     for k, v in flags.items():
         argv += [f"--{k}", str(v)]
     args, beam_args = parser.parse_known_args(argv)
-    return C.run(args, beam_args)
+    return CJ.run(args, beam_args)
 
 
 @pytest.fixture(scope="module")

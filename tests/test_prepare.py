@@ -17,6 +17,9 @@ import tensorflow as tf
 
 from beam_jobs import adapters as A
 from beam_jobs import prepare as P
+from beam_jobs import prepare_protocols as PR
+from beam_jobs import prepare_transforms as PT
+from beam_jobs import prepare_vocab as PV
 from tfmodels import schema as S
 
 # --------------------------------------------------------------------------------------
@@ -294,9 +297,9 @@ def test_max_history_rule_visible_rows_are_true_suffixes():
               for k in range(40)]
     ids = {f"i{k}": S.FIRST_ID + k for k in range(30)}
     cuts = (1000 + 10 * 20, 1000 + 10 * 30)
-    full, _ = P.per_event_user("u", events, ids, {"c": 2}, cuts, 4.0, 0)
+    full, _ = PR.per_event_user("u", events, ids, {"c": 2}, cuts, 4.0, 0)
     for m in (1, 3, 7, 25):
-        recs, summary = P.per_event_user("u", events, ids, {"c": 2}, cuts, 4.0, m)
+        recs, summary = PR.per_event_user("u", events, ids, {"c": 2}, cuts, 4.0, m)
         assert summary["used_rows"] == 40
         for rec, ref in zip(recs, full):
             assert rec["imps"]["imp_ts"] == ref["imps"]["imp_ts"]
@@ -312,14 +315,14 @@ def test_max_history_rule_visible_rows_are_true_suffixes():
 
 
 def test_last_item_user_negatives_and_filter():
-    vocab = P.build_vocab([(f"i{k}", (10 - k % 3, f"c{k % 4}")) for k in range(20)])
+    vocab = PV.build_vocab([(f"i{k}", (10 - k % 3, f"c{k % 4}")) for k in range(20)])
     cates = {f"c{k}": S.FIRST_ID + k for k in range(4)}
-    keyed, summary = P.last_item_user("u", [("i1", "c1", 5, 1.0, 1)] * 2, vocab, cates, 0)
+    keyed, summary = PR.last_item_user("u", [("i1", "c1", 5, 1.0, 1)] * 2, vocab, cates, 0)
     assert keyed is None and summary["filtered"] == {"user_too_few_behaviors": 2}
     labels = []
     for user in range(400):
         ev = [(f"i{(user + k) % 20}", f"c{(user + k) % 4}", 100 + k, 1.0, 1) for k in range(5)]
-        (key, rec), summary = P.last_item_user(str(user), ev, vocab, cates, 7, max_history=3)
+        (key, rec), summary = PR.last_item_user(str(user), ev, vocab, cates, 7, max_history=3)
         assert key == (104, str(user))
         assert rec["hist"]["hist_ts"] == [101, 102, 103]
         assert rec["imps"]["imp_hist_index"] == [3]
@@ -335,7 +338,7 @@ def test_last_item_user_negatives_and_filter():
             assert item == orig
         labels.append(rec["imps"]["imp_label"][0])
     assert 0.4 < sum(labels) / len(labels) < 0.6
-    assert P.user_seed(0, "u") == P.user_seed(0, "u") != P.user_seed(1, "u")
+    assert PR.user_seed(0, "u") == PR.user_seed(0, "u") != PR.user_seed(1, "u")
 
 
 def test_exact_cuts_and_vocab_helpers():
@@ -344,17 +347,17 @@ def test_exact_cuts_and_vocab_helpers():
     for fr in ((0.7, 0.8), (0.0, 1.0), (0.5, 0.5)):
         hist = {}
         for x in xs:
-            hist[P._hour(x)] = hist.get(P._hour(x), 0) + 1
-        plan = P.plan_cuts(hist.items(), fr)
-        fine = [x for x in xs if P._in_plan(x, P._hour, plan)]
-        cuts = P.finish_cuts(fine, P._hour, plan)
+            hist[PT._hour(x)] = hist.get(PT._hour(x), 0) + 1
+        plan = PT.plan_cuts(hist.items(), fr)
+        fine = [x for x in xs if PT._in_plan(x, PT._hour, plan)]
+        cuts = PT.finish_cuts(fine, PT._hour, plan)
         srt = sorted(xs)
         for f, c in zip(fr, cuts):
             k = int(f * len(xs))
             assert c == (srt[k] if k < len(xs) else None)
-    assert P.split_index(5, (6, 8)) == 0 and P.split_index(6, (6, 8)) == 1
-    assert P.split_index(9, (6, 8)) == 2 and P.split_index(9, (None, None)) == 0
-    v = P.build_vocab([("b", 3), ("a", 3), ("c", 1), ("d", 5)], min_count=2)
+    assert PR.split_index(5, (6, 8)) == 0 and PR.split_index(6, (6, 8)) == 1
+    assert PR.split_index(9, (6, 8)) == 2 and PR.split_index(9, (None, None)) == 0
+    v = PV.build_vocab([("b", 3), ("a", 3), ("c", 1), ("d", 5)], min_count=2)
     assert v["keys"] == ["d", "a", "b"] and v["ids"]["d"] == S.FIRST_ID
     assert v["oov_keys"] == 1 and "c" not in v["ids"]
 

@@ -36,7 +36,8 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from beam_jobs import cluster as C
+from beam_jobs import cluster as CJ
+from beam_jobs import cluster_algo as C
 
 # The item space of the benchmark users, pinned (not the generator's defaults, which
 # other work may resize): 20,000 items in 200 categories.
@@ -153,10 +154,10 @@ def beam_throughput(users: int, history: int, seed: int) -> Dict[str, Any]:
     with open(os.path.join(data, S.META_FILE), "w") as f:
         json.dump(meta, f)
     parser = argparse.ArgumentParser()
-    C.add_arguments(parser)
+    CJ.add_arguments(parser)
     args, beam_args = parser.parse_known_args(["--data", data, "--output",
                                                os.path.join(work, "out"), "--num_shards", "1"])
-    report = C.run(args, beam_args)
+    report = CJ.run(args, beam_args)
     return {"users": users, "history": history, "pipeline_seconds": report["pipeline_seconds"],
             "users_per_second": report["users_per_second"],
             "cluster_seconds": report["summary"]["cluster_seconds"],

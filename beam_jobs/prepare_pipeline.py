@@ -1,0 +1,167 @@
+"""The graph of the sample-building job: source -> vocabularies -> protocol -> TFRecords.
+
+:func:`build_pipeline` adds the whole job to a ``beam.Pipeline`` (the driver,
+:mod:`beam_jobs.prepare`, runs it):
+
+1. source -> users ``(user_key, events, impressions|None)``;
+2. dead letters -> ``dead_letter/rows-*.tsv``;
+3. item and category vocabularies (combiners -> side inputs) -> ``vocab/*.tsv``;
+4. the protocol, with exact time cuts (per event) or user cuts (user splits);
+5. the user vocabulary (users with at least one record);
+6. encode and write ``{train,valid,test}-*.tfrecord.gz``;
+7. the report's counts, summed -> ``_counts.json`` (read back by the driver).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Mapping
+
+import apache_beam as beam
+
+from beam_jobs import adapters as A
+from beam_jobs.prepare_protocols import split_index
+from beam_jobs.prepare_transforms import (ApplyProtocol, EncodeRecords, ExactCuts, GenerateUsers,
+                                          ParseRows, _hour, _hour_of_key)
+from beam_jobs.prepare_vocab import (CategoryOfItem, build_vocab, vocab_counts,
+                                     vocab_item_rows, vocab_tsv)
+from beam_jobs.sharded_io import SumCounts, join, read_text_file, write_split, write_text_file
+from tfmodels import schema as S
+
+COUNTS_FILE = "_counts.json"     # the pipeline's own report (read back by the driver)
+VOCAB_DIR = "vocab"
+DEAD_LETTER_DIR = "dead_letter"
+
+
+def _assign_split(keyed, cuts):
+    key, rec = keyed
+    rec = dict(rec)
+    rec["split"] = S.SPLITS[split_index(key, cuts)]
+    return rec
+
+
+def _split_of(kv, n):
+    return S.SPLITS.index(kv[0])
+
+
+def build_pipeline(p: beam.Pipeline, settings: Mapping[str, Any], args: argparse.Namespace,
+                   synthetic_config=None) -> None:
+    """Add the whole job to ``p``."""
+    source, protocol = settings["source"], settings["protocol"]
+    out = args.output
+    counts_parts = []
+
+    # ---- 1. source -> users (user_key, events, impressions|None) ----------------------
+    if source == "synthetic":
+        n = synthetic_config.num_users
+        chunk = 100
+        gen = (p
+               | "UserRanges" >> beam.Create([(s, min(n, s + chunk)) for s in range(0, n, chunk)])
+               | "SpreadUsers" >> beam.Reshuffle()
+               | "Generate" >> beam.ParDo(GenerateUsers(synthetic_config.to_dict(),
+                                                        settings.get("time_window")))
+               .with_outputs("dead", "counts", main="users"))
+        users, dead = gen.users, gen.dead
+        counts_parts.append(gen.counts)
+    else:
+        if source == "movielens":
+            ratings = join(args.input, "ratings.csv")
+            movies = join(args.input, "movies.csv")
+            lines = p | "ReadRatings" >> beam.io.ReadFromText(
+                ratings, skip_header_lines=1, coder=beam.coders.BytesCoder())
+            movie_table = (p
+                           | "MoviesPath" >> beam.Create([movies])
+                           | "ReadMovies" >> beam.Map(read_text_file, errors="replace")
+                           | "ParseMovies" >> beam.Map(A.parse_movies_csv))
+            genres = beam.pvalue.AsSingleton(movie_table | "Genres" >> beam.Map(lambda t: t[0]))
+            counts_parts.append(movie_table | "MovieCounts" >> beam.Map(
+                lambda t: {"movies": {"rows": len(t[0]), "malformed": t[1]}}))
+            parsed = lines | "Parse" >> beam.ParDo(
+                ParseRows(source, window=settings.get("time_window")), genres).with_outputs(
+                "dead", "counts", main="behaviors")
+        else:
+            lines = p | "ReadBehaviors" >> beam.io.ReadFromText(
+                args.input, coder=beam.coders.BytesCoder())
+            parsed = lines | "Parse" >> beam.ParDo(
+                ParseRows(source, settings["keep"], settings.get("time_window"))).with_outputs(
+                "dead", "counts", main="behaviors")
+        counts_parts.append(parsed.counts)
+        dead = parsed.dead
+        # GroupByKey spreads users over workers, so no extra Reshuffle is needed here.
+        users = (parsed.behaviors
+                 | "GroupByUser" >> beam.GroupByKey()
+                 | "UserTuple" >> beam.MapTuple(lambda k, evs: (k, list(evs), None)))
+
+    # ---- 2. dead letters ----------------------------------------------------------------
+    _ = dead | "WriteDeadLetters" >> beam.io.WriteToText(
+        join(out, DEAD_LETTER_DIR, "rows"), file_name_suffix=".tsv")
+
+    # ---- 3. item and category vocabularies ---------------------------------------------
+    item_cate = users | "ItemCateRows" >> beam.FlatMap(
+        vocab_item_rows, protocol == "labeled_impressions")
+    item_vocab = (item_cate
+                  | "CategoryOfItem" >> beam.CombinePerKey(CategoryOfItem())
+                  | "ItemList" >> beam.combiners.ToList()
+                  | "ItemVocab" >> beam.Map(build_vocab, int(args.min_item_count)))
+    cate_vocab = (item_cate
+                  | "CateKeys" >> beam.Map(lambda ic: ic[1])
+                  | "CountCates" >> beam.combiners.Count.PerElement()
+                  | "CateList" >> beam.combiners.ToList()
+                  | "CateVocab" >> beam.Map(build_vocab, 1))
+    item_si = beam.pvalue.AsSingleton(item_vocab)
+    cate_si = beam.pvalue.AsSingleton(cate_vocab)
+    for name, vocab in (("items", item_vocab), ("categories", cate_vocab)):
+        _ = (vocab | f"{name}Tsv" >> beam.Map(vocab_tsv)
+             | f"Write_{name}" >> beam.Map(write_text_file, join(out, VOCAB_DIR, f"{name}.tsv")))
+        counts_parts.append(vocab | f"{name}Counts" >> beam.Map(vocab_counts, name))
+
+    # ---- 4. protocol --------------------------------------------------------------------
+    fractions = settings["fractions"]
+    dofn = ApplyProtocol(protocol, args.seed, args.max_history, args.label_threshold)
+    if protocol == "per_event_time_split":
+        cuts = (users
+                | "EventTimes" >> beam.FlatMap(lambda u: [int(e[2]) for e in u[1]])
+                | "TimeCuts" >> ExactCuts(fractions, _hour))
+        applied = users | "PerEvent" >> beam.ParDo(
+            dofn, item_si, cate_si, beam.pvalue.AsSingleton(cuts)).with_outputs(
+            "counts", "user_rows", main="records")
+        records = applied.records
+        counts_parts.append(cuts | "CutCounts" >> beam.Map(
+            lambda c: {"split_cuts": {"train_end_ts": c[0], "valid_end_ts": c[1]}}))
+    else:
+        applied = users | "PerUser" >> beam.ParDo(dofn, item_si, cate_si).with_outputs(
+            "counts", "user_rows", main="keyed")
+        cuts = (applied.keyed | "SplitKeys" >> beam.Map(lambda kr: kr[0])
+                | "UserCuts" >> ExactCuts(fractions, _hour_of_key))
+        records = applied.keyed | "AssignSplit" >> beam.Map(
+            _assign_split, beam.pvalue.AsSingleton(cuts))
+        counts_parts.append(cuts | "CutCounts" >> beam.Map(lambda c: {"split_cuts": {
+            "train_end": None if c[0] is None else f"ts={c[0][0]} user={c[0][1]}",
+            "valid_end": None if c[1] is None else f"ts={c[1][0]} user={c[1][1]}"}}))
+    counts_parts.append(applied.counts)
+
+    # ---- 5. user vocabulary (users with at least one record) ------------------------------
+    user_vocab = (applied.user_rows
+                  | "UserList" >> beam.combiners.ToList()
+                  | "UserVocab" >> beam.Map(build_vocab, 1))
+    _ = (user_vocab | "usersTsv" >> beam.Map(vocab_tsv)
+         | "Write_users" >> beam.Map(write_text_file, join(out, VOCAB_DIR, "users.tsv")))
+    counts_parts.append(user_vocab | "usersCounts" >> beam.Map(vocab_counts, "users"))
+
+    # ---- 6. encode and write sharded TFRecords ----------------------------------------------
+    encoded = records | "Encode" >> beam.ParDo(
+        EncodeRecords(), beam.pvalue.AsSingleton(user_vocab)).with_outputs("counts", main="records")
+    counts_parts.append(encoded.counts)
+    encoded = encoded.records
+    by_split = encoded | "BySplit" >> beam.Partition(_split_of, len(S.SPLITS))
+    for i, split in enumerate(S.SPLITS):
+        _ = (by_split[i]
+             | f"{split}Bytes" >> beam.Map(lambda kv: kv[1])
+             | f"Write_{split}" >> write_split(out, split, settings["num_shards"]))
+
+    # ---- 7. the report's counts ---------------------------------------------------------------
+    _ = (tuple(counts_parts)
+         | "AllCounts" >> beam.Flatten()
+         | "SumCounts" >> beam.CombineGlobally(SumCounts())
+         | "CountsJson" >> beam.Map(lambda d: json.dumps(d, sort_keys=True))
+         | "WriteCounts" >> beam.Map(write_text_file, join(out, COUNTS_FILE)))
