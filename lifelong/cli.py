@@ -1,23 +1,31 @@
-"""Console entry point ``lifelong``: the one place that knows tfmodels, beam_jobs and serving.
+"""Console entry point ``lifelong`` (the application floor: it may call every part).
 
 Kept to argument parsing and calls; each subcommand's module is imported only
-when that subcommand runs (``lifelong --help`` does not load TensorFlow).
+when that subcommand runs, and a command's flags come from a module that does not
+load TensorFlow, so ``lifelong --help`` and ``lifelong <cmd> --help`` answer fast.
 
 Subcommands: prepare, train, evaluate, compare, bench, export, precompute,
-serve, ... A user-facing error (:class:`tfmodels.errors.LifelongError`: a bad flag,
-a missing or unusable input) ends with exit code 2 and one line
+serve, cluster, cluster-bench, replay, and the report commands the registered
+methods declare (:func:`tfmodels.registry.reports`: lrea-grid, encode-report,
+cluster-quality). A user-facing error (:class:`tfmodels.errors.LifelongError`: a
+bad flag, a missing or unusable input) ends with exit code 2 and one line
 ``lifelong <cmd>: error: <reason>`` on stderr; any other exception is a bug and
-keeps its traceback (exit 1). The global flag ``--debug`` (anywhere on the command
-line) shows the traceback of a ``LifelongError`` too.
+keeps its traceback (exit 1). Global flags: ``--debug`` (anywhere on the command
+line) shows the traceback of a ``LifelongError`` too; ``--verbose`` (before the
+command) shows TensorFlow's C++ start-up lines, silenced otherwise
+(:mod:`lifelong.quiet`).
 """
 from __future__ import annotations
+
+# First: reads the user's TF_CPP_MIN_LOG_LEVEL before tfmodels sets its default.
+from lifelong import quiet  # isort: skip
 
 import argparse
 import json
 import os
 import sys
 import traceback
-from typing import List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from lifelong.bench.flags import SERVING_BENCHES
 from tfmodels.errors import LifelongError
@@ -162,27 +170,38 @@ def cmd_compare(args, extra: List[str]) -> int:
 
 # Subcommands whose flags live in their own module (imported only when that
 # subcommand runs, so `lifelong --help` stays fast): name -> (module, help, extras
-# are Beam pipeline options).
+# are Beam pipeline options). The report commands of methods are added from the
+# registry (module_commands()).
 MODULE_COMMANDS = {
     "cluster": ("beam_jobs.cluster", "TWIN V2 hierarchical clustering of histories (Beam)", True),
     "cluster-bench": ("lifelong.bench.clustering",
                       "TWIN V2 clustering speed and accuracy per user (benchmark)", False),
-    "cluster-quality": ("lifelong.reports.cluster_quality",
-                        "C-Former vs K-means silhouette on a trained run", False),
-    "lrea-grid": ("lifelong.reports.lrea_grid",
-                  "LREA sensitivity grid over rank r and lambda (one command)", False),
     "replay": ("lifelong.replay", "replay a compare's test requests through export, Beam "
                "precompute and the local gRPC server: AUC, parity, latency", False),
 }
 
 
+def report_module(command: str) -> str:
+    """The module that implements a report command a method declares in the registry."""
+    return "lifelong.reports." + command.replace("-", "_")
+
+
+def module_commands() -> Dict[str, Tuple[str, str, bool]]:
+    """:data:`MODULE_COMMANDS` plus every report command of the registry
+    (:func:`tfmodels.registry.reports`), in registry order. A report module takes
+    unknown flags only when it says so (``ALLOW_EXTRA = True``, read when it runs)."""
+    from tfmodels import registry      # no TensorFlow: the registry imports lazily
+    out = dict(MODULE_COMMANDS)
+    for command, (report, _) in registry.reports().items():
+        if command in out or command in _BUILTIN_COMMANDS:
+            raise ValueError(f"registry report {command!r} clashes with a lifelong command")
+        out[command] = (report_module(command), report.help, False)
+    return out
+
+
 def cmd_module(args, extra: List[str]) -> int:
     import importlib
-    module = importlib.import_module(MODULE_COMMANDS[args.command][0])
-    if args.command == "lrea-grid":
-        result = module.run(args, extra, _train_config)
-    else:
-        result = module.run(args, extra)
+    result = importlib.import_module(args.module).run(args, extra)
     return result if isinstance(result, int) else 0
 
 
@@ -235,6 +254,11 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of user-facing errors too (they are one "
                         "line otherwise); may also be given after the command")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show TensorFlow's C++ start-up and log lines (CUDA probing, "
+                        "oneDNN, absl; silenced by default unless TF_CPP_MIN_LOG_LEVEL is "
+                        "set); give it before the command (after train/compare, --verbose N "
+                        "is Keras' progress)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("prepare", help="build per-user TFRecords with Apache Beam",
@@ -278,7 +302,8 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
                    help="input kind (default: detected from --data)")
     p.add_argument("--prepared", help="use an already prepared dataset directory instead")
     p.add_argument("--clustered", help="a `lifelong cluster` output of the same data: the "
-                   "cluster-aware models (twin_v2*) train on it, all others on --prepared")
+                   "models whose registry entry needs a clustered history ("
+                   + ", ".join(_needing_clusters()) + ") train on it, all others on --prepared")
     p.add_argument("--models", default="din,din_l,avg_pool",
                    help="comma separated registered models (default din,din_l,avg_pool)")
     p.add_argument("--seeds", default="0", help="comma separated seeds, e.g. 0,1,2 (default 0)")
@@ -307,7 +332,7 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
                        description="Write saved_models/<model>/<version>/ (signatures "
                        "user_tower, rank, serving_default; docs/serving.md) atomically and "
                        "refresh saved_models/models.config.")
-    _module_arguments(p, "export", "serving.export")
+    _module_arguments(p, "export", "serving.flags:add_export_arguments")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("precompute", help="per-user cache: Beam + tfx-bsl RunInference",
@@ -321,15 +346,27 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
                        description="Serve saved_models/ over TensorFlow Serving's gRPC API "
                        "(Predict, GetModelMetadata, GetModelStatus); picks up new versions "
                        "without a restart; binds to 127.0.0.1 by default.")
-    _module_arguments(p, "serve", "lifelong.bench.identity")
+    _module_arguments(p, "serve", "lifelong.bench.flags:add_identity_server_arguments")
     p.set_defaults(func=cmd_serve)
 
-    for name, (module_name, help_, beam_extra) in MODULE_COMMANDS.items():
+    for name, (module_name, help_, beam_extra) in module_commands().items():
         p = sub.add_parser(name, help=help_, description=help_ + (
             ". Extra flags are Beam pipeline options." if beam_extra else "."))
-        _module_arguments(p, name, module_name)
-        p.set_defaults(func=cmd_module, allow_extra=beam_extra or name == "lrea-grid")
+        p.set_defaults(func=cmd_module, module=module_name, allow_extra=beam_extra)
+        module = _module_arguments(p, name, module_name)
+        if getattr(module, "ALLOW_EXTRA", False):
+            p.set_defaults(allow_extra=True)
     return parser
+
+
+# Commands built into build_parser (a registry report may not take their names).
+_BUILTIN_COMMANDS = ("prepare", "train", "evaluate", "compare", "bench", "export",
+                     "precompute", "serve")
+
+
+def _needing_clusters() -> List[str]:
+    from tfmodels import registry
+    return registry.needing(registry.CLUSTERED_HISTORY)
 
 
 # Filled by main() from argv: which subcommand (and bench kind) is being parsed, so a
@@ -337,10 +374,18 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
 _ARGV_HINT: dict = {}
 
 
-def _module_arguments(p: argparse.ArgumentParser, command: str, module: str) -> None:
+def _module_arguments(p: argparse.ArgumentParser, command: str, module: str):
+    """Add the flags of ``module`` (its ``add_arguments``, or ``"module:function"``) to
+    ``p`` when ``command`` is the one being run; returns the imported module (None for
+    the other commands, whose modules are not imported). A command's flags module
+    must not import TensorFlow (tests/test_cli.py holds it)."""
     if _ARGV_HINT.get("command") == command:
         import importlib
-        importlib.import_module(module).add_arguments(p)
+        name, _, function = module.partition(":")
+        mod = importlib.import_module(name)
+        getattr(mod, function or "add_arguments")(p)
+        return mod
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -350,6 +395,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     debug = "--debug" in argv[:end]
     argv = [a for i, a in enumerate(argv) if not (i < end and a == "--debug")]
     command = next((a for a in argv if not a.startswith("-")), None)
+    # --verbose is global before the command (after it, train's --verbose N is Keras').
+    before = argv[:argv.index(command)] if command else argv
+    quiet.configure(verbose="--verbose" in before)
     rest = argv[argv.index(command) + 1:] if command else []
     _ARGV_HINT.clear()
     _ARGV_HINT.update(command=command, bench=next(

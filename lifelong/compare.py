@@ -213,10 +213,13 @@ def is_clustered(data_dir: str) -> bool:
 
 
 def data_for_models(models: List[str], data_dir: str, clustered: Optional[str]) -> Dict[str, str]:
-    """Dataset per model: cluster-aware methods (TWIN V2) train on ``clustered``, every
-    other model on ``data_dir``, so one compare call covers raw baselines and TWIN V2 on
-    the same impressions. Raises a ValueError naming the fix when a TWIN V2 model has no
-    clustered dataset (on a raw history every n = 1 and TWIN V2 silently equals TWIN)."""
+    """Dataset per model: a model whose registry entry needs a clustered history
+    (:data:`tfmodels.registry.CLUSTERED_HISTORY`, e.g. TWIN V2) trains on ``clustered``,
+    every other model on ``data_dir``, so one compare call covers raw baselines and
+    cluster-aware methods on the same impressions. Raises a ValueError naming the fix
+    when such a model has no clustered dataset (on a raw history every n = 1 and TWIN V2
+    silently equals TWIN). Any other declared need is refused with the registry's
+    description of how to make it: compare has no flag for it yet."""
     from tfmodels import registry
     if clustered is not None:
         if not os.path.isdir(clustered):
@@ -226,17 +229,20 @@ def data_for_models(models: List[str], data_dir: str, clustered: Optional[str]) 
                              f"(its meta.json has no 'clustering' section)")
     out = {}
     for m in models:
-        cls = registry.long_module_class(m)
-        if cls is not None and getattr(cls, "needs_clustered_data", False):
+        needs = registry.needs(m)
+        unsupported = [n for n in needs if n != registry.CLUSTERED_HISTORY]
+        if unsupported:
+            raise UsageError(f"model {m!r} needs " + "; ".join(
+                registry.INPUTS.get(n, n).format(data=data_dir) for n in unsupported)
+                + ", which `lifelong compare` cannot pass yet")
+        if registry.CLUSTERED_HISTORY in needs:
             if clustered is not None:
                 out[m] = clustered
             elif is_clustered(data_dir):
                 out[m] = data_dir
             else:
-                raise UsageError(
-                    f"model {m!r} needs a clustered history: run `lifelong cluster --data "
-                    f"{data_dir} --output CLUSTERED` and pass --clustered CLUSTERED "
-                    f"(or --prepared CLUSTERED)")
+                raise UsageError(f"model {m!r} needs " + registry.INPUTS[
+                    registry.CLUSTERED_HISTORY].format(data=data_dir))
         else:
             out[m] = data_dir
     return out

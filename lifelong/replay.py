@@ -36,18 +36,19 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-import tfmodels  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
-import tensorflow as tf
-
-from tfmodels import schema as S
 from tfmodels.errors import LifelongError
+
+# TensorFlow and the schema (which imports it) load inside the functions that use them,
+# so `lifelong replay --help` answers without TensorFlow.
 
 
 class ReplayError(ValueError, LifelongError):
     """Bad arguments or inputs (the CLI prints one line and exits 2)."""
 
 
-def _values(feature: tf.train.Feature, dtype) -> list:
+def _values(feature, dtype) -> list:
+    """The values of one tf.train.Feature as a list (float or int64 by ``dtype``)."""
+    import tensorflow as tf
     return list(feature.float_list.value if dtype == tf.float32 else feature.int64_list.value)
 
 
@@ -55,6 +56,8 @@ def last_requests(records: Iterable[bytes], max_users: int = 0) -> Tuple[List[by
     """Per user with impressions: a record holding only the history before the user's
     last request and that request's impressions, and the request itself
     (``user_id``, ``items``, ``cates``, ``labels``, ``ts``). ``max_users`` 0 = all."""
+    import tensorflow as tf
+    from tfmodels import schema as S
     out, requests = [], []
     for raw in records:
         f = tf.train.Example.FromString(raw).features.feature
@@ -82,6 +85,7 @@ def last_requests(records: Iterable[bytes], max_users: int = 0) -> Tuple[List[by
 def _read_records(pattern: str) -> Iterator[bytes]:
     """The records of ``pattern``, lazily: :func:`last_requests` stops reading after
     ``--users`` users instead of decoding the whole split."""
+    import tensorflow as tf
     files = sorted(glob.glob(pattern))
     if not files:
         raise ReplayError(f"no record files match {pattern!r}")
@@ -111,7 +115,9 @@ def replay_model(name: str, run_dir: str, args, store) -> Dict:
     """Requests, export and precompute (into ``store``) of one run; see the module doc."""
     from beam_jobs import precompute as P
     from serving import export as E
+    import tensorflow as tf
     from tfmodels import data as D
+    from tfmodels import schema as S
     from tfmodels.train import load_run
     cfg, model = load_run(run_dir)
     data_dir = cfg.data
@@ -139,6 +145,7 @@ def replay_model(name: str, run_dir: str, args, store) -> Dict:
 
 
 def rank_all(job: Dict, address: str, store, timeout_s: float) -> Dict:
+    import tensorflow as tf
     from serving.client import RankingClient
     from tfmodels import metrics as M
     client = RankingClient(address, job["model"], store, timeout_s=timeout_s)
@@ -211,7 +218,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default="saved_models",
                    help="model base path the versions are exported to (default saved_models)")
     p.add_argument("--out", help="output folder (default <work_dir>/serving)")
-    p.add_argument("--split", default="test", choices=S.SPLITS)
+    p.add_argument("--split", default="test", help="train | valid | test (default test)")
     p.add_argument("--users", type=int, default=300,
                    help="requests replayed per model, one per user (default 300; 0 = all)")
     p.add_argument("--timeout_s", type=float, default=30.0, help="per-request deadline")
@@ -222,6 +229,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args, extra: Sequence[str] = ()) -> int:
     from serving.cache_store import SQLiteCacheStore
     from serving.server import LocalServer
+    from tfmodels import schema as S
+    if args.split not in S.SPLITS:   # checked here, not by argparse: the schema loads TensorFlow
+        raise ReplayError(f"--split must be one of {', '.join(S.SPLITS)}, got {args.split!r}")
     if args.users < 0:
         raise ReplayError("--users must be >= 0")
     args.out = args.out or os.path.join(args.work_dir, "serving")

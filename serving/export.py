@@ -54,6 +54,7 @@ import tensorflow as tf
 from tfmodels import data as D
 from tfmodels import schema as S
 from tfmodels.errors import LifelongError
+from serving import flags
 from serving.paths import inside
 
 SIGNATURES = ("user_tower", "rank", "serving_default")
@@ -535,28 +536,8 @@ def write_models_config(base: str, config_base: str = "/models", num_versions: i
 
 
 # ---- CLI -----------------------------------------------------------------------------------
-def add_arguments(p) -> None:
-    p.add_argument("--run", help="run directory written by `lifelong train` (trained weights)")
-    p.add_argument("--model", help="without --run: export an UNTRAINED registered model "
-                   "(smoke tests, benchmarks); needs --data for the vocabulary")
-    p.add_argument("--data", help="prepared dataset (vocabulary sizes) for --model")
-    p.add_argument("--short_len", type=int, default=50, help="S for --model (default 50)")
-    p.add_argument("--long_len", type=int, default=1000, help="L for --model (default 1000)")
-    p.add_argument("--emb_dim", type=int, default=16, help="embedding size for --model")
-    p.add_argument("--seed", type=int, default=0, help="initialisation seed for --model")
-    p.add_argument("--base", default="saved_models", help="model base path (default saved_models)")
-    p.add_argument("--name", help="served model name (default: the registry name)")
-    p.add_argument("--version", help="version number (default: next free)")
-    p.add_argument("--config_base", default="/models",
-                   help="base_path prefix written to models.config (default /models)")
-    p.add_argument("--num_versions", type=int, default=2,
-                   help="versions each server keeps loaded (models.config policy; default 2)")
-    p.add_argument("--batching_params", help="copy this TF Serving BatchingParameters file into "
-                   "the version (batching_params.pbtxt): TF Serving then batches its requests; "
-                   "only for serving_default deployments (rank requests cannot be batched)")
-    p.add_argument("--jit_rank", action="store_true",
-                   help="compile the rank signature's computation with XLA (faster ranking; "
-                   "TF Serving then needs --xla_cpu_compilation_enabled=true)")
+# The flags live in serving/flags.py (no TensorFlow there): `lifelong export --help` is fast.
+add_arguments = flags.add_export_arguments
 
 
 def run(args) -> Dict:

@@ -55,6 +55,7 @@ import grpc
 import tfmodels  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
+from serving import flags
 from serving.errors import ServerError
 from serving.model_manager import ModelManager
 from serving.servable import Servable, SessionThreads
@@ -66,7 +67,7 @@ __all__ = ["DEFAULT_PORT", "Limits", "LocalServer", "ServerError", "SessionThrea
 
 log = logging.getLogger("serving.server")
 
-DEFAULT_PORT = 8500
+DEFAULT_PORT = flags.DEFAULT_PORT
 
 
 class LocalServer:
@@ -111,28 +112,9 @@ class LocalServer:
         self.server.wait_for_termination()
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", default="saved_models", help="model base path (default saved_models)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="bind address (default 127.0.0.1; the server has no TLS/auth)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (default 8500; 0 = any)")
-    p.add_argument("--poll_s", type=float, default=2.0,
-                   help="seconds between checks for new versions (default 2; 0 = never)")
-    p.add_argument("--num_versions", type=int, default=2,
-                   help="versions kept without models.config (default 2)")
-    p.add_argument("--max_request_mb", type=float, default=64.0,
-                   help="largest request accepted, MiB (default 64)")
-    p.add_argument("--max_candidates", type=int, default=10_000,
-                   help="most rows (candidates) per request (default 10000)")
-    p.add_argument("--max_elements", type=int, default=32_000_000,
-                   help="most tensor elements per request (default 32M)")
-    p.add_argument("--workers", type=int, default=8, help="request threads (default 8)")
-    p.add_argument("--inter_op", type=int, default=-1,
-                   help="TF session inter-op threads, as TF Serving's "
-                   "--tensorflow_inter_op_parallelism (default -1: ops run in the request's "
-                   "thread, the lowest latency for small ranking graphs; 0 = TF's default)")
-    p.add_argument("--intra_op", type=int, default=0,
-                   help="TF session intra-op threads (default 0 = one per core)")
+# The flags live in serving/flags.py (no TensorFlow, no gRPC there): `lifelong serve --help`
+# is fast.
+add_arguments = flags.add_server_arguments
 
 
 def run(args, static: Sequence[Servable] = ()) -> int:

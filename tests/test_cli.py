@@ -19,7 +19,7 @@ def run_cli(*args):
 
 @pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "compare", "bench",
                                      "cluster", "cluster-bench", "cluster-quality",
-                                     "lrea-grid"])
+                                     "lrea-grid", "encode-report", "replay"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--help"])
@@ -170,7 +170,7 @@ def test_package_errors_give_one_line_and_debug_shows_the_traceback(monkeypatch,
 
 
 def test_error_classes_derive_from_lifelong_error_and_keep_their_builtin():
-    from beam_jobs.cluster import ClusterError
+    from beam_jobs.cluster_algo import ClusterError
     from beam_jobs.precompute import PrecomputeError
     from beam_jobs.prepare import PrepareError
     from serving.export import ExportError
@@ -247,3 +247,196 @@ def test_compare_single_label_users_and_tiny_split(tmp_path, capsys):
     cap = capsys.readouterr()
     assert "           gauc: n/a (no group has both labels)" in cap.out.splitlines()
     assert warning in cap.err
+
+
+# ---- the registry drives the CLI's report commands and compare's data routing -------------
+def test_report_commands_come_from_the_registry(monkeypatch, capsys):
+    """A report command exists because a registry entry declares it: a fake entry's
+    report shows up in `lifelong --help` and runs its module (with its ALLOW_EXTRA);
+    an lrea entry without its declaration leaves no `lrea-grid` command."""
+    import types
+    from tfmodels import registry
+    calls = []
+    fake = types.ModuleType("lifelong.reports.fake_report")
+    fake.ALLOW_EXTRA = True
+    fake.add_arguments = lambda p: p.add_argument("--x", type=int, required=True)
+    fake.run = lambda args, extra: calls.append((args.x, list(extra))) or 0
+    monkeypatch.setitem(sys.modules, "lifelong.reports.fake_report", fake)
+    report = registry.Report("fake-report", "a report the fake method brings")
+    monkeypatch.setitem(registry.MODELS, "fake_method", registry.Method(
+        "tfmodels.methods.din_long:DinLong", reports=(report,)))
+    assert registry.reports()["fake-report"] == (report, ["fake_method"])
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "fake-report" in out and "a report the fake method brings" in out
+    assert cli.main(["fake-report", "--x", "3", "--beam_flag=1"]) == 0
+    assert calls == [(3, ["--beam_flag=1"])]
+    # the CLI names no method: without lrea's declaration there is no lrea-grid
+    monkeypatch.setitem(registry.MODELS, "lrea", "tfmodels.methods.lrea:LREA")
+    assert "lrea-grid" not in cli.module_commands()
+    with pytest.raises(SystemExit) as e:
+        cli.main(["lrea-grid", "--help"])
+    assert e.value.code == 2 and "invalid choice: 'lrea-grid'" in capsys.readouterr().err
+    # a report may not shadow a built-in command
+    monkeypatch.setitem(registry.MODELS, "fake_method", registry.Method(
+        "tfmodels.methods.din_long:DinLong", reports=(registry.Report("train", "x"),)))
+    with pytest.raises(ValueError, match="clashes"):
+        cli.module_commands()
+
+
+def test_compare_routes_by_the_registry_needs(tmp_path, monkeypatch, capsys):
+    """compare's dataset per model follows the registry's `needs`, not method names: a
+    fake entry needing a clustered history goes to --clustered, twin_v2 without the
+    declaration goes to the raw data, and a need compare cannot meet is refused with
+    the registry's own description of how to make it."""
+    from lifelong import compare
+    from tfmodels import registry
+    raw, clu = tmp_path / "raw", tmp_path / "clu"
+    raw.mkdir()
+    clu.mkdir()
+    (raw / "meta.json").write_text(json.dumps({"source": "synthetic"}))
+    (clu / "meta.json").write_text(json.dumps({"source": "synthetic", "clustering": {}}))
+    monkeypatch.setitem(registry.MODELS, "fake_clustered", registry.Method(
+        "tfmodels.methods.din_long:DinLong", needs=(registry.CLUSTERED_HISTORY,)))
+    monkeypatch.setitem(registry.MODELS, "twin_v2", "tfmodels.methods.twin_v2:TwinV2")
+    assert registry.needing(registry.CLUSTERED_HISTORY) == [
+        "twin_v2_no_ln_gsu", "twin_v2_no_ln_esu", "fake_clustered"]
+    got = compare.data_for_models(["din", "twin_v2", "fake_clustered"], str(raw), str(clu))
+    assert got == {"din": str(raw), "twin_v2": str(raw), "fake_clustered": str(clu)}
+    monkeypatch.setitem(registry.INPUTS, "cross_domain", "a cross-domain dataset: run X")
+    monkeypatch.setitem(registry.MODELS, "fake_cross", registry.Method(
+        "tfmodels.methods.din_long:DinLong", needs=("cross_domain",)))
+    with pytest.raises(ValueError, match="model 'fake_cross' needs a cross-domain dataset: "
+                                         "run X, which `lifelong compare` cannot pass yet"):
+        compare.data_for_models(["fake_cross"], str(raw), str(clu))
+    # the --clustered help lists the models the registry says need clusters
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--help"])
+    assert "(twin_v2_no_ln_gsu, twin_v2_no_ln_esu, fake_clustered)" in \
+        " ".join(capsys.readouterr().out.split())
+
+
+def test_registry_declarations_match_the_modules():
+    """Every module class that says it reads a clustered history
+    (``needs_clustered_data``) has the need declared in each of its registry entries,
+    and every declared input and report is well formed."""
+    from tfmodels import registry
+    for name in registry.names():
+        cls = registry.long_module_class(name)
+        if getattr(cls, "needs_clustered_data", False):
+            assert registry.CLUSTERED_HISTORY in registry.needs(name), name
+        assert set(registry.needs(name)) <= set(registry.INPUTS), name
+    assert {c: m for c, (_, m) in registry.reports().items()} == {
+        "lrea-grid": ["lrea"], "encode-report": ["encode"], "cluster-quality": ["cformer"]}
+    for command in registry.reports():
+        module = cli.report_module(command)
+        assert os.path.exists(os.path.join(os.path.dirname(cli.__file__), "reports",
+                                           module.rsplit(".", 1)[1] + ".py")), module
+
+
+# ---- a CLI that starts fast and speaks clearly ----------------------------------------------
+#: every `lifelong` command (and bench kind) whose parser the help test builds
+ALL_COMMANDS = [["prepare"], ["train"], ["evaluate"], ["compare"], ["bench"],
+                ["bench", "serving"], ["bench", "precompute"], ["export"], ["precompute"],
+                ["serve"], ["cluster"], ["cluster-bench"], ["replay"], ["lrea-grid"],
+                ["encode-report"], ["cluster-quality"]]
+
+
+def test_every_command_help_loads_no_tensorflow():
+    """`lifelong --help` and `lifelong <cmd> --help` build their parsers without importing
+    TensorFlow (a fresh interpreter; timing-free). The command list is the parser's own,
+    so a new command is covered too."""
+    code = ("import sys, contextlib, io\n"
+            "from lifelong import cli\n"
+            f"commands = {ALL_COMMANDS!r}\n"
+            "import argparse\n"
+            "listed = set(next(a for a in cli.build_parser(False)._actions\n"
+            "                  if isinstance(a, argparse._SubParsersAction)).choices)\n"
+            "assert listed == {c[0] for c in commands}, sorted(listed ^ {c[0] for c in commands})\n"
+            "bad = []\n"
+            "for argv in [[]] + commands:\n"
+            "    out = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(out):\n"
+            "        try:\n"
+            "            cli.main(argv + ['--help'])\n"
+            "        except SystemExit as e:\n"
+            "            assert e.code == 0, (argv, e.code)\n"
+            "    assert 'usage: lifelong' in out.getvalue(), argv\n"
+            "    if 'tensorflow' in sys.modules:\n"
+            "        bad.append(argv)\n"
+            "        del sys.modules['tensorflow']\n"
+            "print('loaded tensorflow:', bad)\n"
+            "sys.exit(1 if bad else 0)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+
+
+def _fake_tensorflow(tmp_path, body):
+    pkg = tmp_path / "fake" / "tensorflow"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text(body)
+    return str(tmp_path / "fake")
+
+
+@pytest.mark.parametrize("verbose,user_level,shown,level", [
+    (False, None, False, "3"), (True, None, True, "0"), (False, "1", True, "1")])
+def test_tensorflow_startup_lines_are_silenced_unless_verbose(tmp_path, verbose, user_level,
+                                                              shown, level):
+    """C++ start-up lines written to fd 2 while `tensorflow` loads (here a stand-in
+    package that writes one) are hidden by default, shown with --verbose, and a
+    TF_CPP_MIN_LOG_LEVEL the user set is kept (and then nothing is hidden)."""
+    path = _fake_tensorflow(tmp_path, "import os\nos.write(2, b'C++ start-up noise\\n')\n")
+    code = ("import os, sys\nfrom lifelong import quiet\n"
+            f"quiet.configure({verbose})\n"
+            "import tensorflow\n"
+            "print(os.environ['TF_CPP_MIN_LOG_LEVEL'])\n"
+            "os.write(2, b'after the import\\n')\n")
+    env = dict(os.environ, PYTHONPATH=path + os.pathsep + os.getcwd())
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    if user_level is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = user_level
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == level
+    assert ("C++ start-up noise" in r.stderr) == shown
+    assert "after the import" in r.stderr          # fd 2 is back after the import
+
+
+def test_a_failing_tensorflow_import_still_shows_its_error(tmp_path):
+    path = _fake_tensorflow(tmp_path, "import os\nos.write(2, b'noise\\n')\n"
+                                      "raise ImportError('libfoo.so: cannot open')\n")
+    code = "from lifelong import quiet\nquiet.configure(False)\nimport tensorflow\n"
+    env = dict(os.environ, PYTHONPATH=path + os.pathsep + os.getcwd())
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 1 and "noise" not in r.stderr
+    assert "ImportError: libfoo.so: cannot open" in r.stderr
+
+
+def test_evaluate_speaks_progress_and_a_final_count(tiny_data, tmp_path, capsys):
+    """`lifelong evaluate` in a fresh process: stderr holds only the CLI's own lines
+    (TensorFlow's start-up lines are silenced), the last count is labelled `done:`;
+    progress lines say they are progress."""
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "--data", tiny_data, "--model", "din", "--out_dir", out,
+                     "--epochs", "1", "--no_eval", *TINY]) == 0
+    env = dict(os.environ)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    r = subprocess.run([sys.executable, "-m", "lifelong.cli", "evaluate", "--run", out],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert all(line.startswith("[evaluate] ") for line in lines), lines
+    assert "[evaluate] done: 96 examples scored" in lines
+    from tfmodels import train as T
+    cfg, model = T.load_run(out)
+    capsys.readouterr()
+    T.predict(model, T.dataset(cfg, "test", training=False), progress_every=2)
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split(" so far")[0] for line in err] == [
+        "[evaluate] progress: 32 examples scored", "[evaluate] progress: 64 examples scored",
+        "[evaluate] progress: 96 examples scored", "[evaluate] done: 96 examples scored"]

@@ -295,10 +295,13 @@ def predict(model: LifelongCTRModel, ds: tf.data.Dataset, group_key: str = "user
         groups.append(batch[group_key].numpy())
         if progress_every and (i + 1) % progress_every == 0:
             n = sum(len(x) for x in labels)
-            print(f"[evaluate] {n} examples, {n / (time.perf_counter() - t0):.0f}/s",
-                  file=sys.stderr)
+            print(f"[evaluate] progress: {n:,} examples scored so far, "
+                  f"{n / (time.perf_counter() - t0):,.0f}/s", file=sys.stderr)
     if not labels:
         raise ConfigError("the evaluation split is empty")
+    if progress_every:
+        print(f"[evaluate] done: {sum(len(x) for x in labels):,} examples scored",
+              file=sys.stderr)
     return {"labels": np.concatenate(labels), "probs": np.concatenate(probs),
             "groups": np.concatenate(groups)}
 

@@ -3,13 +3,15 @@
 
 ``storage`` / ``train`` (:func:`add_arguments`) time a prepared dataset;
 ``serving`` / ``precompute`` (:func:`add_serving_arguments`) time exports of
-untrained models on synthetic users.
+untrained models on synthetic users; :func:`add_identity_server_arguments` are the
+flags of the server those benchmarks start (``lifelong serve`` takes them too).
 """
 from __future__ import annotations
 
 import argparse
 from typing import List
 
+from serving import flags as serving_flags
 from tfmodels.errors import UsageError
 
 #: `lifelong bench serving|precompute` take :func:`add_serving_arguments`
@@ -82,3 +84,11 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
                    help="serving: the server's --intra_op (default 0, its default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default artifacts/bench-<what>-<time>)")
+
+
+def add_identity_server_arguments(p: argparse.ArgumentParser) -> None:
+    """:mod:`serving.server`'s flags, then ``--identity`` (:mod:`lifelong.bench.identity`)."""
+    serving_flags.add_server_arguments(p)
+    p.add_argument("--identity", default="",
+                   help="comma separated names of no-model servables returning zeros "
+                        "(the gRPC floor for `lifelong bench serving`)")

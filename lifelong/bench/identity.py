@@ -17,6 +17,7 @@ from typing import List
 
 import numpy as np
 
+from lifelong.bench import flags as bench_flags
 from serving import server
 from serving.servable import Servable, SignatureInfo, TensorSpecInfo
 
@@ -46,12 +47,9 @@ def servables(names: str) -> List[IdentityServable]:
     return [IdentityServable(n) for n in names.split(",") if n]
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    """:mod:`serving.server`'s flags, then ``--identity``."""
-    server.add_arguments(p)
-    p.add_argument("--identity", default="",
-                   help="comma separated names of no-model servables returning zeros "
-                        "(the gRPC floor for `lifelong bench serving`)")
+# :mod:`serving.server`'s flags, then ``--identity``; defined in the TF-free
+# lifelong/bench/flags.py so that `lifelong serve --help` is fast.
+add_arguments = bench_flags.add_identity_server_arguments
 
 
 def run(args) -> int:

@@ -34,18 +34,20 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-import tfmodels  # noqa: F401
-import tensorflow as tf
+import tfmodels  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 
-from tfmodels import data as D
-from tfmodels import schema as S
-from tfmodels.train import ConfigError, git_commit, load_run
+# TensorFlow, the schema and the trainer load inside the functions that use them, so
+# `lifelong cluster-quality --help` answers without TensorFlow.
 
 
 def _user_batches(data_dir: str, split: str, num_users: int, batch_size: int, seed: int,
-                  schema: S.FeatureSchema) -> tf.data.Dataset:
+                  schema):
     """User-tower windows (whole stored history) of a seeded sample of a split's users,
-    in batches of ``batch_size``."""
+    in batches of ``batch_size``: a ``tf.data.Dataset`` (``schema``: the run's
+    :class:`tfmodels.schema.FeatureSchema`)."""
+    import tensorflow as tf
+    from tfmodels import data as D
+    from tfmodels import schema as S
     files = D.list_files(S.split_pattern(data_dir, split))
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP")
     ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=False)
@@ -59,6 +61,7 @@ def user_assignments(model, features) -> Dict[str, np.ndarray]:
     Returns ``emb`` [B, L, d], ``mask`` [B, L] and ``labels`` [B, L] (argmax over
     J of the last encoder attention A [B, J, L]; meaningless where mask = 0).
     """
+    import tensorflow as tf
     seq = model.embed_sequence(features, "long")
     enc = model.long_module.encode(seq)
     labels = tf.argmax(enc["attention"], axis=1)                        # [B, L]
@@ -79,7 +82,9 @@ def cluster_quality(run_dir: str, split: str = "test", num_users: int = 200,
     """Silhouette of C-Former's assignment vs K-means (same J, same embeddings) per user."""
     from sklearn.cluster import KMeans
     from sklearn.exceptions import ConvergenceWarning
+    from tfmodels import schema as S
     from tfmodels.methods.cformer import CFormer
+    from tfmodels.train import ConfigError, git_commit, load_run
 
     if metric not in ("euclidean", "cosine"):
         raise ConfigError(f"metric must be euclidean or cosine, got {metric!r}")
@@ -184,6 +189,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "assignment vs scikit-learn K-means with the same J, per sampled user.")
     add_arguments(parser)
     args = parser.parse_args(argv)
+    from tfmodels.train import ConfigError
     try:
         return run(args)
     except (ConfigError, FileNotFoundError) as e:

@@ -7,7 +7,8 @@ pairwise distances in the two spaces. :func:`triplet_order_preservation` measure
 both for a trained model's W_h against a fresh N(0, 1) projection on the real
 behavior embeddings (the trained item embedding) of a sample of users.
 
-Usage::
+Usage: ``lifelong encode-report --run RUN_DIR`` (the report the ``encode`` registry
+entry declares), or::
 
     python -m lifelong.reports.encode_report --run RUN_DIR [--data DATA] [--users 200]
 """
@@ -21,6 +22,7 @@ from typing import Dict, Iterable, Optional, Sequence, Union
 import numpy as np
 
 import tfmodels  # noqa: F401
+from tfmodels.errors import UsageError
 
 
 def _cos_dist_rows(a: np.ndarray) -> np.ndarray:
@@ -129,7 +131,7 @@ def triplet_order_preservation(run_dir_or_model: Union[str, object], data: Optio
             raise ValueError("pass data= (a prepared dataset directory) with a model object")
     module = getattr(model, "long_module", None)
     if module is None or not hasattr(module, "reduction"):
-        raise ValueError(f"model {getattr(model, 'model_name', model)!r} is not an ENCODE model")
+        raise UsageError(f"model {getattr(model, 'model_name', model)!r} is not an ENCODE model")
     fs = model.feature_schema
     ds = D.make_dataset(S.split_pattern(data, split), fs.short_len, fs.long_len, batch_size)
     seqs = user_sequences(model, ds, num_users)
@@ -142,17 +144,25 @@ def triplet_order_preservation(run_dir_or_model: Union[str, object], data: Optio
     return out
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of ``lifelong encode-report`` (the report the ``encode`` registry entry declares)."""
     p.add_argument("--run", required=True, help="run directory of a trained encode* model")
     p.add_argument("--data", help="prepared dataset (default: the run's)")
     p.add_argument("--split", default="test")
     p.add_argument("--users", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+
+
+def run(args, extra=None) -> int:
     print(json.dumps(triplet_order_preservation(args.run, args.data, args.split, args.users,
                                                 seed=args.seed), indent=2))
     return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -29,12 +29,16 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from tfmodels.errors import UsageError
+
 PAPER_RANKS = (32, 64, 128)
 PAPER_LAMS = (0.05, 0.1, 0.3, 0.5, 0.8)
 PAPER_ANCHOR = (128, 0.3)   # Table 3: r swept at lambda = 0.3, lambda swept at r = 128
 DESIGNS = ("paper", "full")
 BASELINES = ("din", "avg_pool", "din_l")
 REFERENCE = "din_l"          # the paper's claim: LREA within about 0.1% AUC of DIN-L
+#: `lifelong lrea-grid` passes unknown flags on to the data-prep step (like compare)
+ALLOW_EXTRA = True
 
 
 # ---- serving-path gap ----------------------------------------------------------------------
@@ -135,9 +139,10 @@ def _parse_list(text: str, typ, flag: str) -> List:
     try:
         values = [typ(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"--{flag} must be comma separated {typ.__name__}s, got {text!r}")
+        raise UsageError(f"--{flag} must be comma separated {typ.__name__}s, got {text!r}") \
+            from None
     if not values:
-        raise ValueError(f"--{flag} is empty")
+        raise UsageError(f"--{flag} is empty")
     return values
 
 
@@ -156,7 +161,7 @@ def resolve_anchor(ranks: Sequence[int], lams: Sequence[float],
         anchor_lam = PAPER_ANCHOR[1] if PAPER_ANCHOR[1] in lams else \
             sorted(lams)[len(lams) // 2]
     if anchor_rank <= 0 or anchor_lam < 0:
-        raise ValueError(f"anchors must be r > 0 and lambda >= 0, got "
+        raise UsageError(f"anchors must be r > 0 and lambda >= 0, got "
                          f"({anchor_rank}, {anchor_lam})")
     return int(anchor_rank), float(anchor_lam)
 
@@ -169,11 +174,27 @@ def grid_cells(ranks: Sequence[int], lams: Sequence[float], design: str = "paper
     if design == "full":
         return [(r, lam) for r in ranks for lam in lams]
     if design != "paper":
-        raise ValueError(f"--design must be one of {DESIGNS}, got {design!r}")
+        raise UsageError(f"--design must be one of {DESIGNS}, got {design!r}")
     a_rank, a_lam = int(anchor[0]), float(anchor[1])
     cells = [(r, a_lam) for r in ranks]
     cells += [(a_rank, lam) for lam in lams if (a_rank, lam) not in cells]
     return cells
+
+
+def _mean_std(agg: Dict) -> str:
+    """``0.7312 ± 0.0010`` of a summary cell; ``n/a (<reason>)`` when no seed has the
+    metric (mean None, :func:`lifelong.compare.summarize`)."""
+    from tfmodels import metrics as M     # here: it loads SciPy (slow --help otherwise)
+    if agg.get("mean") is None:
+        return M.format_metric(None, agg.get("undefined"))
+    return f"{agg['mean']:.4f} ± {agg['std']:.4f}"
+
+
+def _defined_mean(values) -> Optional[float]:
+    """Mean of the defined values (None / NaN left out); None when there is none."""
+    from tfmodels import metrics as M
+    vals = [float(v) for v in values if M.is_defined(v)]
+    return float(np.mean(vals)) if vals else None
 
 
 def format_matrix(summary: Dict[str, Dict], ranks: Sequence[int], lams: Sequence[float],
@@ -185,7 +206,7 @@ def format_matrix(summary: Dict[str, Dict], ranks: Sequence[int], lams: Sequence
         cells = []
         for lam in lams:
             agg = summary.get(cell_name(r, lam), {}).get(metric)
-            cells.append(f"{agg['mean']:.4f} ± {agg['std']:.4f}" if agg else "–")
+            cells.append(_mean_std(agg) if agg else "–")
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -195,7 +216,7 @@ def format_vs_reference(summary: Dict[str, Dict], cells: Sequence[tuple],
     """Each cell's AUC minus the reference model's (DIN-L), with the paper's reading:
     'within' when the cell is at most ``tol`` (0.1 AUC point) below it or above it."""
     ref = summary[reference]["auc"]
-    lines = [f"AUC of each cell minus {reference} ({ref['mean']:.4f} ± {ref['std']:.4f}, "
+    lines = [f"AUC of each cell minus {reference} ({_mean_std(ref)}, "
              f"{len(summary[reference].get('seeds', []))} seeds); the paper's claim is 'within "
              f"about 0.1%' (here: Δ ≥ −{tol:g})", "",
              f"| cell | AUC | Δ vs {reference} | within |", "|---|---|---|---|"]
@@ -203,8 +224,11 @@ def format_vs_reference(summary: Dict[str, Dict], cells: Sequence[tuple],
         agg = summary.get(cell_name(r, lam), {}).get("auc")
         if not agg:
             continue
+        if agg["mean"] is None or ref["mean"] is None:     # an undefined AUC: no delta
+            lines.append(f"| {cell_name(r, lam)} | {_mean_std(agg)} | n/a | n/a |")
+            continue
         delta = agg["mean"] - ref["mean"]
-        lines.append(f"| {cell_name(r, lam)} | {agg['mean']:.4f} ± {agg['std']:.4f} | "
+        lines.append(f"| {cell_name(r, lam)} | {_mean_std(agg)} | "
                      f"{delta:+.4f} | {'yes' if delta >= -tol else 'no'} |")
     return "\n".join(lines)
 
@@ -219,7 +243,7 @@ def plot_heatmap(summary: Dict[str, Dict], ranks: Sequence[int], lams: Sequence[
     for i, r in enumerate(ranks):
         for j, lam in enumerate(lams):
             agg = summary.get(cell_name(r, lam), {}).get(metric)
-            if agg:
+            if agg and agg["mean"] is not None:
                 grid[i, j], std[i, j] = agg["mean"], agg["std"]
     fig, ax = plt.subplots(figsize=(1.3 * len(lams) + 2, 0.8 * len(ranks) + 1.8))
     im = ax.imshow(grid, cmap="viridis", aspect="auto")
@@ -248,6 +272,7 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
     (flags > --config file > defaults); ``extra`` goes to the data-prep step.
     """
     from lifelong import compare as C
+    from tfmodels import metrics as M
     from tfmodels import registry
     import tensorflow as tf
 
@@ -259,7 +284,7 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
                  if b.strip()]
     for m in [model] + baselines:
         if m not in registry.MODELS:
-            raise ValueError(f"unknown model {m!r}; registered: {', '.join(registry.names())}")
+            raise UsageError(f"unknown model {m!r}; registered: {', '.join(registry.names())}")
     ranks = _parse_list(args.ranks, int, "ranks")
     lams = _parse_list(args.lams, float, "lams")
     seeds = _parse_list(args.seeds, int, "seeds")
@@ -314,9 +339,10 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
                 row.update({k: gap[k] for k in ("mean_abs_ctr_diff", "max_abs_ctr_diff",
                                                 "auc_train_path", "auc_absorbed_path")})
             rows.append(row)
-            print(f"[lrea-grid] {name} seed={seed}: AUC {result['auc']:.4f} "
-                  f"GAUC {result.get('gauc', float('nan')):.4f} "
-                  f"logloss {result['logloss']:.4f}", file=sys.stderr)
+            print(f"[lrea-grid] {name} seed={seed}: " + " ".join(
+                f"{label} {M.format_metric(result.get(k), result.get(f'{k}_undefined'))}"
+                for label, k in (("AUC", "auc"), ("GAUC", "gauc"), ("logloss", "logloss"))),
+                file=sys.stderr)
 
     summary = C.summarize(rows)
     text = [C.format_table(summary, command), "", format_matrix(summary, ranks, lams, "auc")]
@@ -332,8 +358,8 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
             if not rs:          # a baseline
                 continue
             text.append(f"| {name} | {np.mean([r['mean_abs_ctr_diff'] for r in rs]):.2e} | "
-                        f"{np.mean([r['auc_train_path'] for r in rs]):.4f} | "
-                        f"{np.mean([r['auc_absorbed_path'] for r in rs]):.4f} |")
+                        + " | ".join(M.format_metric(_defined_mean(r[k] for r in rs))
+                                     for k in ("auc_train_path", "auc_absorbed_path")) + " |")
     table = "\n".join(text)
     print(table)
     with open(os.path.join(work, "results.md"), "w") as f:
@@ -346,8 +372,8 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
     parts = os.path.abspath(data_dir).split(os.sep)
     title = f"{model} on {os.sep.join(parts[-2:])}"      # e.g. foundation-ml/data
     ref = summary.get(REFERENCE, {}).get("auc")
-    if ref:
-        title += f"; {REFERENCE} AUC {ref['mean']:.4f} ± {ref['std']:.4f}"
+    if ref and ref["mean"] is not None:
+        title += f"; {REFERENCE} AUC {_mean_std(ref)}"
     plot_heatmap(summary, ranks, lams, os.path.join(work, "grid.png"), title)
     print(f"[lrea-grid] results in {work}/results.{{md,json}} and grid.png", file=sys.stderr)
     return 0
