@@ -39,11 +39,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs import beam_main, cluster_numba
-from beam_jobs.cluster_algo import (BACKENDS, ENGAGE_MODES, FALLBACK_DIM, GAMMA, MAX_ITER,
-                                    NUM_GROUPS, VARIANTS, ClusterError, Embedder,
-                                    load_run_tables)
-from beam_jobs.cluster_snapshot import (KEEP_RECENT, MAX_CLUSTER_HISTORY, cluster_record,
-                                        encode_clustered, parse_record)
+from beam_jobs import flags
+from beam_jobs.cluster_algo import NUM_GROUPS, ClusterError, Embedder, load_run_tables
+from beam_jobs.cluster_snapshot import cluster_record, encode_clustered, parse_record
 from beam_jobs.sharded_io import (CountingDoFn, SumCounts, join, match_paths, read_split,
                                   read_text_file, split_files, sum_counts, write_split,
                                   write_text_file)
@@ -61,57 +59,9 @@ def _log(msg: str) -> None:
     print(f"[cluster] {msg}", file=sys.stderr, flush=True)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of the ``cluster`` subcommand; unknown extra arguments are Beam pipeline options."""
-    g = parser.add_argument_group("input / output")
-    g.add_argument("--data", required=True,
-                   help="a prepared dataset (lifelong prepare --output): per-user records")
-    g.add_argument("--output", required=True,
-                   help="output folder: a clustered dataset in the same format "
-                        "({train,valid,test}-*.tfrecord.gz, meta.json, vocab/)")
-    g.add_argument("--overwrite", action="store_true",
-                   help="delete a previous clustered dataset in --output first")
-    g.add_argument("--num_shards", type=int, default=4, help="shards per split (default 4)")
-    g.add_argument("--write_members", action="store_true",
-                   help="also write members/<split>-*.jsonl: the original row indices behind "
-                        "every history row of every output record (audits, tests)")
-    g = parser.add_argument_group("clustering (Algorithm 1)")
-    g.add_argument("--variant", default="adaptive", choices=VARIANTS,
-                   help="adaptive: delta = floor(|V|^0.3) (the paper); binary: delta = 2; "
-                        "balanced_binary: delta = 2 with equal halves (Table 4)")
-    g.add_argument("--gamma", type=int, default=GAMMA,
-                   help=f"maximum cluster size, exclusive (default {GAMMA}: sizes <= {GAMMA - 1})")
-    g.add_argument("--engage_mode", default="auto", choices=ENGAGE_MODES,
-                   help="engagement grouping: ratio (5 ranges of [0,1]), rating (MovieLens "
-                        "0.5-5 -> [0,1], 5 ranges), type (one group per behavior code), none "
-                        "(M = 1); auto: by the dataset source (synthetic ratio, movielens "
-                        "rating, taobao type)")
-    g.add_argument("--max_iter", type=int, default=MAX_ITER, help="Lloyd iterations (default 20)")
-    g.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="k-means implementation: numba (compiled per-set queue), numpy "
-                        "(batched Lloyd), auto = numba when installed (default)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the k-means++ draws")
-    g.add_argument("--embeddings", default=None,
-                   help="a `lifelong train` run directory: cluster on its item embeddings "
-                        "[item_table; cate_table]; default: the category-anchored random "
-                        "fallback (first pass, no trained model)")
-    g.add_argument("--fallback_dim", type=int, default=FALLBACK_DIM,
-                   help=f"dimension of the fallback embeddings (default {FALLBACK_DIM})")
-    g = parser.add_argument_group("snapshot protocol")
-    g.add_argument("--snapshot_ts", default="auto",
-                   help="unix seconds of the (first) snapshot; 'auto' = per dataset (time "
-                        "split: the train/test boundary; user splits: none); 'none' = "
-                        "per-record rule (before each record's earliest impression)")
-    g.add_argument("--refresh_days", type=float, default=None,
-                   help="refresh period of the snapshot grid in days (default: 14 with a "
-                        "snapshot_ts, as the paper's 2 weeks; 0 = one snapshot)")
-    g.add_argument("--keep_recent", type=int, default=KEEP_RECENT,
-                   help=f"raw behaviors kept before each group's first impression (default "
-                        f"{KEEP_RECENT}; set >= the model's --short_len so short windows stay raw)")
-    g.add_argument("--max_cluster_history", type=int, default=MAX_CLUSTER_HISTORY,
-                   help=f"cluster at most this many behaviors before the snapshot (default "
-                        f"{MAX_CLUSTER_HISTORY:,}; older ones are dropped)")
-
+# The flags live in beam_jobs/flags.py (no Beam, no TensorFlow there): `lifelong cluster
+# --help` is fast.
+add_arguments = flags.add_cluster_arguments
 
 def resolve_settings(args: argparse.Namespace, meta: Mapping[str, Any]) -> Dict[str, Any]:
     """Arguments + the input's meta.json -> the job's settings (defaults per dataset)."""

@@ -47,6 +47,7 @@ import numpy as np
 
 import tfmodels  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from tfmodels.errors import LifelongError
+from beam_jobs import flags
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -196,20 +197,9 @@ def load_into_store(output_or_pattern: str, store, batch: int = 500) -> Dict[str
 
 
 # ---- CLI -----------------------------------------------------------------------------------
-def add_arguments(p) -> None:
-    p.add_argument("--records", required=True,
-                   help="per-user record files (glob), e.g. data/test-*.tfrecord.gz")
-    p.add_argument("--model", help="served model name under --base")
-    p.add_argument("--base", default="saved_models", help="model base path (default saved_models)")
-    p.add_argument("--version", type=int, help="model version (default: the latest)")
-    p.add_argument("--model_dir", help="a SavedModel version folder (instead of --model/--base)")
-    p.add_argument("--output", required=True, help="folder for the cache TFRecords")
-    p.add_argument("--num_shards", type=int, default=0, help="output shards (0 = runner decides)")
-    p.add_argument("--no_reshuffle", action="store_true",
-                   help="skip the Reshuffle before inference (single process runs)")
-    p.add_argument("--store", help="also load the cache into a store: sqlite:PATH or "
-                   "redis://host:port/db")
-
+# The flags live in beam_jobs/flags.py (no Beam, no TensorFlow there): `lifelong
+# precompute --help` is fast.
+add_arguments = flags.add_precompute_arguments
 
 def resolve_model(args) -> Tuple[str, str, int]:
     """-> (SavedModel version folder, served model name, version)."""

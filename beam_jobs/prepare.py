@@ -57,6 +57,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_jobs import adapters as A
 from beam_jobs import beam_main
+from beam_jobs import flags
 from beam_jobs.prepare_pipeline import COUNTS_FILE, DEAD_LETTER_DIR, VOCAB_DIR, build_pipeline
 from beam_jobs.prepare_report import build_report
 from beam_jobs.prepare_transforms import NAMESPACE
@@ -84,73 +85,9 @@ def _log(msg: str) -> None:
 # ======================================================================================
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``prepare`` flags. Unknown extra arguments are Beam pipeline options."""
-    g = parser.add_argument_group("input / output")
-    g.add_argument("--source", default="synthetic",
-                   help="synthetic | movielens | taobao (default: synthetic)")
-    g.add_argument("--input", default=None,
-                   help="movielens: folder with ratings.csv and movies.csv (ml-latest-small, "
-                        "ml-32m); taobao: UserBehavior.csv or a glob of such files; "
-                        "local or any Beam filesystem (gs://, s3://, hdfs://)")
-    g.add_argument("--output", required=True,
-                   help="output folder: {train,valid,test}-*.tfrecord.gz, vocab/, "
-                        "dead_letter/, meta.json")
-    g.add_argument("--overwrite", action="store_true",
-                   help="delete a previous prepared dataset in --output first (otherwise "
-                        "an existing one is an error: stale shards would mix in)")
-    g.add_argument("--num_shards", type=int, default=4,
-                   help="TFRecord shards per split (default 4)")
-
-    g = parser.add_argument_group("protocol")
-    g.add_argument("--protocol", default=None,
-                   help="per_event_time_split | last_item_per_user | labeled_impressions; "
-                        "default per source: movielens -> per_event_time_split, "
-                        "taobao -> last_item_per_user, synthetic -> labeled_impressions")
-    g.add_argument("--seed", type=int, default=0,
-                   help="seed of the negative sampling (last_item_per_user) and of the "
-                        "synthetic generator (default 0)")
-    g.add_argument("--min_item_count", type=int, default=1,
-                   help="items seen in fewer rows map to the OOV id 1 (default 1 = keep all)")
-    g.add_argument("--max_history", type=int, default=0,
-                   help="keep at most the N most recent behaviors before each record's first "
-                        "impression (0 = unlimited; see docs/data.md for the exact rule)")
-    g.add_argument("--label_threshold", type=float, default=4.0,
-                   help="per_event_time_split: label = 1 iff engage (MovieLens rating) >= this "
-                        "(default 4.0)")
-    g.add_argument("--train_fraction", type=float, default=0.8,
-                   help="per_event_time_split: train+valid share of events by time (the "
-                        "validation period is carved from its end); user splits: train share of "
-                        "users ordered by last behavior time (default 0.8)")
-    g.add_argument("--valid_fraction", type=float, default=0.1,
-                   help="validation share (of events by time, or of users) (default 0.1)")
-
-    g = parser.add_argument_group("source options")
-    g.add_argument("--valid_time_window", default=None, metavar="START,END",
-                   help="rows with a timestamp outside [START, END] (inclusive) are "
-                        "dead-lettered. START/END: unix seconds, an ISO date or date-time "
-                        "(2017-11-25, 2017-11-25T00:00:00+08:00; no offset = UTC; a date "
-                        "alone as END means its last second), now, now+Nd; 'none' = only "
-                        "the sanity bounds 1970..2100. Default per source: taobao "
-                        "2017-11-25T00:00:00+08:00,2017-12-03T23:59:59+08:00 (the "
-                        "documented range); movielens 1995-01-01,now+1d; synthetic the "
-                        "generator's own range (docs/data.md)")
-    g.add_argument("--taobao_keep_behaviors", default="pv,cart,fav,buy",
-                   help="Taobao behavior types to keep, comma separated (others are counted "
-                        "as filtered); default pv,cart,fav,buy")
-    g.add_argument("--synthetic_config", default=None,
-                   help="JSON file of beam_jobs.synthetic.SyntheticConfig fields (optional; "
-                        "the flags below override it)")
-    g.add_argument("--synthetic_users", type=int, default=None,
-                   help="synthetic: number of users (default: the config's, 2000)")
-    g.add_argument("--synthetic_mean_history", type=int, default=None,
-                   help="synthetic: mean history length (default: the config's, 1200)")
-    g.add_argument("--synthetic_min_history", type=int, default=None,
-                   help="synthetic: minimum history length (default: the config's, lowered "
-                        "to fit --synthetic_mean_history / --synthetic_max_history)")
-    g.add_argument("--synthetic_max_history", type=int, default=None,
-                   help="synthetic: maximum history length (default: the config's, 3000)")
-
+# The flags live in beam_jobs/flags.py (no Beam, no TensorFlow there): `lifelong prepare
+# --help` is fast.
+add_arguments = flags.add_prepare_arguments
 
 def _validate_args(args: argparse.Namespace) -> Dict[str, Any]:
     """Check the arguments; returns the resolved settings. Raises PrepareError."""

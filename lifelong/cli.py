@@ -170,10 +170,12 @@ def cmd_compare(args, extra: List[str]) -> int:
 
 # Subcommands whose flags live in their own module (imported only when that
 # subcommand runs, so `lifelong --help` stays fast): name -> (module, help, extras
-# are Beam pipeline options). The report commands of methods are added from the
+# are Beam pipeline options[, "module:function" of its flags when they are not the
+# module's add_arguments]). The report commands of methods are added from the
 # registry (module_commands()).
 MODULE_COMMANDS = {
-    "cluster": ("beam_jobs.cluster", "TWIN V2 hierarchical clustering of histories (Beam)", True),
+    "cluster": ("beam_jobs.cluster", "TWIN V2 hierarchical clustering of histories (Beam)", True,
+                "beam_jobs.flags:add_cluster_arguments"),
     "cluster-bench": ("lifelong.bench.clustering",
                       "TWIN V2 clustering speed and accuracy per user (benchmark)", False),
     "replay": ("lifelong.replay", "replay a compare's test requests through export, Beam "
@@ -186,7 +188,7 @@ def report_module(command: str) -> str:
     return "lifelong.reports." + command.replace("-", "_")
 
 
-def module_commands() -> Dict[str, Tuple[str, str, bool]]:
+def module_commands() -> Dict[str, Tuple]:
     """:data:`MODULE_COMMANDS` plus every report command of the registry
     (:func:`tfmodels.registry.reports`), in registry order. A report module takes
     unknown flags only when it says so (``ALLOW_EXTRA = True``, read when it runs)."""
@@ -266,8 +268,8 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
                        "impressions) with Apache Beam. Extra flags are Beam pipeline options "
                        "(--runner, --direct_running_mode=multi_processing, Dataflow options).")
     if prepare_flags:
-        from beam_jobs import prepare
-        prepare.add_arguments(p)
+        from beam_jobs import flags as beam_flags      # no Beam, no TensorFlow
+        beam_flags.add_prepare_arguments(p)
     p.set_defaults(func=cmd_prepare, allow_extra=True)
 
     p = sub.add_parser("train", help="train a model with Keras fit",
@@ -339,7 +341,7 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
                        description="Run the user_tower signature over per-user records with "
                        "tfx-bsl RunInference (Apache Beam), write one cache TFRecord per user "
                        "and optionally load them into a store. Extra flags are Beam options.")
-    _module_arguments(p, "precompute", "beam_jobs.precompute")
+    _module_arguments(p, "precompute", "beam_jobs.flags:add_precompute_arguments")
     p.set_defaults(func=cmd_precompute, allow_extra=True)
 
     p = sub.add_parser("serve", help="local gRPC server speaking TF Serving's API",
@@ -349,11 +351,11 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
     _module_arguments(p, "serve", "lifelong.bench.flags:add_identity_server_arguments")
     p.set_defaults(func=cmd_serve)
 
-    for name, (module_name, help_, beam_extra) in module_commands().items():
+    for name, (module_name, help_, beam_extra, *flags) in module_commands().items():
         p = sub.add_parser(name, help=help_, description=help_ + (
             ". Extra flags are Beam pipeline options." if beam_extra else "."))
         p.set_defaults(func=cmd_module, module=module_name, allow_extra=beam_extra)
-        module = _module_arguments(p, name, module_name)
+        module = _module_arguments(p, name, flags[0] if flags else module_name)
         if getattr(module, "ALLOW_EXTRA", False):
             p.set_defaults(allow_extra=True)
     return parser

@@ -368,9 +368,12 @@ def test_every_command_help_loads_no_tensorflow():
             "        del sys.modules['tensorflow']\n"
             "print('loaded tensorflow:', bad)\n"
             "sys.exit(1 if bad else 0)\n")
+    env = dict(os.environ)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)          # as a user's shell
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=600)
+                       timeout=600, env=env)
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert r.stderr == ""                            # nothing but the help on the terminal
 
 
 def _fake_tensorflow(tmp_path, body):

@@ -36,8 +36,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from beam_jobs import cluster as CJ
-from beam_jobs import cluster_algo as C
+from beam_jobs import cluster_algo as C      # NumPy + numba; the Beam job loads when run
 
 # The item space of the benchmark users, pinned (not the generator's defaults, which
 # other work may resize): 20,000 items in 200 categories.
@@ -125,6 +124,7 @@ def beam_throughput(users: int, history: int, seed: int) -> Dict[str, Any]:
     """Write a prepared-format dataset of ``users`` x ``history`` and run the job on it."""
     import tensorflow as tf
     from beam_jobs import synthetic
+    from beam_jobs import cluster as CJ
     from tfmodels import schema as S
     work = tempfile.mkdtemp(prefix="cluster_bench_")
     data = os.path.join(work, "data")
