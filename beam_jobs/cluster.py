@@ -42,7 +42,7 @@ from beam_jobs import beam_main, cluster_numba
 from beam_jobs import flags
 from beam_jobs.cluster_algo import NUM_GROUPS, ClusterError, Embedder, load_run_tables
 from beam_jobs.cluster_snapshot import cluster_record, encode_clustered, parse_record
-from beam_jobs.sharded_io import (CountingDoFn, SumCounts, join, match_paths, read_split,
+from beam_jobs.sharded_io import (CountingDoFn, WriteCounts, join, match_paths, read_split,
                                   read_text_file, split_files, sum_counts, write_split,
                                   write_text_file)
 from tfmodels import schema as S
@@ -173,11 +173,7 @@ def build_pipeline(p, settings: Mapping[str, Any], args: argparse.Namespace,
             _ = res.members | f"WriteMembers_{split}" >> beam.io.WriteToText(
                 join(args.output, MEMBERS_DIR, split), file_name_suffix=".jsonl")
         counts.append(res.counts)
-    _ = (tuple(counts)
-         | "AllCounts" >> beam.Flatten()
-         | "SumCounts" >> beam.CombineGlobally(SumCounts())
-         | "CountsJson" >> beam.Map(lambda d: json.dumps(d, sort_keys=True))
-         | "WriteCounts" >> beam.Map(write_text_file, join(args.output, COUNTS_FILE)))
+    _ = tuple(counts) | "Counts" >> WriteCounts(join(args.output, COUNTS_FILE))
 
 
 def _existing(out: str) -> List[str]:

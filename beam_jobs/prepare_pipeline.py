@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any, Mapping
 
 import apache_beam as beam
@@ -25,7 +24,8 @@ from beam_jobs.prepare_transforms import (ApplyProtocol, EncodeRecords, ExactCut
                                           ParseRows, _hour, _hour_of_key)
 from beam_jobs.prepare_vocab import (CategoryOfItem, build_vocab, vocab_counts,
                                      vocab_item_rows, vocab_tsv)
-from beam_jobs.sharded_io import SumCounts, join, read_text_file, write_split, write_text_file
+from beam_jobs.sharded_io import (WriteCounts, join, read_text_file, write_split,
+                                  write_text_file)
 from tfmodels import schema as S
 
 COUNTS_FILE = "_counts.json"     # the pipeline's own report (read back by the driver)
@@ -160,8 +160,4 @@ def build_pipeline(p: beam.Pipeline, settings: Mapping[str, Any], args: argparse
              | f"Write_{split}" >> write_split(out, split, settings["num_shards"]))
 
     # ---- 7. the report's counts ---------------------------------------------------------------
-    _ = (tuple(counts_parts)
-         | "AllCounts" >> beam.Flatten()
-         | "SumCounts" >> beam.CombineGlobally(SumCounts())
-         | "CountsJson" >> beam.Map(lambda d: json.dumps(d, sort_keys=True))
-         | "WriteCounts" >> beam.Map(write_text_file, join(out, COUNTS_FILE)))
+    _ = tuple(counts_parts) | "Counts" >> WriteCounts(join(out, COUNTS_FILE))

@@ -8,7 +8,8 @@
   worker and read back by the driver: :func:`write_text_file`, :func:`read_text_file`.
 * A job's report is summed from per-bundle count dictionaries: a
   :class:`CountingDoFn` emits one per bundle as the tagged output ``counts``,
-  :class:`SumCounts` adds them up (numbers are summed, nested dictionaries merged).
+  :class:`WriteCounts` adds them up (:class:`SumCounts`: numbers are summed, nested
+  dictionaries merged) into one JSON file that the driver reads back.
   This works the same on every runner, unlike Beam metrics, which some runners do
   not report; those are also kept (:class:`Counters`) and read back with
   :func:`query_counters` when the runner has them.
@@ -18,6 +19,7 @@ work alike.
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import apache_beam as beam
@@ -119,6 +121,22 @@ class SumCounts(beam.CombineFn):
 
     def extract_output(self, acc):
         return acc
+
+
+class WriteCounts(beam.PTransform):
+    """Count dictionaries (a tuple of PCollections) -> their sum as one JSON file at
+    ``path`` (sorted keys), which the driver reads back after the run."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self._path = path
+
+    def expand(self, parts):
+        return (parts
+                | "AllCounts" >> beam.Flatten()
+                | "SumCounts" >> beam.CombineGlobally(SumCounts())
+                | "CountsJson" >> beam.Map(lambda d: json.dumps(d, sort_keys=True))
+                | "WriteCounts" >> beam.Map(write_text_file, self._path))
 
 
 class Counters:
