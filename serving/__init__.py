@@ -8,7 +8,7 @@
   from :mod:`serving.servable`, :mod:`serving.model_manager`, :mod:`serving.validation`,
   :mod:`serving.services`, :mod:`serving.errors` and :mod:`serving.paths`;
 * :mod:`serving.client` -- the thin ranking client (no TensorFlow on its import path);
-* :mod:`serving.bench` -- ``lifelong bench serving``;
+* :mod:`serving.flags` -- the flags of ``lifelong export`` / ``serve`` (no TensorFlow);
 * ``serving/tf_serving.sh`` -- the production command (the real ``tensorflow/serving`` image).
 
 See ``docs/serving.md``. Importing this package imports nothing heavy.

@@ -2,7 +2,7 @@
 
 :class:`LifelongError` marks an error the *user* can fix: a bad flag, a missing or
 unusable input file, a configuration that cannot work. The ``lifelong`` CLI
-(:func:`tfmodels.cli.main`) prints such an error as one line
+(:func:`lifelong.cli.main`) prints such an error as one line
 ``lifelong <cmd>: error: <reason>`` and exits 2; every other exception is a bug
 and keeps its traceback (exit 1). ``lifelong --debug <cmd> ...`` shows the
 traceback of a :class:`LifelongError` too.
@@ -29,7 +29,7 @@ class LifelongError(Exception):
 
 class UsageError(ValueError, LifelongError):
     """A bad flag value or an input that cannot be used, raised by modules that have
-    no error class of their own (e.g. :mod:`tfmodels.compare`)."""
+    no error class of their own (e.g. :mod:`lifelong.compare`)."""
 
 
 class MissingInputError(FileNotFoundError, LifelongError):

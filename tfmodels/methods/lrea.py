@@ -128,7 +128,7 @@ class LREA(LongSequenceModule):
     #: < 1e-5. Wiring errors (a missing sigma term, a transposed matrix) are caught
     #: at 1e-5 by the same code run with phi linear (``LREALinear``, tol 1e-5) and by
     #: tests/test_lrea.py. It is NOT a bound for trained models: the serving gap on
-    #: real data is measured by ``tfmodels.methods.lrea_grid.absorbed_gap``.
+    #: real data is measured by ``lifelong.reports.lrea_grid.absorbed_gap``.
     cache_parity_tol: float = 0.1
 
     def __init__(self, emb_dim: int, rank: int = 128, lam: float = 0.3,
