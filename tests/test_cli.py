@@ -443,3 +443,50 @@ def test_evaluate_speaks_progress_and_a_final_count(tiny_data, tmp_path, capsys)
     assert [line.split(" so far")[0] for line in err] == [
         "[evaluate] progress: 32 examples scored", "[evaluate] progress: 64 examples scored",
         "[evaluate] progress: 96 examples scored", "[evaluate] done: 96 examples scored"]
+
+
+# ---- leftover user errors: one line, exit 2, nothing created -----------------------------------
+def test_bad_list_flags_of_benches_and_grid_are_one_line(tiny_data, tmp_path, capsys):
+    cases = [
+        (["bench", "storage", "--data", tiny_data, "--long_lens", "100,x"],
+         "--long_lens must be comma separated integers, got '100,x'"),
+        (["bench", "train", "--data", tiny_data, "--long_lens", ""], "--long_lens is empty"),
+        (["bench", "serving", "--candidates", "1,ten", "--out", str(tmp_path / "b1")],
+         "--candidates must be comma separated integers, got '1,ten'"),
+        (["bench", "precompute", "--mlp_hidden", "32;16", "--out", str(tmp_path / "b2")],
+         "--mlp_hidden must be comma separated integers, got '32;16'"),
+        (["lrea-grid", "--prepared", tiny_data, "--ranks", "32,x", "--work_dir",
+          str(tmp_path / "g")], "--ranks must be comma separated ints, got '32,x'"),
+        (["lrea-grid", "--prepared", tiny_data, "--design", "paper", "--anchor_rank", "0",
+          "--work_dir", str(tmp_path / "g")], "anchors must be r > 0"),
+        (["lrea-grid", "--prepared", tiny_data, "--baselines", "nope", "--work_dir",
+          str(tmp_path / "g")], "unknown model 'nope'"),
+        (["lrea-grid", "--prepared", tiny_data, "--long_module_config", "{rank: 4}",
+          "--work_dir", str(tmp_path / "g")], "--long_module_config is not valid JSON"),
+    ]
+    for argv, reason in cases:
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[-1].startswith(f"lifelong {argv[0]}: error: ") and reason in err[-1], err
+        assert not any(line.startswith("Traceback") for line in err)
+    assert not any(os.path.exists(tmp_path / d) for d in ("b1", "b2", "g"))
+
+
+def test_lrea_grid_tables_print_undefined_metrics_as_n_a():
+    """A grid cell or the reference whose metric is undefined for every seed (mean None,
+    lifelong.compare.summarize) prints `n/a (<reason>)`, not a TypeError."""
+    from lifelong.reports import lrea_grid as G
+    undefined = {"mean": None, "std": None, "undefined": "no group has both labels"}
+    summary = {G.cell_name(32, 0.3): {"auc": {"mean": 0.71234, "std": 0.001},
+                                      "gauc": undefined},
+               G.cell_name(64, 0.3): {"auc": undefined},
+               "din_l": {"auc": {"mean": 0.7125, "std": 0.0}, "seeds": [0]}}
+    text = G.format_matrix(summary, [32, 64], [0.3], "gauc")
+    assert text.splitlines()[-2:] == ["| 32 | n/a (no group has both labels) |", "| 64 | – |"]
+    assert "| 64 | n/a (no group has both labels) |" in G.format_matrix(summary, [32, 64], [0.3])
+    rows = G.format_vs_reference(summary, [(32, 0.3), (64, 0.3)]).splitlines()
+    assert rows[-2:] == ["| r=32 lam=0.3 | 0.7123 ± 0.0010 | -0.0002 | yes |",
+                         "| r=64 lam=0.3 | n/a (no group has both labels) | n/a | n/a |"]
+    summary["din_l"]["auc"] = undefined
+    assert "minus din_l (n/a (no group has both labels), 1 seeds)" in \
+        G.format_vs_reference(summary, [(32, 0.3)])

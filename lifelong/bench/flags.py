@@ -30,6 +30,13 @@ def parse_ints(text: str, flag: str) -> List[int]:
     return values
 
 
+def check_serving_flags(args) -> None:
+    """Parse the list flags of ``bench serving|precompute`` up front, so a typo is one
+    line (:class:`UsageError`) before any folder is created or model exported."""
+    for flag in ("long_lens", "candidates", "din_hidden", "mlp_hidden"):
+        parse_ints(getattr(args, flag), flag)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Flags of ``lifelong bench storage|train``."""
     p.add_argument("what", choices=["storage", "train"], help="which benchmark")

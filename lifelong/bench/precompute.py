@@ -15,6 +15,7 @@ import sys
 from typing import Dict
 
 from lifelong.bench import record
+from lifelong.bench.flags import check_serving_flags
 from lifelong.bench.workload import synthetic_records, untrained_model
 
 
@@ -59,8 +60,8 @@ def bench_precompute(args) -> Dict:
 
 def print_precompute(res: Dict, command: str) -> None:
     print(f"command: {command}\n")
-    print(f"| model | L | users | wall s | users/s | stored bytes/user | record bytes/user | "
-          f"cache tensors (per user) |")
+    print("| model | L | users | wall s | users/s | stored bytes/user | record bytes/user | "
+          "cache tensors (per user) |")
     print("|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
         tensors = ", ".join(f"{k} {v}" for k, v in r["cache_tensors"].items())
@@ -70,4 +71,5 @@ def print_precompute(res: Dict, command: str) -> None:
 
 
 def run(args) -> int:
+    check_serving_flags(args)
     return record.run_in_folder(args, bench_precompute, print_precompute)

@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from lifelong.bench import record
-from lifelong.bench.flags import parse_ints
+from lifelong.bench.flags import check_serving_flags, parse_ints
 from lifelong.bench.workload import NUM_ITEMS, item_cate, synthetic_records, untrained_model
 from tfmodels.errors import UsageError
 
@@ -427,4 +427,5 @@ def _show(res: Dict, command: str) -> None:
 
 
 def run(args) -> int:
+    check_serving_flags(args)
     return record.run_in_folder(args, _measure, _show)

@@ -289,7 +289,15 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
     lams = _parse_list(args.lams, float, "lams")
     seeds = _parse_list(args.seeds, int, "seeds")
     base_cfg = getattr(args, "long_module_config", None)
-    base_cfg = json.loads(base_cfg) if isinstance(base_cfg, str) else dict(base_cfg or {})
+    try:
+        base_cfg = json.loads(base_cfg) if isinstance(base_cfg, str) else dict(base_cfg or {})
+    except json.JSONDecodeError as e:
+        raise UsageError(f"--long_module_config is not valid JSON: {e}") from None
+    # every flag mistake is reported before the work folder is created
+    design = getattr(args, "design", "full")
+    anchor = resolve_anchor(ranks, lams, getattr(args, "anchor_rank", None),
+                            getattr(args, "anchor_lam", None))
+    cells = grid_cells(ranks, lams, design, anchor)
     work = args.work_dir or os.path.join("artifacts", f"lrea-grid-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(work, exist_ok=True)
     data_dir = args.prepared or C.prepare_data(args, extra, os.path.join(work, "data"))
@@ -297,10 +305,6 @@ def run(args, extra: Optional[List[str]] = None, make_cfg: Optional[Callable] = 
         if sys.argv and sys.argv[0].endswith("lifelong") else "lrea grid ..."
 
     rows = []
-    design = getattr(args, "design", "full")
-    anchor = resolve_anchor(ranks, lams, getattr(args, "anchor_rank", None),
-                            getattr(args, "anchor_lam", None))
-    cells = grid_cells(ranks, lams, design, anchor)
     # the matrix shows every rank / lambda that has a cell (the anchors included)
     ranks = sorted({r for r, _ in cells})
     lams = sorted({lam for _, lam in cells})
