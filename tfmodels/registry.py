@@ -46,7 +46,7 @@ class Report:
 @dataclasses.dataclass(frozen=True)
 class Method:
     """A registry entry that declares more than its module and preset."""
-    target: str                                   # "module:Class"
+    target: Optional[str]                         # "module:Class"; None: no long module
     preset: Mapping = dataclasses.field(default_factory=dict)
     needs: Tuple[str, ...] = ()                   # keys of INPUTS
     reports: Tuple[Report, ...] = ()
