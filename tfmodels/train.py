@@ -3,9 +3,14 @@
 A run directory holds::
 
     config.json     the full resolved config (flags > config file > defaults)
-    run.json        seed, package versions, git commit, data summary, history, timings
-    ckpt/           tf.train.Checkpoint of model + optimizer + epoch (resume)
-    final/          the weights kept after early stopping (best validation AUC)
+    run.json        seed, package versions, git commit, data summary, history, timings,
+                    stopped_epoch / best_epoch / best_val_auc / final_epoch
+    ckpt/           tf.train.Checkpoint of model + optimizer + epoch + early-stopping
+                    state (best val AUC, best epoch, patience counter) for --resume;
+                    ckpt/best/epoch-<N>: the weights of the best epoch so far
+    final/          the weights of the best validation-AUC epoch of the whole run,
+                    across --resume (the last epoch without a validation split or
+                    with early stopping off)
     tb/             TensorBoard logs
     metrics-<split>.json   written by :func:`evaluate`
 """
@@ -177,6 +182,96 @@ class _EpochCheckpoint(tf.keras.callbacks.Callback):
         self.manager.save(checkpoint_number=epoch + 1)
 
 
+class _BestEpoch(tf.keras.callbacks.Callback):
+    """Early stopping on validation AUC whose state survives ``--resume``.
+
+    Hand-written instead of ``tf.keras.callbacks.EarlyStopping(restore_best_weights=True)``
+    because that callback keeps the best weights, best AUC and patience counter only in
+    the Python object: after ``--resume`` a fresh one has seen only the epochs after the
+    interruption, so ``final/`` got the best of those (not of the run) and patience
+    restarted. tf_keras ``BackupAndRestore`` does not help either: it saves model,
+    optimizer and epoch (what ``ckpt/`` already has), not this state, and deletes its
+    backup when ``fit`` ends, which would stop a finished run being resumed to more epochs.
+
+    Here the best AUC, best epoch and patience counter are variables of the run's epoch
+    checkpoint (``ckpt/``; this callback runs before :class:`_EpochCheckpoint` saves), and
+    the best epoch's weights are written to ``ckpt/best/epoch-<N>`` when that epoch ends;
+    the checkpoint of an epoch names the file it belongs to, so an interruption between
+    the two writes leaves a consistent state. Files of superseded best epochs are removed
+    once a later checkpoint no longer names them.
+
+    Otherwise it follows EarlyStopping(monitor="val_auc", mode="max", min_delta=0):
+    an epoch improves if its AUC is strictly greater than the best so far (the first
+    epoch's weights are kept even if its AUC is NaN); training stops once ``patience``
+    epochs in a row did not improve. Epoch numbers here are 1-based (epochs completed),
+    like the checkpoint numbers.
+    """
+
+    def __init__(self, best_dir: str, patience: int):
+        super().__init__()
+        self.best_dir, self.patience = best_dir, patience
+        self.state = tf.Module(name="best_epoch")
+        self.state.auc = tf.Variable(-np.inf, dtype=tf.float64, trainable=False)
+        self.state.epoch = tf.Variable(0, dtype=tf.int64, trainable=False)   # 0 = none yet
+        self.state.wait = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    @property
+    def best_epoch(self) -> int:
+        return int(self.state.epoch.numpy())
+
+    @property
+    def best_auc(self) -> float:
+        return float(self.state.auc.numpy())
+
+    @property
+    def wait(self) -> int:
+        return int(self.state.wait.numpy())
+
+    @property
+    def exhausted(self) -> bool:
+        """True when the restored state says the run already stopped early."""
+        return bool(self.patience) and self.wait >= self.patience
+
+    def path(self, epoch: int) -> str:
+        return os.path.join(self.best_dir, f"epoch-{epoch}")
+
+    def sweep(self) -> None:
+        """Remove weight files of epochs the saved state no longer names as best."""
+        keep = self.path(self.best_epoch) + "."
+        for f in tf.io.gfile.glob(os.path.join(self.best_dir, "epoch-*")):
+            if not f.startswith(keep):
+                tf.io.gfile.remove(f)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.sweep()   # the previous epoch's checkpoint is saved by now
+
+    def on_epoch_end(self, epoch, logs=None):
+        current = (logs or {}).get("val_auc")
+        if current is None:
+            print("[train] early stopping: no val_auc in the epoch logs; skipped",
+                  file=sys.stderr)
+            return
+        number = epoch + 1
+        self.state.wait.assign_add(1)
+        improved = float(current) > self.best_auc
+        if improved or self.best_epoch == 0:
+            tf.train.Checkpoint(model=self.model).write(self.path(number))
+            self.state.epoch.assign(number)
+        if improved:
+            self.state.auc.assign(float(current))
+            self.state.wait.assign(0)
+        elif self.wait >= self.patience:
+            self.model.stop_training = True
+            print(f"[train] early stopping after epoch {number}: val AUC did not improve "
+                  f"for {self.wait} epochs (best {self.best_auc:.4f} at epoch "
+                  f"{self.best_epoch})", file=sys.stderr)
+
+    def restore_best(self, model: tf.keras.Model) -> None:
+        """Load the best epoch's weights into ``model`` (whose variables must exist)."""
+        tf.train.Checkpoint(model=model).read(
+            self.path(self.best_epoch)).assert_existing_objects_matched()
+
+
 class _Throughput(tf.keras.callbacks.Callback):
     """Training examples/s per epoch (excluding validation)."""
 
@@ -210,7 +305,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict:
     optimizer = _optimizer(cfg)
     model.compile(optimizer=optimizer)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var)
+    best = _BestEpoch(os.path.join(cfg.out_dir, "ckpt", "best"), cfg.early_stopping_patience)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var,
+                               best=best.state)
     manager = tf.train.CheckpointManager(ckpt, os.path.join(cfg.out_dir, "ckpt"), max_to_keep=2)
     initial_epoch = 0
     if resume and manager.latest_checkpoint:
@@ -230,30 +327,49 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict:
     callbacks = [_EpochCheckpoint(manager, epoch_var), throughput,
                  tf.keras.callbacks.TensorBoard(os.path.join(cfg.out_dir, "tb"),
                                                 update_freq="epoch", profile_batch=0)]
-    if cfg.early_stopping_patience and valid_ds is not None:
-        callbacks.append(tf.keras.callbacks.EarlyStopping(
-            monitor="val_auc", mode="max", patience=cfg.early_stopping_patience,
-            restore_best_weights=True))
+    early_stopping = bool(cfg.early_stopping_patience and valid_ds is not None)
+    if early_stopping:
+        callbacks.insert(0, best)   # before _EpochCheckpoint: its save includes this epoch
+        if best.exhausted:
+            print(f"[train] the run stopped early at epoch {initial_epoch} (no val AUC gain "
+                  f"for {best.wait} epochs); nothing left to train", file=sys.stderr)
     print(f"[train] model={cfg.model} data={cfg.data} S={cfg.short_len} L={cfg.long_len} "
           f"epochs={cfg.epochs} batch={cfg.batch_size} out={cfg.out_dir}", file=sys.stderr)
     # A progress bar redrawn with \r is unreadable in a log file: one line per epoch there.
     verbose = 2 if (cfg.verbose == 1 and not sys.stdout.isatty()) else cfg.verbose
     t0 = time.perf_counter()
     history = {}
-    if initial_epoch < cfg.epochs:
+    if initial_epoch < cfg.epochs and not (early_stopping and best.exhausted):
         hist = model.fit(train_ds, validation_data=valid_ds, epochs=cfg.epochs,
                          initial_epoch=initial_epoch,
                          steps_per_epoch=cfg.steps_per_epoch or None,
                          callbacks=callbacks, verbose=verbose)
         history = {k: [float(x) for x in v] for k, v in hist.history.items()}
     wall = time.perf_counter() - t0
+    if not model.built:
+        # No epoch ran in this call (a resumed run that had finished): build the model so
+        # the restore deferred above fills its variables before final/ is written.
+        model(next(iter(valid_ds if valid_ds is not None else train_ds)), training=False)
+    if early_stopping and best.best_epoch:
+        best.restore_best(model)   # final/ = the best epoch of the whole run
+        best.sweep()
     final = tf.train.Checkpoint(model=model)
     final.write(os.path.join(cfg.out_dir, "final", "weights"))
+    stopped_epoch = int(epoch_var.numpy())
     summary = {"config": dataclasses.asdict(cfg), "feature_schema": fschema.to_dict(),
                "seed": cfg.seed, "versions": package_versions(), "git_commit": git_commit(),
                "data_meta": {k: v for k, v in S.read_meta(cfg.data).items()
                              if k in ("source", "protocol", "seed", "stats")},
                "history": history, "train_wall_s": wall,
+               # 1-based epoch numbers over the whole run (across --resume): the last
+               # epoch trained, and the epoch whose weights final/ holds.
+               "stopped_epoch": stopped_epoch,
+               "early_stopped": bool(early_stopping and best.exhausted),
+               "best_epoch": best.best_epoch if early_stopping and best.best_epoch else None,
+               "best_val_auc": (best.best_auc if early_stopping and np.isfinite(best.best_auc)
+                                else None),
+               "final_epoch": (best.best_epoch if early_stopping and best.best_epoch
+                               else stopped_epoch),
                "train_examples_per_s": throughput.rates,
                "num_params": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
     _write_json(os.path.join(cfg.out_dir, "run.json"), summary)
