@@ -15,9 +15,10 @@ from tfmodels.testing import layer_test, model_test, tiny_schema
 BASE_NAMES = [n for n in registry.names() if not registry.preset_config(n)]
 
 
+@pytest.mark.parametrize("run_eagerly", [False, True], ids=["graph", "eager"])
 @pytest.mark.parametrize("name", BASE_NAMES)
-def test_model(name, tiny_data, tmp_path):
-    out = model_test(name, tiny_data, str(tmp_path))
+def test_model(name, run_eagerly, tiny_data, tmp_path):
+    out = model_test(name, tiny_data, str(tmp_path), run_eagerly=run_eagerly)
     tol = getattr(registry.long_module_class(name), "cache_parity_tol", 1e-5)
     assert out["cached_gap"] <= max(1e-5, tol)
 

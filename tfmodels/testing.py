@@ -82,11 +82,12 @@ def _max_abs(a, b) -> float:
 
 def model_test(model_name: str, data_dir: str, work_dir: Optional[str] = None,
                short_len: int = 5, long_len: int = 24, steps: int = 6, tol: float = 1e-5,
-               **model_config) -> Dict[str, object]:
+               run_eagerly: bool = False, **model_config) -> Dict[str, object]:
     """Fit, save, reload and compare a registered model; returns what it measured.
 
     Checks (AssertionError on failure):
-      * a few fit steps run and give a finite loss;
+      * a few fit steps run and give a finite loss (``run_eagerly``: the train step
+        as plain Python instead of a traced tf.function, as Keras' compile flag);
       * ``get_config`` -> ``from_config`` -> ``get_config`` is the identity;
       * weights saved with tf.train.Checkpoint and read into a model rebuilt from
         its config give identical predictions;
@@ -104,7 +105,7 @@ def model_test(model_name: str, data_dir: str, work_dir: Optional[str] = None,
     cfg = dict(emb_dim=4, mlp_hidden=(8,), din_hidden=(8, 4))
     cfg.update(model_config)
     model = build_model(fschema, model_name, **cfg)
-    model.compile(tf.keras.optimizers.Adam(1e-2))
+    model.compile(tf.keras.optimizers.Adam(1e-2), run_eagerly=run_eagerly)
     ds = D.make_dataset(S.split_pattern(data_dir, "train"), short_len, long_len, 8,
                         shuffle=True, seed=0, repeat=True)
     hist = model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
