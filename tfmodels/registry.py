@@ -91,6 +91,11 @@ MODELS: Dict[str, Entry] = {
     "cformer_wo_recon": ("tfmodels.methods.cformer:CFormer", {"reconstruction": False}),
     "cformer_wo_orth": ("tfmodels.methods.cformer:CFormer", {"orthogonality": False}),
     "cformer_sum": ("tfmodels.methods.cformer:CFormer", {"centroid_norm": "sum"}),  # C12 as printed
+    # 2.5: LCN's LAP, LCN-200-50 (CRP is a backbone option, not part of the module);
+    # Table 3 rows "K1 = 50 only" (CSA -> FSA) and "K2 = 50 only" (MSA over all L -> FSA)
+    "lcn": "tfmodels.methods.lcn:LAP",
+    "lcn_k1_only": ("tfmodels.methods.lcn:LAP", {"levels": ["csa", "fsa"], "k1": 50}),
+    "lcn_k2_only": ("tfmodels.methods.lcn:LAP", {"levels": ["msa", "fsa"], "k2": 50}),
 }
 
 
