@@ -49,6 +49,10 @@ TRAIN_FLAGS = {  # flag -> (type, help); defaults come from TrainConfig
     "shuffle_buffer": (int, "shuffle buffer in examples (default 20000)"),
     "group_key": (str, "GAUC group feature (default user_id)"),
     "long_module_config": (str, "JSON object of long-module kwargs"),
+    "crp_weight": (float, "lambda_CRP of LCN's contrastive loss, any model; needs "
+                          "--cross_domain (0 = off, default; paper 0.1)"),
+    "crp_negatives": (int, "CRP negative pairs per kind per batch (default 4096)"),
+    "crp_tau": (float, "CRP temperature (default 0.1)"),
     "verbose": (int, "Keras progress: 1 bar, 2 a line per epoch, 0 silent"),
 }
 LIST_FLAGS = ("mlp_hidden", "din_hidden")
@@ -83,13 +87,16 @@ def _add_train_flags(p: argparse.ArgumentParser, with_model: bool = True) -> Non
                    help="add an hour-of-day context embedding to the head")
     p.add_argument("--head_batchnorm", action="store_true", default=None,
                    help="BatchNorm before each hidden activation of the head MLP (LREA paper)")
+    p.add_argument("--cross_domain", action="store_true", default=None,
+                   help="per-domain short windows + source-only long window (two-domain "
+                        "data; docs/cross_domain.md)")
 
 
 def _train_config(args, **overrides):
     from tfmodels.train import TrainConfig, load_config_file
     d = load_config_file(args.config) if getattr(args, "config", None) else {}
     for name in list(TRAIN_FLAGS) + ["use_user_embedding", "use_context", "head_batchnorm",
-                                     "data"]:
+                                     "cross_domain", "data"]:
         value = getattr(args, name, None)
         if value is None:
             continue

@@ -13,10 +13,17 @@ both *most recent first*, right-padded with 0, with ``*_len`` valid rows, and th
 impression-dependent ``*_gap_bucket`` (log2 minutes between behavior and
 impression) computed here. Storage therefore grows with behaviors + impressions;
 the L-fold expansion exists only in memory, a chunk of impressions at a time.
+
+Cross-domain windows (``cross_domain=True``, ``FeatureSchema.cross_domain``; LCN,
+METHODS 2.5 / 4.3; docs/cross_domain.md): instead of ``short_*``, ``short_t_*`` = the
+last ``S`` TARGET-domain behaviors (``hist_domain == schema.TARGET_DOMAIN``) and
+``short_s_*`` = the last ``S`` SOURCE-domain behaviors, and ``long_*`` = the last ``L``
+SOURCE-domain behaviors only (the lifelong source sequence), all strictly before the
+impression, most recent first, as above (:func:`domain_history`).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import tfmodels  # noqa: F401
 import tensorflow as tf
@@ -91,8 +98,43 @@ def window_history(history: Dict[str, tf.Tensor], cutoff: tf.Tensor, ref_ts: tf.
     return out
 
 
+def domain_history(history: Dict[str, tf.Tensor], cutoff: tf.Tensor,
+                   domain: int) -> Tuple[Dict[str, tf.Tensor], tf.Tensor]:
+    """The rows of one domain and the cutoffs mapped onto them.
+
+    Returns ``(sub, sub_cutoff)``: ``sub`` = every ``hist_*`` tensor restricted to the
+    rows with ``hist_domain == domain`` (order kept, oldest first), ``sub_cutoff[n]`` =
+    how many of those rows lie strictly before ``cutoff[n]``. So
+    ``window_history(sub, sub_cutoff, ...)`` is the window of that domain's behaviors
+    before each impression.
+    """
+    keep = tf.where(tf.equal(history["hist_domain"], domain))[:, 0]          # [H_d] int64
+    sub = {k: tf.gather(v, keep) for k, v in history.items()}
+    sub_cutoff = tf.searchsorted(keep, tf.cast(cutoff, tf.int64), side="left",
+                                 out_type=tf.int64)
+    return sub, sub_cutoff
+
+
+def history_windows(history: Dict[str, tf.Tensor], cutoff: tf.Tensor, ref_ts: tf.Tensor,
+                    short_len: int, long_len: int,
+                    cross_domain: bool = False) -> Dict[str, tf.Tensor]:
+    """Every window of the schema (``short``/``long``, or cross-domain ``short_t``,
+    ``short_s`` and the source-only ``long``) before each cutoff: [N, ...]."""
+    out = {}
+    if not cross_domain:
+        out.update(window_history(history, cutoff, ref_ts, short_len, S.SHORT))
+        out.update(window_history(history, cutoff, ref_ts, long_len, S.LONG))
+        return out
+    target, target_cut = domain_history(history, cutoff, S.TARGET_DOMAIN)
+    source, source_cut = domain_history(history, cutoff, S.SOURCE_DOMAIN)
+    out.update(window_history(target, target_cut, ref_ts, short_len, S.SHORT_TARGET))
+    out.update(window_history(source, source_cut, ref_ts, short_len, S.SHORT_SOURCE))
+    out.update(window_history(source, source_cut, ref_ts, long_len, S.LONG))
+    return out
+
+
 def impression_windows(record: Dict[str, tf.Tensor], short_len: int,
-                       long_len: int) -> Dict[str, tf.Tensor]:
+                       long_len: int, cross_domain: bool = False) -> Dict[str, tf.Tensor]:
     """All window examples of one parsed user record, batched over its impressions [N, ...]."""
     history = {k: record[k] for k in S.HISTORY_FIELDS if k in record}
     cutoff = record["imp_hist_index"]
@@ -105,12 +147,12 @@ def impression_windows(record: Dict[str, tf.Tensor], short_len: int,
         "imp_ts": ref_ts,
         S.LABEL: record["imp_label"],
     }
-    out.update(window_history(history, cutoff, ref_ts, short_len, "short"))
-    out.update(window_history(history, cutoff, ref_ts, long_len, "long"))
+    out.update(history_windows(history, cutoff, ref_ts, short_len, long_len, cross_domain))
     return out
 
 
-def _expand_user(serialized: tf.Tensor, short_len: int, long_len: int) -> tf.data.Dataset:
+def _expand_user(serialized: tf.Tensor, short_len: int, long_len: int,
+                 cross_domain: bool = False) -> tf.data.Dataset:
     record = parse_user_records(serialized)
     history = {k: record[k] for k in S.HISTORY_FIELDS if k in record}
     scalars = {"user_id": record["user_id"]}
@@ -118,7 +160,7 @@ def _expand_user(serialized: tf.Tensor, short_len: int, long_len: int) -> tf.dat
 
     def chunk_windows(chunk):
         rec = dict(history, **scalars, **chunk)
-        return impression_windows(rec, short_len, long_len)
+        return impression_windows(rec, short_len, long_len, cross_domain)
 
     return (tf.data.Dataset.from_tensor_slices(imps)
             .batch(IMPRESSION_CHUNK)
@@ -136,10 +178,12 @@ def list_files(pattern: str) -> list:
 def make_dataset(pattern: str, short_len: int, long_len: int, batch_size: int,
                  shuffle: bool = False, seed: Optional[int] = None,
                  shuffle_buffer: int = 20000, repeat: bool = False,
-                 drop_remainder: bool = False, cycle_length: int = 4) -> tf.data.Dataset:
+                 drop_remainder: bool = False, cycle_length: int = 4,
+                 cross_domain: bool = False) -> tf.data.Dataset:
     """Batched window examples from sharded per-user TFRecords.
 
-    Each element is a dict of the schema's window features plus ``label``.
+    Each element is a dict of the schema's window features plus ``label``
+    (``cross_domain``: the per-domain windows, see the module docstring).
     With ``shuffle=False`` the order is deterministic (files, users, impressions).
     """
     files = list_files(pattern)
@@ -150,7 +194,7 @@ def make_dataset(pattern: str, short_len: int, long_len: int, batch_size: int,
                        cycle_length=min(cycle_length, len(files)), block_length=16,
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # Interleave users so a heavy user's impressions are spread out before the shuffle.
-    ds = ds.interleave(lambda x: _expand_user(x, short_len, long_len),
+    ds = ds.interleave(lambda x: _expand_user(x, short_len, long_len, cross_domain),
                        cycle_length=16 if shuffle else 1, block_length=1,
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if shuffle:
@@ -166,7 +210,9 @@ def user_history_features(serialized: tf.Tensor, schema: S.FeatureSchema,
 
     This is what the user tower sees offline: ``serialized`` is a batch [B] of
     per-user records (impressions ignored); windows end at the last behavior
-    (``ref_ts`` = the last behavior's timestamp, or ``snapshot_ts``).
+    (``ref_ts`` = the last behavior's timestamp, or ``snapshot_ts``). The windows are
+    the schema's (cross-domain ones with ``schema.cross_domain``), built by the same
+    code as the training pipeline's.
     """
     def one(x):
         rec = parse_user_records(x, with_impressions=False)
@@ -179,9 +225,9 @@ def user_history_features(serialized: tf.Tensor, schema: S.FeatureSchema,
             ref = tf.cast(snapshot_ts, tf.int64)
             cut = tf.reduce_sum(tf.cast(rec["hist_ts"] < ref, tf.int64))
         out = {"user_id": rec["user_id"], "imp_ts": ref}
-        for prefix in ("short", "long"):
-            w = window_history(history, cut[None], ref[None], schema.seq_len(prefix), prefix)
-            out.update({k: v[0] for k, v in w.items()})
+        w = history_windows(history, cut[None], ref[None], schema.short_len, schema.long_len,
+                            schema.cross_domain)
+        out.update({k: v[0] for k, v in w.items()})
         return out
 
     specs = schema.feature_specs()

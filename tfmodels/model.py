@@ -7,9 +7,16 @@ user/candidate split of METHODS 1.5 is exposed at model level:
 * :meth:`user_tower` (long window -> the module's cache; user only),
 * :meth:`rank` (cache + short window + candidates -> logits),
 * :meth:`call` (all raw features -> logits, the module's training path).
+
+Cross-domain (``feature_schema["cross_domain"]``, docs/cross_domain.md): the short
+target- and source-domain windows H_T, H_S enter the head through one DIN unit each
+(in place of the single short DIN; METHODS 2.5 [interp]) and the long module reads
+the source-only long window. ``crp_weight > 0`` adds LCN's CRP loss
+(:mod:`tfmodels.crp`) in training, for any registered model.
 """
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -17,6 +24,7 @@ import tfmodels  # noqa: F401
 import tensorflow as tf
 import tensorflow_recommenders as tfrs
 
+from tfmodels import crp
 from tfmodels import registry
 from tfmodels import schema as S
 from tfmodels.layers import (MLP, DinAttention, ItemEmbedding, id_mask, masked_softmax,
@@ -42,15 +50,34 @@ class LifelongCTRModel(tfrs.models.Model):
       head_batchnorm: BatchNormalization before each hidden activation of the head
         MLP, as in the LREA paper's head (METHODS 2.3 R4); off by default. Inference
         (``training=False``: serving, ``rank``) uses the moving statistics.
+      crp_weight: lambda_CRP of LCN's contrastive loss (METHODS 2.5 N14; the paper's
+        0.1); 0 = off (default). Needs a cross-domain schema. Training only: the loss
+        is added in ``call(training=True)`` and reported as the ``crp_loss`` metric.
+      crp_negatives: M, negative pairs per kind per batch (4096; fewer when the batch
+        holds fewer distinct cross-user pairs, see :mod:`tfmodels.crp`).
+      crp_tau: the InfoNCE temperature (0.1).
+      crp_seed: seed of the stateless pair draws (with the optimizer's step).
     """
 
     def __init__(self, feature_schema: Mapping, model_name: str = "din",
                  long_module_config: Optional[Mapping] = None, emb_dim: int = 16,
                  mlp_hidden: Sequence[int] = (200, 80), din_hidden: Sequence[int] = (80, 40),
                  din_normalize: Optional[str] = None, use_user_embedding: bool = False,
-                 use_context: bool = False, head_batchnorm: bool = False, **kwargs):
+                 use_context: bool = False, head_batchnorm: bool = False,
+                 crp_weight: float = 0.0, crp_negatives: int = crp.NEGATIVES,
+                 crp_tau: float = crp.TAU, crp_seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.feature_schema = S.FeatureSchema.from_dict(feature_schema)
+        self.crp_weight, self.crp_negatives = float(crp_weight), int(crp_negatives)
+        self.crp_tau, self.crp_seed = float(crp_tau), int(crp_seed)
+        if self.crp_weight < 0 or self.crp_tau <= 0 or self.crp_negatives < 1:
+            raise ValueError(f"need crp_weight >= 0, crp_tau > 0, crp_negatives >= 1; got "
+                             f"{self.crp_weight}, {self.crp_tau}, {self.crp_negatives}")
+        if self.crp_weight > 0 and not self.feature_schema.cross_domain:
+            raise S.CrossDomainError(
+                "CRP (crp_weight > 0) needs the cross-domain short windows short_t / short_s: "
+                "build the feature schema with cross_domain=True (lifelong train "
+                "--cross_domain, on two-domain data)")
         self.model_name = model_name
         self.long_module_config = dict(long_module_config or {})
         self.emb_dim, self.mlp_hidden, self.din_hidden = emb_dim, list(mlp_hidden), list(din_hidden)
@@ -66,7 +93,12 @@ class LifelongCTRModel(tfrs.models.Model):
                                if use_user_embedding else None)
         self.context_embedding = (tf.keras.layers.Embedding(24, emb_dim, name="hour_embedding")
                                   if use_context else None)
+        # H (single-domain) or H_T (cross-domain; attribute kept: checkpoints name it)
         self.short_din = DinAttention(din_hidden, din_normalize, name="short_din")
+        if self.feature_schema.cross_domain:   # H_S gets its own DIN unit
+            self.short_s_din = DinAttention(din_hidden, din_normalize, name="short_s_din")
+        if self.crp_weight > 0:
+            self.crp_tracker = tf.keras.metrics.Mean(name="crp_loss")
         cls = registry.long_module_class(model_name)
         module_kwargs = {**registry.preset_config(model_name), **self.long_module_config}
         if cls is not None:
@@ -99,7 +131,9 @@ class LifelongCTRModel(tfrs.models.Model):
             long_names = list(dict.fromkeys(long_names))
         if part == "user_tower":
             return long_names
-        rank = ["target_item_id", "target_cate_id", "short_item_id", "short_cate_id"]
+        rank = ["target_item_id", "target_cate_id"]
+        for prefix in self.feature_schema.short_prefixes():
+            rank += [S.seq_name(prefix, "item_id"), S.seq_name(prefix, "cate_id")]
         if self.use_user_embedding:
             rank.append("user_id")
         if self.use_context or self.reads_request_time:
@@ -144,20 +178,29 @@ class LifelongCTRModel(tfrs.models.Model):
         return self.long_module.user_cache(self.embed_sequence(features, "long"),
                                            training=training)
 
-    def _head(self, features, target, v_long, training=None):
-        """z = [e_t, DIN(E_short, e_t), v_long, e_u, e_c] -> logits [N] (G3).
+    def _short_dins(self):
+        """(short window prefix, its DIN unit): ``short``, or ``short_t`` and ``short_s``."""
+        prefixes = self.feature_schema.short_prefixes()
+        dins = [self.short_din] + ([self.short_s_din] if len(prefixes) > 1 else [])
+        return list(zip(prefixes, dins))
+
+    def _head(self, features, target, v_long, training=None, shorts=None):
+        """z = [e_t, DIN(E_short, e_t), v_long, e_u, e_c] -> logits [N] (G3); cross-domain:
+        z = [e_t, DIN(E_short_t, e_t), DIN(E_short_s, e_t), v_long, e_u, e_c].
 
         User-level inputs (short window, user id, impression time) may have batch 1
         while the targets have N rows (the ``rank`` signature: one user, N
-        candidates); they are broadcast against the N candidates here.
+        candidates); they are broadcast against the N candidates here. ``shorts``:
+        prefix -> :meth:`embed_sequence` output, when the caller has embedded them.
         """
-        short = self.embed_sequence(features, "short")
         n = tf.shape(target["emb"])[0]
-        if short["emb"].shape[0] == 1 and target["emb"].shape[0] != 1:
-            v_short = din_one_user(self.short_din, short["emb"], short["mask"], target["emb"])
-        else:
-            v_short = self.short_din(short["emb"], short["mask"], target["emb"])
-        parts = [target["emb"], v_short]
+        parts = [target["emb"]]
+        for prefix, din in self._short_dins():
+            short = (shorts or {}).get(prefix) or self.embed_sequence(features, prefix)
+            if short["emb"].shape[0] == 1 and target["emb"].shape[0] != 1:
+                parts.append(din_one_user(din, short["emb"], short["mask"], target["emb"]))
+            else:
+                parts.append(din(short["emb"], short["mask"], target["emb"]))
         if v_long is not None:
             parts.append(v_long)
         if self.user_embedding is not None:
@@ -188,7 +231,28 @@ class LifelongCTRModel(tfrs.models.Model):
         if self.long_module is not None:
             v_long = self.long_module(self.embed_sequence(features, "long"), target,
                                       training=training)
-        return self._head(features, target, v_long, training)
+        shorts = None
+        if training and self.crp_weight > 0:
+            shorts = {p: self.embed_sequence(features, p)
+                      for p in self.feature_schema.short_prefixes()}
+            self._add_crp(features, shorts)
+        return self._head(features, target, v_long, training, shorts)
+
+    def _add_crp(self, features, shorts) -> None:
+        """Add crp_weight * L_CRP to the model's losses (N14) and track L_CRP; training
+        only (every op under the ``crp`` name scope)."""
+        if "user_id" not in features:
+            raise KeyError("CRP needs the user_id feature in training (negatives pair "
+                           "different users); the tf.data pipeline always provides it")
+        with tf.name_scope("crp"):
+            optimizer = getattr(self, "optimizer", None)
+            step = (tf.cast(optimizer.iterations, tf.int64) if optimizer is not None
+                    else tf.constant(0, tf.int64))
+            seed = tf.stack([tf.constant(self.crp_seed, tf.int64), step])
+            out = crp.crp_loss(features["user_id"], shorts[S.SHORT_TARGET],
+                               shorts[S.SHORT_SOURCE], seed, self.crp_negatives, self.crp_tau)
+            self.add_loss(self.crp_weight * out["crp"])
+            self.crp_tracker.update_state(out["crp"])
 
     def predict_ctr(self, features, training=None) -> tf.Tensor:
         return tf.sigmoid(self(features, training=training))
@@ -203,7 +267,9 @@ class LifelongCTRModel(tfrs.models.Model):
                 "mlp_hidden": self.mlp_hidden, "din_hidden": self.din_hidden,
                 "din_normalize": self.din_normalize,
                 "use_user_embedding": self.use_user_embedding, "use_context": self.use_context,
-                "head_batchnorm": self.head_batchnorm}
+                "head_batchnorm": self.head_batchnorm, "crp_weight": self.crp_weight,
+                "crp_negatives": self.crp_negatives, "crp_tau": self.crp_tau,
+                "crp_seed": self.crp_seed}
 
     @classmethod
     def from_config(cls, config):
@@ -242,6 +308,12 @@ def din_one_user(din: DinAttention, keys: tf.Tensor, mask: tf.Tensor,
     return tf.matmul(w, k)                                          # [N, d]
 
 
-def build_model(feature_schema: S.FeatureSchema, model_name: str, **config) -> LifelongCTRModel:
-    """Build a registered model; ``config`` holds backbone kwargs and ``long_module_config``."""
+def build_model(feature_schema: S.FeatureSchema, model_name: str,
+                cross_domain: Optional[bool] = None, **config) -> LifelongCTRModel:
+    """Build a registered model; ``config`` holds backbone kwargs and ``long_module_config``.
+
+    ``cross_domain`` (None: as the schema says) switches the schema's cross-domain
+    windows on or off (:class:`tfmodels.schema.FeatureSchema`)."""
+    if cross_domain is not None and bool(cross_domain) != feature_schema.cross_domain:
+        feature_schema = dataclasses.replace(feature_schema, cross_domain=bool(cross_domain))
     return LifelongCTRModel(feature_schema.to_dict(), model_name=model_name, **config)

@@ -19,23 +19,30 @@ Two record kinds exist (``../shared/DESIGN.md``, "Store each user's history once
    the gaps at request time, exactly as the window does in training.
 
 Ids: 0 = padding, 1 = out-of-vocabulary, 2.. = vocabulary entries (dense).
-Domains: 0 = padding, 1 = the default domain of single-domain data.
+Domains: 0 = padding, 1 = the default domain of single-domain data, which is also the
+TARGET domain of cross-domain data (where impressions / candidates live); 2 = the SOURCE
+domain (LCN, METHODS 2.5 / 4.3). With ``FeatureSchema.cross_domain`` the pipeline builds
+per-domain windows instead of the mixed short window (docs/cross_domain.md).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import tfmodels  # noqa: F401  (sets TF_USE_LEGACY_KERAS before TensorFlow loads)
 import numpy as np
 import tensorflow as tf
 
+from tfmodels.errors import LifelongError
+
 PAD_ID = 0
 OOV_ID = 1
 FIRST_ID = 2
 DEFAULT_DOMAIN = 1
+TARGET_DOMAIN = 1      # cross-domain data: the domain of impressions / candidates (= DEFAULT_DOMAIN)
+SOURCE_DOMAIN = 2      # cross-domain data: the other domain (LCN's lifelong source sequence)
 
 # Time gap between a behavior and the impression: bucket 0 = padding,
 # bucket b >= 1 holds gaps with floor(log2(1 + gap_minutes)) = b - 1 (capped).
@@ -168,6 +175,12 @@ SEQUENCE_FIELDS = {            # suffix -> dtype; prefixed with "short_" / "long
     "domain": tf.int64,
     "cluster_size": tf.int64,  # behaviors behind the row (1 unless the history is clustered)
 }
+# Window prefixes. Single-domain (default): "short" (last S behaviors) and "long" (last L).
+# Cross-domain (FeatureSchema.cross_domain): "short_t" (last S TARGET-domain behaviors),
+# "short_s" (last S SOURCE-domain behaviors) and "long" (last L SOURCE-domain behaviors,
+# LCN's lifelong sequence LH_S); no mixed "short" window.
+SHORT, LONG = "short", "long"
+SHORT_TARGET, SHORT_SOURCE = "short_t", "short_s"
 TARGET_FIELDS = {"target_item_id": tf.int64, "target_cate_id": tf.int64}
 CONTEXT_FIELDS = {"imp_ts": tf.int64}
 LABEL = "label"
@@ -193,21 +206,39 @@ class Vocab:
                    int(v.get("num_domains", DEFAULT_DOMAIN + 1)))
 
 
+class CrossDomainError(ValueError, LifelongError):
+    """Cross-domain windows (or CRP) asked on data without source-domain behaviors."""
+
+
 @dataclasses.dataclass(frozen=True)
 class FeatureSchema:
-    """Everything that fixes tensor shapes: vocab sizes and window lengths S, L."""
+    """Everything that fixes tensor shapes: vocab sizes, window lengths S, L and which
+    windows exist (``cross_domain``: per-domain short windows and a source-only long
+    window, see :data:`SHORT_TARGET`; off = the single-domain windows)."""
     vocab: Vocab
     short_len: int = 50
     long_len: int = 1000
+    cross_domain: bool = False
 
     def __post_init__(self):
         if self.short_len < 1 or self.long_len < 1:
             raise ValueError(f"sequence lengths must be >= 1, got S={self.short_len}, "
                              f"L={self.long_len}")
 
+    # ---- windows -------------------------------------------------------------------
+    def short_prefixes(self) -> Tuple[str, ...]:
+        """The short windows: ("short",) or, cross-domain, ("short_t", "short_s")."""
+        return (SHORT_TARGET, SHORT_SOURCE) if self.cross_domain else (SHORT,)
+
+    def prefixes(self) -> Tuple[str, ...]:
+        """Every window prefix, short ones first."""
+        return self.short_prefixes() + (LONG,)
+
     # ---- feature specs -------------------------------------------------------------
     def seq_len(self, prefix: str) -> int:
-        return {"short": self.short_len, "long": self.long_len}[prefix]
+        if prefix not in self.prefixes():
+            raise KeyError(f"no window {prefix!r} in this schema (windows: {self.prefixes()})")
+        return self.long_len if prefix == LONG else self.short_len
 
     def feature_specs(self, batch: Optional[int] = None) -> Dict[str, tf.TensorSpec]:
         """name -> TensorSpec of every window-example feature (label excluded)."""
@@ -215,7 +246,7 @@ class FeatureSchema:
             "user_id": tf.TensorSpec([batch], tf.int64, "user_id")}
         for name, dtype in {**TARGET_FIELDS, **CONTEXT_FIELDS}.items():
             specs[name] = tf.TensorSpec([batch], dtype, name)
-        for prefix in ("short", "long"):
+        for prefix in self.prefixes():
             n = self.seq_len(prefix)
             for field, dtype in SEQUENCE_FIELDS.items():
                 name = seq_name(prefix, field)
@@ -244,16 +275,34 @@ class FeatureSchema:
     # ---- (de)serialization ---------------------------------------------------------
     def to_dict(self) -> Dict:
         return {"vocab": dataclasses.asdict(self.vocab), "short_len": self.short_len,
-                "long_len": self.long_len}
+                "long_len": self.long_len, "cross_domain": self.cross_domain}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "FeatureSchema":
-        return cls(Vocab(**d["vocab"]), int(d["short_len"]), int(d["long_len"]))
+        # cross_domain is absent from schemas written before it existed: single-domain
+        return cls(Vocab(**d["vocab"]), int(d["short_len"]), int(d["long_len"]),
+                   bool(d.get("cross_domain", False)))
 
     @classmethod
-    def from_data_dir(cls, data_dir: str, short_len: int = 50,
-                      long_len: int = 1000) -> "FeatureSchema":
-        return cls(Vocab.from_meta(read_meta(data_dir)), short_len, long_len)
+    def from_data_dir(cls, data_dir: str, short_len: int = 50, long_len: int = 1000,
+                      cross_domain: bool = False) -> "FeatureSchema":
+        vocab = Vocab.from_meta(read_meta(data_dir))
+        if cross_domain:
+            require_source_domain(vocab, data_dir)
+        return cls(vocab, short_len, long_len, bool(cross_domain))
+
+
+def require_source_domain(vocab: Vocab, data_dir: str = "the dataset",
+                          what: str = "--cross_domain") -> None:
+    """Raise :class:`CrossDomainError` unless the data can hold SOURCE-domain behaviors
+    (meta ``vocab.num_domains`` > SOURCE_DOMAIN; single-domain data says 2)."""
+    if vocab.num_domains <= SOURCE_DOMAIN:
+        raise CrossDomainError(
+            f"{what} needs source-domain behaviors (domain {SOURCE_DOMAIN}), but {data_dir} "
+            f"has none (meta.json vocab.num_domains = {vocab.num_domains}; a two-domain "
+            f"dataset has {SOURCE_DOMAIN + 1}). Prepare a two-domain dataset (the "
+            "cross-domain adapter or the synthetic generator with two domains, see "
+            "docs/cross_domain.md) or drop --cross_domain / --crp_weight")
 
 
 def read_meta(data_dir: str) -> Dict:

@@ -28,8 +28,14 @@ from tfmodels import schema as S
 def write_tiny_dataset(out_dir: str, num_users: int = 24, num_items: int = 60,
                        num_categories: int = 6, max_history: int = 40,
                        impressions_per_user: int = 4, seed: int = 0,
-                       num_shards: int = 2) -> str:
-    """Random per-user records whose labels depend on the history (category match)."""
+                       num_shards: int = 2, domains: int = 1) -> str:
+    """Random per-user records whose labels depend on the history (category match).
+
+    ``domains=2`` writes two-domain data: each behavior's domain is drawn uniformly from
+    TARGET_DOMAIN (1) and SOURCE_DOMAIN (2) and meta says ``num_domains`` 3 (for the
+    cross-domain windows); ``domains=1`` (default) draws exactly what it always did."""
+    if domains not in (1, 2):
+        raise ValueError(f"domains must be 1 or 2, got {domains}")
     rng = np.random.default_rng(seed)
     os.makedirs(out_dir, exist_ok=True)
     item_cate = rng.integers(S.FIRST_ID, S.FIRST_ID + num_categories, size=num_items + S.FIRST_ID)
@@ -46,6 +52,8 @@ def write_tiny_dataset(out_dir: str, num_users: int = 24, num_items: int = 60,
             hist = {"hist_item_id": items, "hist_cate_id": item_cate[items], "hist_ts": ts,
                     "hist_engage": rng.random(h).astype(np.float32),
                     "hist_domain": np.full(h, S.DEFAULT_DOMAIN)}
+            if domains == 2:
+                hist["hist_domain"] = rng.integers(S.TARGET_DOMAIN, S.SOURCE_DOMAIN + 1, size=h)
             k = impressions_per_user
             t_items = rng.integers(S.FIRST_ID, S.FIRST_ID + num_items, size=k)
             t_cate = item_cate[t_items]
@@ -63,7 +71,7 @@ def write_tiny_dataset(out_dir: str, num_users: int = 24, num_items: int = 60,
         counts[split] = n_imp
     meta = {"vocab": {"num_items": num_items + S.FIRST_ID,
                       "num_categories": num_categories + S.FIRST_ID,
-                      "num_users": num_users + S.FIRST_ID, "num_domains": 2},
+                      "num_users": num_users + S.FIRST_ID, "num_domains": domains + 1},
             "source": "tiny", "protocol": "labeled_impressions", "seed": seed,
             "stats": {"impressions": counts}}
     with open(os.path.join(out_dir, S.META_FILE), "w") as f:

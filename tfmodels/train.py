@@ -62,6 +62,13 @@ class TrainConfig:
     # BatchNorm before each hidden activation of the head MLP (the LREA paper's head,
     # METHODS 2.3 R4); off by default (METHODS 1.3's head has none).
     head_batchnorm: bool = False
+    # Cross-domain windows (short_t / short_s / source-only long; needs two-domain data)
+    # and LCN's CRP loss on top of any model (docs/cross_domain.md): crp_weight is
+    # lambda_CRP (0 = off; the paper's value is 0.1), crp_negatives M per kind, crp_tau.
+    cross_domain: bool = False
+    crp_weight: float = 0.0
+    crp_negatives: int = 4096
+    crp_tau: float = 0.1
     long_module_config: Dict = dataclasses.field(default_factory=dict)
     batch_size: int = 256
     epochs: int = 3
@@ -89,6 +96,12 @@ class TrainConfig:
             raise ConfigError(f"optimizer must be adam or adagrad, got {self.optimizer!r}")
         if self.din_normalize not in ("softmax", "none"):
             raise ConfigError(f"din_normalize must be softmax or none, got {self.din_normalize!r}")
+        if self.crp_weight < 0 or self.crp_tau <= 0 or self.crp_negatives < 1:
+            raise ConfigError(f"need crp_weight >= 0, crp_tau > 0 and crp_negatives >= 1, got "
+                              f"{self.crp_weight}, {self.crp_tau}, {self.crp_negatives}")
+        if self.crp_weight > 0 and not self.cross_domain:
+            raise ConfigError("--crp_weight needs --cross_domain: CRP's pairs come from the "
+                              "per-domain short windows (short_t, short_s)")
         if self.eval_split not in S.SPLITS:
             raise ConfigError(f"eval_split must be one of {S.SPLITS}, got {self.eval_split!r}")
         return self
@@ -146,7 +159,8 @@ def _write_json(path: str, obj) -> None:
 
 # ---- model construction --------------------------------------------------------------------
 def feature_schema_for(cfg: TrainConfig) -> S.FeatureSchema:
-    return S.FeatureSchema.from_data_dir(cfg.data, cfg.short_len, cfg.long_len)
+    return S.FeatureSchema.from_data_dir(cfg.data, cfg.short_len, cfg.long_len,
+                                         cross_domain=cfg.cross_domain)
 
 
 def model_from_config(cfg: TrainConfig, feature_schema: S.FeatureSchema) -> LifelongCTRModel:
@@ -155,6 +169,8 @@ def model_from_config(cfg: TrainConfig, feature_schema: S.FeatureSchema) -> Life
                        din_normalize=None if cfg.din_normalize == "none" else cfg.din_normalize,
                        use_user_embedding=cfg.use_user_embedding, use_context=cfg.use_context,
                        head_batchnorm=cfg.head_batchnorm,
+                       crp_weight=cfg.crp_weight, crp_negatives=cfg.crp_negatives,
+                       crp_tau=cfg.crp_tau, crp_seed=cfg.seed,
                        long_module_config=cfg.long_module_config)
 
 
@@ -167,7 +183,7 @@ def _optimizer(cfg: TrainConfig):
 def dataset(cfg: TrainConfig, split: str, training: bool) -> tf.data.Dataset:
     return D.make_dataset(S.split_pattern(cfg.data, split), cfg.short_len, cfg.long_len,
                           cfg.batch_size, shuffle=training, seed=cfg.seed,
-                          shuffle_buffer=cfg.shuffle_buffer)
+                          shuffle_buffer=cfg.shuffle_buffer, cross_domain=cfg.cross_domain)
 
 
 class _EpochCheckpoint(tf.keras.callbacks.Callback):
