@@ -80,8 +80,9 @@ def write_tiny_dataset(out_dir: str, num_users: int = 24, num_items: int = 60,
 
 
 # ---- model test ---------------------------------------------------------------------------
-def tiny_schema(data_dir: str, short_len: int = 5, long_len: int = 24) -> S.FeatureSchema:
-    return S.FeatureSchema.from_data_dir(data_dir, short_len, long_len)
+def tiny_schema(data_dir: str, short_len: int = 5, long_len: int = 24,
+                cross_domain: bool = False) -> S.FeatureSchema:
+    return S.FeatureSchema.from_data_dir(data_dir, short_len, long_len, cross_domain)
 
 
 def _max_abs(a, b) -> float:
@@ -90,7 +91,8 @@ def _max_abs(a, b) -> float:
 
 def model_test(model_name: str, data_dir: str, work_dir: Optional[str] = None,
                short_len: int = 5, long_len: int = 24, steps: int = 6, tol: float = 1e-5,
-               run_eagerly: bool = False, **model_config) -> Dict[str, object]:
+               run_eagerly: bool = False, cross_domain: bool = False,
+               **model_config) -> Dict[str, object]:
     """Fit, save, reload and compare a registered model; returns what it measured.
 
     Checks (AssertionError on failure):
@@ -104,24 +106,28 @@ def model_test(model_name: str, data_dir: str, work_dir: Optional[str] = None,
         the features the model says it reads) reloads and predicts the same;
       * feeding only the declared features changes nothing (no hidden inputs);
       * the cached path ``rank(user_tower(x), x)`` equals ``call(x)`` within ``tol``.
+
+    ``cross_domain``: the cross-domain windows (two-domain data, e.g.
+    ``write_tiny_dataset(domains=2)``); ``model_config`` may then switch CRP on.
     """
     from tfmodels import data as D
     from tfmodels.model import LifelongCTRModel, build_model
 
     work_dir = work_dir or tempfile.mkdtemp(prefix=f"model_test_{model_name}_")
     tf.keras.utils.set_random_seed(0)
-    fschema = tiny_schema(data_dir, short_len, long_len)
+    fschema = tiny_schema(data_dir, short_len, long_len, cross_domain)
     cfg = dict(emb_dim=4, mlp_hidden=(8,), din_hidden=(8, 4))
     cfg.update(model_config)
     model = build_model(fschema, model_name, **cfg)
     model.compile(tf.keras.optimizers.Adam(1e-2), run_eagerly=run_eagerly)
     ds = D.make_dataset(S.split_pattern(data_dir, "train"), short_len, long_len, 8,
-                        shuffle=True, seed=0, repeat=True)
+                        shuffle=True, seed=0, repeat=True, cross_domain=cross_domain)
     hist = model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
     loss = hist.history["total_loss"][-1]
     assert np.isfinite(loss), f"{model_name}: non-finite loss {loss}"
 
-    batch = next(iter(D.make_dataset(S.split_pattern(data_dir, "test"), short_len, long_len, 8)))
+    batch = next(iter(D.make_dataset(S.split_pattern(data_dir, "test"), short_len, long_len, 8,
+                                     cross_domain=cross_domain)))
     p1 = model.predict_ctr(batch).numpy()
     assert p1.shape == (int(batch[S.LABEL].shape[0]),), f"{model_name}: prediction shape {p1.shape}"
 
