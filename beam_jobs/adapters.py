@@ -29,6 +29,8 @@ become a user's oldest behaviors. Defaults (inclusive bounds):
 * ``taobao``: the dataset's documented range 2017-11-25 00:00:00 to 2017-12-03
   23:59:59 in UTC+8 (China Standard Time, the timezone of the Tianchi release),
   i.e. unix ``[1511539200, 1512316799]``;
+* ``taobao_ad``: 2017-04-22 00:00:00 to 2017-05-13 23:59:59 UTC+8, the 22 days of
+  ``behavior_log`` ending with the last ``raw_sample`` day (both files) [interp];
 * ``movielens``: 1995-01-01 00:00:00 UTC (MovieLens started rating in 1995) to
   the time ``prepare`` runs + 1 day;
 * ``synthetic``: the generator's own range, from ``start_ts`` to the latest time
@@ -51,6 +53,11 @@ from typing import Any, Dict, Iterable, Mapping, NamedTuple, Optional, Tuple, Un
 MAX_TIMESTAMP = 4_102_444_800
 MIN_RATING, MAX_RATING = 0.5, 5.0
 DEFAULT_DOMAIN = 1  # == tfmodels.schema.DEFAULT_DOMAIN (kept import-free of TensorFlow)
+# Two-domain data (METHODS 4.3, LCN): impressions / candidates live in the TARGET domain,
+# the lifelong sequence comes from the SOURCE domain. == tfmodels.schema.TARGET_DOMAIN /
+# SOURCE_DOMAIN (mirrored import-free, as DEFAULT_DOMAIN). Single-domain data is all domain 1.
+TARGET_DOMAIN = 1
+SOURCE_DOMAIN = 2
 
 UNKNOWN_CATEGORY = "unknown"       # MovieLens movie absent from movies.csv
 NO_GENRES = "(no genres listed)"   # MovieLens's own marker; a category like any other
@@ -204,6 +211,8 @@ def default_time_window(source: str, now: Optional[float] = None,
     now = time.time() if now is None else now
     if source == "taobao":
         return parse_time_window(TAOBAO_TIME_WINDOW_SPEC, now)
+    if source == "taobao_ad":
+        return parse_time_window(TAOBAO_AD_TIME_WINDOW_SPEC, now)
     if source == "movielens":
         return parse_time_window(f"{MOVIELENS_START},now+1d", now)
     if source == "synthetic":
@@ -280,13 +289,37 @@ def parse_movies_csv(text: str) -> Tuple[Dict[str, str], int]:
     return genres, malformed
 
 
+# ``--movielens_domains genre`` (two domains, METHODS 4.3 by analogy) [interp]: a movie's
+# domain is decided by its category = its FIRST listed genre (MovieLens lists genres in
+# alphabetical order). These first genres form the TARGET domain (impressions); every
+# other first genre, "(no genres listed)" and "unknown" (a movie absent from movies.csv)
+# form the SOURCE domain. Every movie is in exactly one domain, so items never overlap.
+# On ml-latest-small the target holds 30.8 % of the ratings (3,721 of 9,742 movies).
+MOVIELENS_TARGET_GENRES = frozenset({"Animation", "Children", "Comedy", "Documentary",
+                                     "Musical", "Romance"})
+MOVIELENS_DOMAIN_MODES = ("none", "genre")
+
+
+def movielens_domain(category: str, mode: str = "none") -> int:
+    """Domain of a movie of ``category`` (its first genre): always 1 with ``mode="none"``;
+    with ``"genre"`` TARGET_DOMAIN iff the genre is in :data:`MOVIELENS_TARGET_GENRES`."""
+    if mode == "none":
+        return DEFAULT_DOMAIN
+    if mode != "genre":
+        raise ValueError(f"--movielens_domains {mode!r}: expected one of "
+                         f"{', '.join(MOVIELENS_DOMAIN_MODES)}")
+    return TARGET_DOMAIN if category in MOVIELENS_TARGET_GENRES else SOURCE_DOMAIN
+
+
 def parse_movielens_rating(line: Union[bytes, str], genres: Mapping[str, str],
-                           window: Optional[TimeWindow] = None) -> Parsed:
+                           window: Optional[TimeWindow] = None,
+                           domains: str = "none") -> Parsed:
     """One ``ratings.csv`` line (``userId,movieId,rating,timestamp``) -> behavior or dead letter.
 
     ``engage`` = the rating; the category = the movie's first genre from
     ``genres`` (:func:`parse_movies_csv`), ``"unknown"`` for a movie missing there.
-    A timestamp outside ``window`` (when given) is a dead letter.
+    A timestamp outside ``window`` (when given) is a dead letter. The domain is
+    :func:`movielens_domain` of the category (1 unless ``domains="genre"``).
     The header line must be skipped by the reader.
     """
     text, printable = decode_line(line)
@@ -314,7 +347,7 @@ def parse_movielens_rating(line: Union[bytes, str], genres: Mapping[str, str],
     if err:
         return DeadLetter(err, printable)
     cate = genres.get(movie, UNKNOWN_CATEGORY)
-    return (user, movie, cate, ts, rating, DEFAULT_DOMAIN)
+    return (user, movie, cate, ts, rating, movielens_domain(cate, domains))
 
 
 # ----------------------------------------------------------------------------- Taobao
@@ -366,6 +399,186 @@ def parse_taobao_line(line: Union[bytes, str],
     if btype not in keep:
         return Filtered(f"behavior type not kept: {btype}", printable)
     return (user, item, cate, ts, float(TAOBAO_BEHAVIORS[btype]), DEFAULT_DOMAIN)
+
+
+# ----------------------------------------------------------------------------- Taobao ad (Tianchi 56)
+#
+# METHODS 4.3 (LCN's public set): four CSV files with a header line each, in one folder.
+# Domains by category: cate < 2000 -> TARGET (1), >= 2000 -> SOURCE (2). Samples are the
+# raw_sample impressions whose ad has cate_id < 2000 (label = clk); impressions of ads
+# with cate_id >= 2000 are dropped by the protocol (counted as filtered, not dead
+# letters). [interp] behavior_log has no item id: an item is the pair (cate, brand),
+# one item key "c{cate}_b{brand}" (brand "NULL" kept as "bNULL"); an impression's item
+# is its ad's (cate, brand) key, so candidates and behaviors share one item space
+# (adgroup_id, pid, campaign, customer, price have no field in the per-user record and
+# are not stored). user_profile.csv is not read: the record has no profile fields.
+
+TAOBAO_AD_RAW_SAMPLE = "raw_sample.csv"
+TAOBAO_AD_FEATURE = "ad_feature.csv"
+TAOBAO_AD_BEHAVIOR_LOG = "behavior_log.csv"
+TAOBAO_AD_USER_PROFILE = "user_profile.csv"
+TAOBAO_AD_HEADERS = {
+    TAOBAO_AD_RAW_SAMPLE: "user,time_stamp,adgroup_id,pid,nonclk,clk",
+    TAOBAO_AD_FEATURE: "adgroup_id,cate_id,campaign_id,customer,brand,price",
+    TAOBAO_AD_BEHAVIOR_LOG: "user,time_stamp,btag,cate,brand",
+    TAOBAO_AD_USER_PROFILE: ("userid,cms_segid,cms_group_id,final_gender_code,age_level,"
+                             "pvalue_level,shopping_level,occupation,new_user_class_level"),
+}
+TAOBAO_AD_TARGET_CATE_BELOW = 2000   # cate_id < 2000 -> target domain, else source
+# [interp] behavior_log spans 22 days ending with the last sample day (2017-04-22 to
+# 2017-05-13, UTC+8); raw_sample spans 2017-05-06 to 05-13. One window for both files.
+TAOBAO_AD_TIME_WINDOW_SPEC = "2017-04-22T00:00:00+08:00,2017-05-13T23:59:59+08:00"
+# Official split [interp of the paper's "first 6 days train, day 7 test"]: 05-06..05-12
+# train, 05-13 test; by default the last train day, 05-12, is the validation split.
+TAOBAO_AD_VALID_START = "2017-05-12T00:00:00+08:00"
+TAOBAO_AD_TEST_START = "2017-05-13T00:00:00+08:00"
+TAOBAO_AD_VALID_MODES = ("last_day", "none")
+
+
+class AdSample(NamedTuple):
+    """One raw_sample impression: user, adgroup_id, unix ts, label (= clk)."""
+    user: str
+    adgroup: str
+    ts: int
+    label: float
+
+
+class Ad(NamedTuple):
+    """One ad_feature row (the fields used): adgroup_id, cate_id, brand."""
+    adgroup: str
+    cate: str
+    brand: str
+
+
+def header_matches(line: Union[bytes, str], header: str) -> bool:
+    """True if ``line`` is ``header`` (column names compared after stripping blanks, a
+    UTF-8 BOM and a trailing CR; the real user_profile.csv header ends with a blank)."""
+    text = line.decode("utf-8", errors="replace") if isinstance(line, bytes) else line
+    cols = [c.strip() for c in text.strip().lstrip("\ufeff").split(",")]
+    return cols == header.split(",")
+
+
+def taobao_ad_domain(cate: str) -> int:
+    """TARGET_DOMAIN for ``cate_id < 2000``, else SOURCE_DOMAIN (``cate`` normalised)."""
+    return TARGET_DOMAIN if int(cate) < TAOBAO_AD_TARGET_CATE_BELOW else SOURCE_DOMAIN
+
+
+def taobao_ad_item_key(cate: str, brand: str) -> str:
+    """The item of a behavior or an ad [interp]: ``"c{cate}_b{brand}"``."""
+    return f"c{cate}_b{brand}"
+
+
+def taobao_ad_cuts(valid: str = "last_day") -> Tuple[int, int]:
+    """``(train_end, valid_end)`` unix seconds of the fixed day split: an impression with
+    ``ts < train_end`` is train, ``< valid_end`` valid, else test. ``valid="none"``: no
+    validation split (train = 05-06..05-12, the official split as is)."""
+    if valid not in TAOBAO_AD_VALID_MODES:
+        raise ValueError(f"--taobao_ad_valid {valid!r}: expected one of "
+                         f"{', '.join(TAOBAO_AD_VALID_MODES)}")
+    test = _time_point(TAOBAO_AD_TEST_START, False, 0)
+    return (_time_point(TAOBAO_AD_VALID_START, False, 0) if valid == "last_day" else test, test)
+
+
+def _parse_brand(value: str) -> Tuple[Optional[str], Optional[str]]:
+    if value.strip().upper() == "NULL":
+        return "NULL", None
+    return _parse_id(value, "brand")
+
+
+def _decode_split(line: Union[bytes, str], n: int):
+    """(cols, printable, None) or (None, printable, DeadLetter)."""
+    text, printable = decode_line(line)
+    if text is None:
+        return None, printable, DeadLetter("bad encoding: not UTF-8", printable)
+    cols, err = _split_columns(text, n)
+    if err:
+        return None, printable, DeadLetter(err, printable)
+    return cols, printable, None
+
+
+def parse_taobao_ad_sample(line: Union[bytes, str],
+                           window: Optional[TimeWindow] = None) -> Union[AdSample, DeadLetter]:
+    """One ``raw_sample.csv`` line (``user,time_stamp,adgroup_id,pid,nonclk,clk``).
+
+    ``pid`` is not used (not checked). ``clk`` and ``nonclk`` must be 0/1 with
+    ``nonclk + clk = 1`` (else ``bad label``). The header must be skipped by the reader.
+    """
+    cols, printable, dead = _decode_split(line, 6)
+    if dead:
+        return dead
+    user, err = _parse_id(cols[0], "user")
+    if err:
+        return DeadLetter(err, printable)
+    adgroup, err = _parse_id(cols[2], "adgroup_id")
+    if err:
+        return DeadLetter(err, printable)
+    nonclk, clk = cols[4].strip(), cols[5].strip()
+    if nonclk not in ("0", "1") or clk not in ("0", "1") or int(nonclk) + int(clk) != 1:
+        return DeadLetter(f"bad label: nonclk={cols[4]!r} clk={cols[5]!r} (expected 0/1 "
+                          f"summing to 1)", printable)
+    ts, err = parse_timestamp(cols[1])
+    if err is None and window is not None:
+        err = window.check(ts)
+    if err:
+        return DeadLetter(err, printable)
+    return AdSample(user, adgroup, ts, float(clk))
+
+
+def parse_taobao_ad_feature(line: Union[bytes, str]) -> Union[Ad, DeadLetter]:
+    """One ``ad_feature.csv`` line (``adgroup_id,cate_id,campaign_id,customer,brand,price``).
+
+    Only adgroup_id, cate_id (numeric ids) and brand (numeric or ``NULL``) are used
+    and checked; campaign_id, customer and price are not stored.
+    """
+    cols, printable, dead = _decode_split(line, 6)
+    if dead:
+        return dead
+    adgroup, err = _parse_id(cols[0], "adgroup_id")
+    if err:
+        return DeadLetter(err, printable)
+    cate, err = _parse_id(cols[1], "cate_id")
+    if err:
+        return DeadLetter(err, printable)
+    brand, err = _parse_brand(cols[4])
+    if err:
+        return DeadLetter(err, printable)
+    return Ad(adgroup, cate, brand)
+
+
+def parse_taobao_ad_behavior(line: Union[bytes, str],
+                             keep: Iterable[str] = tuple(TAOBAO_BEHAVIORS),
+                             window: Optional[TimeWindow] = None) -> Parsed:
+    """One ``behavior_log.csv`` line (``user,time_stamp,btag,cate,brand``) -> behavior.
+
+    item = ``c{cate}_b{brand}``, category = cate, engage = the btag code (pv=1,
+    cart=2, fav=3, buy=4, as the Taobao UserBehavior adapter), domain by cate
+    (:func:`taobao_ad_domain`). Unknown btag or a timestamp outside ``window``: dead
+    letter; a btag not in ``keep``: :class:`Filtered`.
+    """
+    cols, printable, dead = _decode_split(line, 5)
+    if dead:
+        return dead
+    user, err = _parse_id(cols[0], "user")
+    if err:
+        return DeadLetter(err, printable)
+    cate, err = _parse_id(cols[3], "cate")
+    if err:
+        return DeadLetter(err, printable)
+    brand, err = _parse_brand(cols[4])
+    if err:
+        return DeadLetter(err, printable)
+    btag = cols[2].strip().lower()
+    if btag not in TAOBAO_BEHAVIORS:
+        return DeadLetter(f"unknown behavior type: {cols[2]!r}", printable)
+    ts, err = parse_timestamp(cols[1])
+    if err is None and window is not None:
+        err = window.check(ts)
+    if err:
+        return DeadLetter(err, printable)
+    if btag not in keep:
+        return Filtered(f"behavior type not kept: {btag}", printable)
+    return (user, taobao_ad_item_key(cate, brand), cate, ts, float(TAOBAO_BEHAVIORS[btag]),
+            taobao_ad_domain(cate))
 
 
 # ----------------------------------------------------------------------------- synthetic

@@ -12,10 +12,13 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``prepare`` flags. Unknown extra arguments are Beam pipeline options."""
     g = parser.add_argument_group("input / output")
     g.add_argument("--source", default="synthetic",
-                   help="synthetic | movielens | taobao (default: synthetic)")
+                   help="synthetic | movielens | taobao | taobao_ad (default: synthetic; "
+                        "taobao_ad = Tianchi 56 display-ad clicks, two domains, METHODS 4.3)")
     g.add_argument("--input", default=None,
                    help="movielens: folder with ratings.csv and movies.csv (ml-latest-small, "
                         "ml-32m); taobao: UserBehavior.csv or a glob of such files; "
+                        "taobao_ad: folder with raw_sample.csv, ad_feature.csv and "
+                        "behavior_log.csv (with their header lines); "
                         "local or any Beam filesystem (gs://, s3://, hdfs://)")
     g.add_argument("--output", required=True,
                    help="output folder: {train,valid,test}-*.tfrecord.gz, vocab/, "
@@ -28,9 +31,11 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("protocol")
     g.add_argument("--protocol", default=None,
-                   help="per_event_time_split | last_item_per_user | labeled_impressions; "
-                        "default per source: movielens -> per_event_time_split, "
-                        "taobao -> last_item_per_user, synthetic -> labeled_impressions")
+                   help="per_event_time_split | last_item_per_user | labeled_impressions | "
+                        "labeled_impressions_time_split; default per source: movielens -> "
+                        "per_event_time_split, taobao -> last_item_per_user, synthetic -> "
+                        "labeled_impressions, taobao_ad -> labeled_impressions_time_split "
+                        "(its only protocol)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the negative sampling (last_item_per_user) and of the "
                         "synthetic generator (default 0)")
@@ -62,6 +67,20 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--taobao_keep_behaviors", default="pv,cart,fav,buy",
                    help="Taobao behavior types to keep, comma separated (others are counted "
                         "as filtered); default pv,cart,fav,buy")
+    g.add_argument("--taobao_ad_valid", default="last_day", choices=("last_day", "none"),
+                   help="taobao_ad: last_day (default) = the last train day 2017-05-12 is the "
+                        "validation split (train 05-06..05-11); none = no validation split "
+                        "(train 05-06..05-12, the official split as is); test = 05-13 (UTC+8)")
+    g.add_argument("--movielens_domains", default="none", choices=("none", "genre"),
+                   help="movielens: none (default, one domain) | genre = two domains by the "
+                        "movie's first genre (target: Animation, Children, Comedy, "
+                        "Documentary, Musical, Romance; the rest source); only target-domain "
+                        "ratings become impressions (docs/data.md)")
+    g.add_argument("--synthetic_domains", type=int, default=None, choices=(1, 2),
+                   help="synthetic: 2 = the two-domain preset (disjoint target/source items "
+                        "sharing each user's latent interests; impressions in the target "
+                        "domain, most history in the source domain; docs/synthetic.md); "
+                        "default: the config's num_domains (1)")
     g.add_argument("--synthetic_config", default=None,
                    help="JSON file of beam_jobs.synthetic.SyntheticConfig fields (optional; "
                         "the flags below override it)")

@@ -1,7 +1,8 @@
 """Sample building: raw logs -> per-user records (history once + labeled impressions).
 
 The ``prepare`` subcommand. One Apache Beam pipeline reads a source (MovieLens
-``ratings.csv`` + ``movies.csv``, Taobao ``UserBehavior.csv``, or the seeded
+``ratings.csv`` + ``movies.csv``, Taobao ``UserBehavior.csv``, the Taobao display-ad
+files of Tianchi 56 (:mod:`beam_jobs.prepare_taobao_ad`), or the seeded
 synthetic generator), parses every row with :mod:`beam_jobs.adapters` (malformed
 rows become dead letters, never crashes), builds dense vocabularies, applies a
 sample protocol (METHODS section 4) and writes
@@ -66,10 +67,12 @@ from beam_jobs.sharded_io import (TFRECORD_SUFFIX, join, match_paths, query_coun
 from tfmodels import schema as S
 from tfmodels.errors import LifelongError
 
-SOURCES = ("synthetic", "movielens", "taobao")
-PROTOCOLS = ("per_event_time_split", "last_item_per_user", "labeled_impressions")
+SOURCES = ("synthetic", "movielens", "taobao", "taobao_ad")
+PROTOCOLS = ("per_event_time_split", "last_item_per_user", "labeled_impressions",
+             "labeled_impressions_time_split")
 DEFAULT_PROTOCOL = {"movielens": "per_event_time_split", "taobao": "last_item_per_user",
-                    "synthetic": "labeled_impressions"}
+                    "synthetic": "labeled_impressions",
+                    "taobao_ad": "labeled_impressions_time_split"}
 
 
 class PrepareError(ValueError, LifelongError):
@@ -101,6 +104,27 @@ def _validate_args(args: argparse.Namespace) -> Dict[str, Any]:
     if protocol == "labeled_impressions" and source != "synthetic":
         raise PrepareError(f"--protocol labeled_impressions needs a source with explicit "
                            f"impressions (synthetic), not {source}")
+    if (protocol == "labeled_impressions_time_split") != (source == "taobao_ad"):
+        raise PrepareError(f"--source taobao_ad goes with --protocol "
+                           f"labeled_impressions_time_split only (its impressions split by "
+                           f"day), got --source {source} --protocol {protocol}")
+    ml_domains = getattr(args, "movielens_domains", "none") or "none"
+    if ml_domains not in A.MOVIELENS_DOMAIN_MODES:
+        raise PrepareError(f"unknown --movielens_domains {ml_domains!r}; expected one of "
+                           f"{', '.join(A.MOVIELENS_DOMAIN_MODES)}")
+    if ml_domains != "none" and (source != "movielens" or protocol != "per_event_time_split"):
+        raise PrepareError(f"--movielens_domains {ml_domains} needs --source movielens with "
+                           f"--protocol per_event_time_split, got {source} / {protocol}")
+    syn_domains = getattr(args, "synthetic_domains", None)
+    if syn_domains is not None and (source != "synthetic" or int(syn_domains) not in (1, 2)):
+        raise PrepareError(f"--synthetic_domains must be 1 or 2 with --source synthetic, got "
+                           f"{syn_domains} with --source {source}")
+    cuts = None
+    if source == "taobao_ad":
+        try:
+            cuts = A.taobao_ad_cuts(getattr(args, "taobao_ad_valid", "last_day"))
+        except ValueError as e:
+            raise PrepareError(str(e)) from None
     if not getattr(args, "output", None):
         raise PrepareError("--output is required")
     num_shards = int(getattr(args, "num_shards", 4))
@@ -128,7 +152,7 @@ def _validate_args(args: argparse.Namespace) -> Dict[str, Any]:
     if not math.isfinite(float(getattr(args, "label_threshold", 4.0))):
         raise PrepareError("--label_threshold must be finite")
     keep = None
-    if source == "taobao":
+    if source in ("taobao", "taobao_ad"):
         try:
             keep = A.parse_keep_behaviors(getattr(args, "taobao_keep_behaviors", "pv,cart,fav,buy"))
         except ValueError as e:
@@ -142,6 +166,7 @@ def _validate_args(args: argparse.Namespace) -> Dict[str, Any]:
             raise PrepareError(str(e)) from None
     return {"source": source, "protocol": protocol, "num_shards": num_shards,
             "fractions": fractions, "keep": keep, "time_window": window,
+            "movielens_domains": ml_domains, "cuts": cuts,
             "time_window_from": "--valid_time_window" if window is not None else
             f"the {source} default"}
 
@@ -178,6 +203,8 @@ def _synthetic_config(args: argparse.Namespace):
     for k, v in overrides.items():
         if v is not None:
             base[k] = int(v)
+    if getattr(args, "synthetic_domains", None) is not None:
+        base["num_domains"] = int(args.synthetic_domains)  # 2: the two-domain preset
     try:
         defaults = synthetic.SyntheticConfig.from_dict({k: v for k, v in base.items()
                                                         if k == "seed"})
@@ -203,8 +230,11 @@ def _check_inputs(settings: Mapping[str, Any], args: argparse.Namespace) -> None
     if not path:
         raise PrepareError(f"--source {source} needs --input (" + (
             "a folder with ratings.csv and movies.csv)" if source == "movielens"
-            else "UserBehavior.csv or a glob)"))
-    if source == "movielens":
+            else "a folder with raw_sample.csv, ad_feature.csv and behavior_log.csv)"
+            if source == "taobao_ad" else "UserBehavior.csv or a glob)"))
+    if source == "taobao_ad":
+        _check_taobao_ad_inputs(path)
+    elif source == "movielens":
         if not FileSystems.exists(path):
             raise PrepareError(f"--input {path!r} does not exist")
         for name in ("ratings.csv", "movies.csv"):
@@ -232,6 +262,27 @@ def _check_inputs(settings: Mapping[str, Any], args: argparse.Namespace) -> None
             raise PrepareError(f"--input {path!r} matches no file")
         if all(m.size_in_bytes == 0 for m in matched):
             raise PrepareError(f"--input {path!r} is empty ({len(matched)} file(s), 0 bytes)")
+
+
+def _check_taobao_ad_inputs(path: str) -> None:
+    """The Tianchi 56 folder: each file used exists and starts with its header (a file
+    without it is rejected: the header fixes the column order; user_profile.csv is not
+    needed, its fields have no place in the record)."""
+    if not FileSystems.exists(path):
+        raise PrepareError(f"--input {path!r} does not exist")
+    for name in (A.TAOBAO_AD_RAW_SAMPLE, A.TAOBAO_AD_FEATURE, A.TAOBAO_AD_BEHAVIOR_LOG):
+        f = join(path, name)
+        if not FileSystems.exists(f):
+            raise PrepareError(f"--input {path!r} has no {name} (expected the Tianchi 56 "
+                               f"folder: raw_sample.csv, ad_feature.csv, behavior_log.csv)")
+        with FileSystems.open(f) as fh:
+            head = fh.readline()
+        if not head.strip():
+            raise PrepareError(f"{f} is empty")
+        if not A.header_matches(head, A.TAOBAO_AD_HEADERS[name]):
+            raise PrepareError(f"{f} must start with the header "
+                               f"{A.TAOBAO_AD_HEADERS[name]!r}, found "
+                               f"{head.decode('utf-8', errors='replace').strip()[:80]!r}")
 
 
 def _existing_outputs(out: str) -> List[str]:

@@ -63,6 +63,12 @@ def build_pipeline(p: beam.Pipeline, settings: Mapping[str, Any], args: argparse
                .with_outputs("dead", "counts", main="users"))
         users, dead = gen.users, gen.dead
         counts_parts.append(gen.counts)
+    elif source == "taobao_ad":
+        from beam_jobs.prepare_taobao_ad import TaobaoAdUsers  # lazy: this source only
+        src = p | "TaobaoAd" >> TaobaoAdUsers(args.input, settings["keep"],
+                                              settings.get("time_window"))
+        users, dead = src["users"], src["dead"]
+        counts_parts.append(src["counts"])
     else:
         if source == "movielens":
             ratings = join(args.input, "ratings.csv")
@@ -77,7 +83,9 @@ def build_pipeline(p: beam.Pipeline, settings: Mapping[str, Any], args: argparse
             counts_parts.append(movie_table | "MovieCounts" >> beam.Map(
                 lambda t: {"movies": {"rows": len(t[0]), "malformed": t[1]}}))
             parsed = lines | "Parse" >> beam.ParDo(
-                ParseRows(source, window=settings.get("time_window")), genres).with_outputs(
+                ParseRows(source, window=settings.get("time_window"),
+                          domains=settings.get("movielens_domains", "none")),
+                genres).with_outputs(
                 "dead", "counts", main="behaviors")
         else:
             lines = p | "ReadBehaviors" >> beam.io.ReadFromText(
@@ -98,7 +106,7 @@ def build_pipeline(p: beam.Pipeline, settings: Mapping[str, Any], args: argparse
 
     # ---- 3. item and category vocabularies ---------------------------------------------
     item_cate = users | "ItemCateRows" >> beam.FlatMap(
-        vocab_item_rows, protocol == "labeled_impressions")
+        vocab_item_rows, protocol in ("labeled_impressions", "labeled_impressions_time_split"))
     item_vocab = (item_cate
                   | "CategoryOfItem" >> beam.CombinePerKey(CategoryOfItem())
                   | "ItemList" >> beam.combiners.ToList()
@@ -120,7 +128,9 @@ def build_pipeline(p: beam.Pipeline, settings: Mapping[str, Any], args: argparse
     dofn = ApplyProtocol(protocol, args.seed, args.max_history, args.label_threshold)
     if protocol == "per_event_time_split":
         cuts = (users
-                | "EventTimes" >> beam.FlatMap(lambda u: [int(e[2]) for e in u[1]])
+                # the samples' times: target-domain events (all events of one-domain data)
+                | "EventTimes" >> beam.FlatMap(
+                    lambda u: [int(e[2]) for e in u[1] if e[4] == A.TARGET_DOMAIN])
                 | "TimeCuts" >> ExactCuts(fractions, _hour))
         applied = users | "PerEvent" >> beam.ParDo(
             dofn, item_si, cate_si, beam.pvalue.AsSingleton(cuts)).with_outputs(
@@ -128,6 +138,13 @@ def build_pipeline(p: beam.Pipeline, settings: Mapping[str, Any], args: argparse
         records = applied.records
         counts_parts.append(cuts | "CutCounts" >> beam.Map(
             lambda c: {"split_cuts": {"train_end_ts": c[0], "valid_end_ts": c[1]}}))
+    elif protocol == "labeled_impressions_time_split":   # fixed cuts (taobao_ad days)
+        cuts = tuple(settings["cuts"])
+        applied = users | "PerSplit" >> beam.ParDo(dofn, item_si, cate_si, cuts).with_outputs(
+            "counts", "user_rows", main="records")
+        records = applied.records
+        counts_parts.append(p | "CutCounts" >> beam.Create(
+            [{"split_cuts": {"train_end_ts": cuts[0], "valid_end_ts": cuts[1]}}]))
     else:
         applied = users | "PerUser" >> beam.ParDo(dofn, item_si, cate_si).with_outputs(
             "counts", "user_rows", main="keyed")

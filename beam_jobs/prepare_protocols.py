@@ -7,7 +7,9 @@ A user's events ``(item_key, cate_key, ts, engage, domain)`` -> per-user records
   every event is an impression, split by global time cuts;
 * :func:`last_item_user` — ``last_item_per_user`` (METHODS 4.1, Taobao): the last
   behavior is the target, replaced by a negative with probability 1/2;
-* :func:`labeled_user` — ``labeled_impressions`` (synthetic): explicit impressions.
+* :func:`labeled_user` — ``labeled_impressions`` (synthetic): explicit impressions;
+* :func:`labeled_time_split_user` — ``labeled_impressions_time_split`` (Taobao ad,
+  METHODS 4.3): explicit impressions split by fixed time cuts.
 
 The user-split protocols return ``(split_key, record)``; :func:`split_index` places
 a key between the global user cuts. :class:`beam_jobs.prepare_transforms.ApplyProtocol`
@@ -20,6 +22,7 @@ import hashlib
 import random
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from beam_jobs.adapters import TARGET_DOMAIN
 from tfmodels import schema as S
 
 # A sorted, dense history row: (ts, item_id, item_key, cate_id, engage, domain)
@@ -92,22 +95,39 @@ def per_event_user(user_key: str, events: Sequence[Sequence], item_ids: Mapping[
     event with ``ts < train_end`` is train, ``< valid_end`` valid, else test.
     The impression at sorted position ``p`` has ``imp_hist_index = p``. Returns
     (records, summary).
+
+    Two-domain data (``--movielens_domains genre``): only events of the target
+    domain (``TARGET_DOMAIN``) become impressions; source-domain events are history
+    only. A source event is used when a record stores it, else filtered
+    (``after_last_impression``, ``max_history``; ``user_without_impressions`` for a
+    user with no target event). Single-domain data is all target: unchanged.
     """
     rows = dense_rows(events, item_ids, cate_ids)
     n = len(rows)
     ts = [r[0] for r in rows]
+    target = [p for p in range(n) if rows[p][5] == TARGET_DOMAIN]
     bounds = [0] + [n if c is None else bisect.bisect_left(ts, c) for c in cuts] + [n]
-    records, longest = [], 0
+    records, longest, stored = [], 0, set()
     for split, a, b in zip(S.SPLITS, bounds[:-1], bounds[1:]):
-        if a >= b:
+        pos = target[bisect.bisect_left(target, a):bisect.bisect_left(target, b)]
+        if not pos:
             continue
-        lo, hi = history_bounds((a, b - 1), max_history)
+        lo, hi = history_bounds((pos[0], pos[-1]), max_history)
         imps = [(rows[p][1], rows[p][3], rows[p][0],
-                 1.0 if rows[p][4] >= label_threshold else 0.0, p) for p in range(a, b)]
+                 1.0 if rows[p][4] >= label_threshold else 0.0, p) for p in pos]
         records.append(_record(split, user_key, rows, lo, hi, imps))
         longest = max(longest, hi - lo)
-    # every event is an impression of exactly one split: all rows are used
-    return records, _user_summary(rows, range(n), n, {}, longest)
+        if len(target) < n:
+            stored.update(range(lo, hi))
+    if len(target) == n:
+        # every event is an impression of exactly one split: all rows are used
+        return records, _user_summary(rows, range(n), n, {}, longest)
+    used = sorted(stored.union(target))
+    filtered = {"user_without_impressions": n} if not target else {
+        "after_last_impression": n - 1 - target[-1],
+        "max_history": sum(1 for q in range(target[-1]) if q not in stored and
+                           rows[q][5] != TARGET_DOMAIN)}
+    return records, _user_summary(rows, used, len(used), filtered, longest)
 
 
 def user_seed(seed: int, user_key: str) -> int:
@@ -177,6 +197,48 @@ def labeled_user(user_key: str, events: Sequence[Sequence], impressions: Sequenc
     summary = _user_summary(rows, range(lo, hi), (hi - lo) + len(imps),
                             {"max_history": lo, "after_last_impression": n - hi}, hi - lo)
     return ((last_ts, user_key), rec), summary
+
+
+def labeled_time_split_user(user_key: str, events: Sequence[Sequence],
+                            impressions: Sequence[Sequence], item_ids: Mapping[str, int],
+                            cate_ids: Mapping[str, int], cuts: Sequence[Optional[int]],
+                            max_history: int = 0
+                            ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """Explicit impressions split by fixed time cuts (``labeled_impressions_time_split``;
+    the Taobao ad source, METHODS 4.3).
+
+    ``cuts = (train_end, valid_end)``: an impression with ``ts < train_end`` is train,
+    ``< valid_end`` valid, else test. One record per split the user has impressions in
+    (as :func:`per_event_user`): its impressions in ``(ts, imp_hist_index, item, cate,
+    label)`` order, ``imp_hist_index`` = the number of the user's events with ``ts``
+    strictly before the impression, history = the rows visible to its last impression
+    (cut by ``max_history``). Events no record stores are filtered
+    (``user_without_impressions``, ``after_last_impression``, ``max_history``).
+    Returns (records, summary).
+    """
+    rows = dense_rows(events, item_ids, cate_ids)
+    n = len(rows)
+    if not impressions:
+        return [], _user_summary(rows, (), 0, {"user_without_impressions": n}, 0)
+    ts = [r[0] for r in rows]
+    imps = sorted((item_ids.get(it, S.OOV_ID), cate_ids.get(c, S.OOV_ID), int(t), float(lab),
+                   bisect.bisect_left(ts, int(t))) for it, c, t, lab in impressions)
+    imps.sort(key=lambda i: (i[2], i[4], i[0], i[1], i[3]))
+    by_split: Dict[int, list] = {}
+    for i in imps:
+        by_split.setdefault(split_index(i[2], cuts), []).append(i)
+    records, longest, stored = [], 0, set()
+    for k in sorted(by_split):
+        group = by_split[k]
+        lo, hi = history_bounds([i[4] for i in group], max_history)
+        records.append(_record(S.SPLITS[k], user_key, rows, lo, hi, group))
+        longest = max(longest, hi - lo)
+        stored.update(range(lo, hi))
+    last = max(i[4] for i in imps)  # rows at or after it are seen by no impression
+    used = sorted(stored)
+    filtered = {"after_last_impression": n - last,
+                "max_history": sum(1 for q in range(last) if q not in stored)}
+    return records, _user_summary(rows, used, len(used) + len(imps), filtered, longest)
 
 
 def split_index(key, cuts: Sequence[Any]) -> int:

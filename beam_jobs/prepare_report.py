@@ -87,6 +87,8 @@ def build_report(counts: Mapping[str, Any], settings: Mapping[str, Any],
                        "timestamp_after_valid_window)"}
     if "movies" in counts:
         report["rows"]["movies_csv"] = {k: int(v) for k, v in counts["movies"].items()}
+    if "by_file" in counts:   # taobao_ad: the same accounting per input file
+        report["rows"]["by_file"] = _by_file(counts["by_file"], report)
     if synthetic_config is not None:
         report["synthetic_config"] = synthetic_config.to_dict()
     report["args"] = {k: v for k, v in sorted(vars(args).items())
@@ -95,8 +97,31 @@ def build_report(counts: Mapping[str, Any], settings: Mapping[str, Any],
     return report
 
 
+def _by_file(by_file: Mapping[str, Any], report: Mapping[str, Any]) -> Dict[str, Any]:
+    """taobao_ad per-file rows: input, dead_lettered and (ads) used / (samples) filtered
+    are counted where they happen; every impression reaching the protocol is used, so
+    raw_sample used = the impressions, and behavior_log gets the rest of used / filtered."""
+    out = {name: {k: int(by_file.get(name, {}).get(k, 0))
+                  for k in ("input", "used", "filtered", "dead_lettered")}
+           for name in (A.TAOBAO_AD_RAW_SAMPLE, A.TAOBAO_AD_FEATURE, A.TAOBAO_AD_BEHAVIOR_LOG)}
+    rows = report["rows"]
+    imps = sum(report["stats"]["impressions"].values())
+    out[A.TAOBAO_AD_RAW_SAMPLE]["used"] = imps
+    behavior = out[A.TAOBAO_AD_BEHAVIOR_LOG]
+    behavior["used"] = rows["used"] - imps - out[A.TAOBAO_AD_FEATURE]["used"]
+    behavior["filtered"] = rows["filtered"] - out[A.TAOBAO_AD_RAW_SAMPLE]["filtered"]
+    return out
+
+
 def _split_rule(settings: Mapping[str, Any], cuts: Mapping[str, Any]) -> Dict[str, Any]:
     f1, f2 = settings["fractions"]
+    if settings["protocol"] == "labeled_impressions_time_split":
+        a, b = settings["cuts"]
+        return {"kind": "impressions by fixed time cuts (taobao_ad days, UTC+8)",
+                "train": f"ts < train_end_ts ({A.iso_utc(a)})",
+                "valid": f"train_end_ts <= ts < valid_end_ts ({A.iso_utc(b)})" if a < b
+                else "none (--taobao_ad_valid none)",
+                "test": "ts >= valid_end_ts", "train_end_ts": a, "valid_end_ts": b}
     if settings["protocol"] == "per_event_time_split":
         return {"kind": "global event time", "train": f"ts < train_end_ts (the {f1:g} quantile)",
                 "valid": f"train_end_ts <= ts < valid_end_ts (the {f2:g} quantile; carved from "

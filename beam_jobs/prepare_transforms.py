@@ -24,8 +24,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import apache_beam as beam
 
 from beam_jobs import adapters as A
-from beam_jobs.prepare_protocols import (encode_record, labeled_user, last_item_user,
-                                         per_event_user)
+from beam_jobs.prepare_protocols import (encode_record, labeled_time_split_user, labeled_user,
+                                         last_item_user, per_event_user)
 from beam_jobs.sharded_io import CountingDoFn
 
 NAMESPACE = "prepare"            # Beam metrics namespace
@@ -159,9 +159,10 @@ class ParseRows(_CountingDoFn):
     ``dead`` (``"reason\\traw"`` lines) and ``counts``."""
 
     def __init__(self, source: str, keep: Optional[Iterable[str]] = None,
-                 window: Optional[Sequence[int]] = None):
+                 window: Optional[Sequence[int]] = None, domains: str = "none"):
         super().__init__()
         self._source = source
+        self._domains = domains  # MovieLens: "none" | "genre" (adapters.movielens_domain)
         self._keep = frozenset(keep) if keep else frozenset(A.TAOBAO_BEHAVIORS)
         self._window = A.TimeWindow(*window) if window is not None else None
 
@@ -170,7 +171,7 @@ class ParseRows(_CountingDoFn):
         c.inc("rows_input")
         self._rows_input += 1
         if self._source == "movielens":
-            r = A.parse_movielens_rating(line, genres or {}, self._window)
+            r = A.parse_movielens_rating(line, genres or {}, self._window, self._domains)
         else:
             r = A.parse_taobao_line(line, self._keep, self._window)
         if isinstance(r, A.DeadLetter):
@@ -259,6 +260,10 @@ class ApplyProtocol(_CountingDoFn):
             keyed, summary = last_item_user(user_key, events, item_vocab, cate_vocab["ids"],
                                             self._seed, self._max_history)
             out = [keyed] if keyed else []
+        elif self._protocol == "labeled_impressions_time_split":
+            out, summary = labeled_time_split_user(user_key, events, imps or [],
+                                                   item_vocab["ids"], cate_vocab["ids"], cuts,
+                                                   self._max_history)
         else:
             keyed, summary = labeled_user(user_key, events, imps or [], item_vocab["ids"],
                                           cate_vocab["ids"], self._max_history)

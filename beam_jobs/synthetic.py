@@ -105,10 +105,15 @@ __all__ = [
     "cate_key",
     "user_key",
     "DOMAIN",
+    "TARGET_DOMAIN",
+    "SOURCE_DOMAIN",
+    "source_item_category_array",
 ]
 
-DOMAIN = 1  # every synthetic behavior comes from one domain
+DOMAIN = 1  # every synthetic behavior of one-domain data (num_domains = 1)
+TARGET_DOMAIN, SOURCE_DOMAIN = 1, 2  # == beam_jobs.adapters (two-domain data)
 _ITEM_MAP_STREAM = 0x17E3  # second seed word of the shared item->category stream
+_SOURCE_ITEM_MAP_STREAM = 0x5EC2  # the same for the source-domain catalogue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +162,11 @@ class SyntheticConfig:
     break_max_s: float = 3 * 86400.0
     # --- randomness
     seed: int = 0
+    # --- two domains (METHODS 4.3, LCN); off by default (num_domains = 1: the outputs
+    # are byte-identical to the one-domain generator). See "Two domains" in the module doc.
+    num_domains: int = 1
+    target_share_recent: float = 0.5  # P(event in the target domain), newest recent_window
+    target_share_old: float = 0.02    # same, older events
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -226,9 +236,12 @@ def _validate(cfg: SyntheticConfig) -> None:
         raise ValueError(
             f"SyntheticConfig.num_items ({cfg.num_items}) must be >= num_categories "
             f"({cfg.num_categories}) so every category holds at least one item")
+    if cfg.num_domains not in (1, 2):
+        raise err("num_domains", "must be 1 (one domain) or 2 (target + source)")
     for name in ("long_tail_fraction", "recent_switch_prob", "long_share_old", "long_share_recent",
                  "recent_share_old", "recent_share_recent", "impression_long_frac",
-                 "impression_recent_frac", "session_break_prob"):
+                 "impression_recent_frac", "session_break_prob", "target_share_recent",
+                 "target_share_old"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise err(name, "must be in [0, 1]")
     for name in ("engage_base_mean", "engage_interest_mean"):
@@ -264,9 +277,10 @@ def user_key(user_index: int) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _item_tables(seed: int, num_items: int, num_categories: int):
+def _item_tables(seed: int, num_items: int, num_categories: int,
+                 stream: int = _ITEM_MAP_STREAM):
     """(cat_of_item [num_items], items_by_cat [num_items], cat_offset [C], cat_size [C])."""
-    rng = np.random.default_rng([seed, _ITEM_MAP_STREAM])
+    rng = np.random.default_rng([seed, stream])
     perm = rng.permutation(num_items)
     cat_of_item = np.empty(num_items, dtype=np.int64)
     cat_of_item[perm] = np.arange(num_items, dtype=np.int64) % num_categories
@@ -293,9 +307,17 @@ def item_category(cfg: SyntheticConfig, item_index: int) -> int:
 # ----------------------------------------------------------------------------- per user
 
 
-def _sample_items(rng: np.random.Generator, cats: np.ndarray, cfg: SyntheticConfig) -> np.ndarray:
+def source_item_category_array(cfg: SyntheticConfig) -> np.ndarray:
+    """Read-only int64 array: category index of every SOURCE-domain item index (the
+    two-domain catalogue ``"s{j}"`` -> ``"sc{c}"``; its own stream, same sizes)."""
+    return _item_tables(cfg.seed, cfg.num_items, cfg.num_categories,
+                        _SOURCE_ITEM_MAP_STREAM)[0]
+
+
+def _sample_items(rng: np.random.Generator, cats: np.ndarray, cfg: SyntheticConfig,
+                  stream: int = _ITEM_MAP_STREAM) -> np.ndarray:
     _, items_by_cat, cat_offset, cat_size = _item_tables(cfg.seed, cfg.num_items,
-                                                         cfg.num_categories)
+                                                         cfg.num_categories, stream)
     v = rng.random(cats.shape[0])
     if cfg.item_popularity_exponent != 1.0:
         v = v ** cfg.item_popularity_exponent
@@ -400,9 +422,22 @@ def _simulate(cfg: SyntheticConfig, user_index: int) -> Dict[str, Any]:
          + rng.normal(0.0, cfg.label_noise_std, size=m))
     labels = (rng.random(m) < 1.0 / (1.0 + np.exp(-z))).astype(np.float64)
 
+    # 9. domains (two-domain data only; drawn after everything else, so the one-domain
+    # stream above is untouched): target with prob. target_share_recent in the recent
+    # window, target_share_old before it; a source event takes a source item of the
+    # same latent category.
+    domains = None
+    if cfg.num_domains == 2:
+        p_target = np.where(in_window, cfg.target_share_recent, cfg.target_share_old)
+        is_target = rng.random(n) < p_target
+        source_items = _sample_items(rng, cats, cfg, _SOURCE_ITEM_MAP_STREAM)
+        items = np.where(is_target, items, source_items)
+        domains = np.where(is_target, TARGET_DOMAIN, SOURCE_DOMAIN)
+
     return {
         "items": items, "cats": cats, "ts": ts, "engage": engage,
         "imp_items": imp_items, "imp_cats": imp_cats, "imp_ts": imp_ts, "labels": labels,
+        "domains": domains,
         "latents": {
             "long_interests": [int(c) for c in long_cats],
             "long_weights": [float(w) for w in long_w],
@@ -422,10 +457,17 @@ def generate_user(cfg: SyntheticConfig, user_index: int) -> Dict[str, Any]:
     every impression is later than the last event. ``0 <= user_index < cfg.num_users``.
     """
     sim = _simulate(cfg, user_index)
-    item_keys = [f"i{i}" for i in sim["items"].tolist()]
-    cate_keys = [f"c{c}" for c in sim["cats"].tolist()]
+    if sim["domains"] is None:
+        item_keys = [f"i{i}" for i in sim["items"].tolist()]
+        cate_keys = [f"c{c}" for c in sim["cats"].tolist()]
+        domains = [DOMAIN] * len(item_keys)
+    else:  # source-domain keys "s{j}" / "sc{c}": disjoint from the target's "i{j}" / "c{c}"
+        domains = sim["domains"].tolist()
+        pre = {TARGET_DOMAIN: ("i", "c"), SOURCE_DOMAIN: ("s", "sc")}
+        item_keys = [f"{pre[d][0]}{i}" for i, d in zip(sim["items"].tolist(), domains)]
+        cate_keys = [f"{pre[d][1]}{c}" for c, d in zip(sim["cats"].tolist(), domains)]
     events = list(zip(item_keys, cate_keys, sim["ts"].tolist(), sim["engage"].tolist(),
-                      [DOMAIN] * len(item_keys)))
+                      domains))
     impressions = list(zip([f"i{i}" for i in sim["imp_items"].tolist()],
                            [f"c{c}" for c in sim["imp_cats"].tolist()],
                            sim["imp_ts"].tolist(), sim["labels"].tolist()))
