@@ -292,6 +292,16 @@ class LAP(LongSequenceModule):
         return ((["msa_keys", "msa_values"] if self.msa else [])
                 + (["fsa_keys", "fsa_values"] if self.fsa else []))
 
+    def cache_bytes_per_user(self, length: int) -> int:
+        """Bytes of :meth:`user_cache` for one window of ``length`` rows: float32 E^h and
+        mask, the MSA / FSA projections, int64 ``row_ts`` with the gap feature."""
+        floats = self.emb_dim + 1
+        if self.msa:
+            floats += self.attention_dim + self.value_dim
+        if self.fsa:
+            floats += 2 * self.num_heads * self.head_dim
+        return int(length) * (4 * floats + (8 if self.reads_request_time else 0))
+
     def request_terms(self, cache: Dict[str, tf.Tensor],
                       target: Dict[str, tf.Tensor]) -> Optional[Dict[str, tf.Tensor]]:
         """The gap feature's terms of the cached projections for the request: cache name ->
