@@ -5,6 +5,7 @@ last 1000 behaviors must beat the same counts in the last 50 by a clear AUC marg
 so a short-window model measurably cannot match a long-window one on this data.
 """
 import dataclasses
+import hashlib
 import json
 import statistics
 import time
@@ -15,11 +16,14 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
 from beam_jobs.synthetic import (
+    SOURCE_DOMAIN,
+    TARGET_DOMAIN,
     SyntheticConfig,
     generate_user,
     generate_users,
     item_category,
     item_category_array,
+    source_item_category_array,
     user_latents,
 )
 
@@ -227,3 +231,89 @@ def test_generation_speed_10k_events():
     print(f"\ngenerate_user with 10,000 events: median {med * 1e3:.1f} ms "
           f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
     assert med < 0.05
+
+
+# ----------------------------------------------------------------------------- two domains
+# num_domains=2 (issue 18, LCN's cross-domain setting): target items "i{j}" / "c{c}"
+# (impressions only there), source items "s{j}" / "sc{c}" sharing each user's latent
+# categories; the source domain holds most of the history.
+
+TWO = dataclasses.replace(SMALL, num_domains=2)
+
+
+def test_one_domain_generator_unchanged_by_the_two_domain_fields():
+    # sha256 of json.dumps(generate_user) of 6 users, measured before the two-domain
+    # fields existed (commit 7582690): the default num_domains=1 draws nothing more
+    cfg = SyntheticConfig(num_users=6, num_items=300, num_categories=20, mean_history=60,
+                          min_history=30, max_history=120, seed=11)
+    assert cfg.num_domains == 1
+    h = hashlib.sha256()
+    for u in range(6):
+        h.update(json.dumps(generate_user(cfg, u)).encode())
+    assert h.hexdigest() == "72016dce472961944c41fa024e8f9db3b3a4668233d79062ddb7472ff4d398ec"
+
+
+def test_two_domains_share_latents_with_disjoint_items():
+    src_cat = source_item_category_array(TWO)
+    for u in range(10):
+        one, two = generate_user(SMALL, u), generate_user(TWO, u)
+        assert two["impressions"] == one["impressions"]          # target domain only
+        assert len(two["events"]) == len(one["events"])
+        for (i1, c1, t1, e1, d1), (i2, c2, t2, e2, d2) in zip(one["events"], two["events"]):
+            assert (t2, e2, d1) == (t1, e1, 1)
+            if d2 == TARGET_DOMAIN:
+                assert (i2, c2) == (i1, c1)
+            else:   # the same latent category, a source-domain item of it
+                assert d2 == SOURCE_DOMAIN and c2 == "s" + c1 and i2[0] == "s"
+                assert src_cat[int(i2[1:])] == _int(c1)
+        items = {d: {e[0] for e in two["events"] if e[4] == d} for d in (1, 2)}
+        assert all(k[0] == "i" for k in items[1]) and all(k[0] == "s" for k in items[2])
+    with pytest.raises(ValueError, match="num_domains"):
+        SyntheticConfig(num_domains=3)
+    with pytest.raises(ValueError, match="target_share_old"):
+        SyntheticConfig(num_domains=2, target_share_old=1.5)
+
+
+def test_two_domains_history_is_mostly_source():
+    cfg = SyntheticConfig(num_domains=2)
+    recent, old = [], []
+    for u in range(60):
+        dom = np.array([e[4] for e in generate_user(cfg, u)["events"]])
+        recent.append(dom[-cfg.recent_window:] == TARGET_DOMAIN)
+        old.append(dom[:-cfg.recent_window] == TARGET_DOMAIN)
+    recent, old = np.concatenate(recent), np.concatenate(old)
+    # binomial shares: 6,000 recent draws at 0.5 (sd 0.0065), ~25,000 old at 0.02 (sd 0.0009)
+    assert abs(recent.mean() - cfg.target_share_recent) < 0.03
+    assert abs(old.mean() - cfg.target_share_old) < 0.005
+    assert (~np.concatenate([recent, old])).mean() > 0.75     # most history is source
+
+
+def _cross_domain_rows(cfg, num_users):
+    rows = []
+    for u in range(num_users):
+        d = generate_user(cfg, u)
+        target = [e[1] for e in d["events"] if e[4] == TARGET_DOMAIN]
+        source = [e[1][1:] for e in d["events"] if e[4] == SOURCE_DOMAIN][-1000:]  # "sc7"->"c7"
+        for _, cate, _, label in d["impressions"]:
+            rows.append((u, target.count(cate), source.count(cate), label))
+    return np.asarray(rows, dtype=np.float64)
+
+
+def test_oracle_source_history_helps_the_target_domain():
+    """Counts of the candidate's category in the target-domain history vs. the same plus
+    the count of its latent category in the last 1000 source-domain behaviors
+    (logistic regression, users split in halves). Measured with the defaults, 300 users
+    (9,600 impressions, CTR 0.398): target only 0.6314, target + source 0.7086, source
+    only 0.6965 (gain 0.0772); the assertion asks for a 0.05 gain."""
+    cfg = SyntheticConfig(num_domains=2)
+    num_users = 300
+    rows = _cross_domain_rows(cfg, num_users)
+    train = rows[:, 0] < num_users // 2
+    auc_target = _fit_auc(rows, [1], train)
+    auc_both = _fit_auc(rows, [1, 2], train)
+    auc_source = _fit_auc(rows, [2], train)
+    print(f"\ncross-domain oracle AUC ({num_users} users, {len(rows)} impressions, CTR "
+          f"{rows[:, 3].mean():.3f}): target history {auc_target:.4f}  target+source "
+          f"{auc_both:.4f}  source {auc_source:.4f}  gain {auc_both - auc_target:.4f}")
+    assert auc_both - auc_target >= 0.05
+    assert auc_target > 0.55   # the recent interest is visible in the target domain
