@@ -294,7 +294,7 @@ def parse_movies_csv(text: str) -> Tuple[Dict[str, str], int]:
 # alphabetical order). These first genres form the TARGET domain (impressions); every
 # other first genre, "(no genres listed)" and "unknown" (a movie absent from movies.csv)
 # form the SOURCE domain. Every movie is in exactly one domain, so items never overlap.
-# On ml-latest-small the target holds 30.8 % of the ratings (3,721 of 9,742 movies).
+# On ml-latest-small the target holds 30.9 % of the ratings (3,721 of 9,742 movies).
 MOVIELENS_TARGET_GENRES = frozenset({"Animation", "Children", "Comedy", "Documentary",
                                      "Musical", "Romance"})
 MOVIELENS_DOMAIN_MODES = ("none", "genre")

@@ -70,6 +70,19 @@ Per user ``u`` (``rng = default_rng([seed, u])``; draws happen in this order)
    the walk visited earlier look frequent in a long window but are not clicked
    more, which keeps a pure long-window count from being a perfect feature.
 
+9. *Domains* (only with ``num_domains = 2``; drawn after all of the above, so the
+   one-domain output is unchanged and a two-domain user shares every draw of its
+   one-domain twin). Event ``t`` is in the **target** domain (1) with probability
+   ``target_share_recent`` (default 0.5) inside the recent window and
+   ``target_share_old`` (0.02) before it, else in the **source** domain (2). A
+   target event keeps its item ``"i{j}"`` / category ``"c{c}"``; a source event takes
+   an item of the SAME latent category ``c`` from the source catalogue (its own
+   item->category map, stream ``default_rng([seed, 0x5EC2])``, same sizes), keys
+   ``"s{j}"`` / ``"sc{c}"``: the two item sets are disjoint, the interests shared.
+   Impressions stay in the target domain. The long-term interests, common only far
+   back, are therefore seen almost only in the source domain: a target-domain-only
+   model reads little more than the recent interest (METHODS 2.5, LCN's setting).
+
 Why short windows lose
 ----------------------
 A candidate from ``LONG`` almost never appears among the last ~50 events (its
@@ -83,7 +96,8 @@ Output of :func:`generate_user`
 ``{"user_key": "u42", "events": [(item_key, cate_key, ts, engage, domain), ...],
 "impressions": [(item_key, cate_key, ts, label), ...]}`` with keys like ``"i123"``
 and ``"c7"``, plain Python ``str``/``int``/``float`` values, events sorted by
-``ts`` ascending, ``domain`` always 1, labels in ``{0.0, 1.0}``.
+``ts`` ascending, ``domain`` always 1 (two domains: 1 or 2, source keys ``"s123"`` /
+``"sc7"``), labels in ``{0.0, 1.0}``.
 """
 from __future__ import annotations
 
