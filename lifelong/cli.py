@@ -77,6 +77,12 @@ def _require_dataset(path: Optional[str], flag: str) -> None:
 
 def _add_train_flags(p: argparse.ArgumentParser, with_model: bool = True) -> None:
     p.add_argument("--config", help="JSON config file; explicit flags override it")
+    p.add_argument("--config_dir", help="per-model configs <DIR>/<dataset>/<model>.json "
+                   "(default: the repository's configs/; 'none' = off; docs/configs.md)")
+    p.add_argument("--set", action="append", metavar="NAME.FIELD=VALUE",
+                   help="override one field of one model's config, repeatable, e.g. "
+                   "--set cformer.long_module_config.num_clusters=32 --set "
+                   "din_l.learning_rate=0.001 (beats every other layer)")
     for name, (typ, help_) in TRAIN_FLAGS.items():
         if name == "model" and not with_model:
             continue
@@ -95,6 +101,7 @@ def _add_train_flags(p: argparse.ArgumentParser, with_model: bool = True) -> Non
 def _train_config(args, **overrides):
     from tfmodels.train import TrainConfig, load_config_file
     d = load_config_file(args.config) if getattr(args, "config", None) else {}
+    flags = {}
     for name in list(TRAIN_FLAGS) + ["use_user_embedding", "use_context", "head_batchnorm",
                                      "cross_domain", "data"]:
         value = getattr(args, name, None)
@@ -110,8 +117,10 @@ def _train_config(args, **overrides):
                 value = json.loads(value)
             except json.JSONDecodeError as e:
                 raise CliError(f"--long_module_config is not valid JSON: {e}")
-        d[name] = value
-    d.update(overrides)
+        flags[name] = value
+    # per-model config files (configs/<dataset>/<model>.json) and --set: docs/configs.md
+    from lifelong import model_configs
+    d, _ = model_configs.resolve(args, d, flags, overrides)
     return TrainConfig.from_dict(d)
 
 

@@ -15,9 +15,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from lifelong import model_configs
 from tfmodels.errors import MissingInputError, UsageError
 
 METRICS = ("auc", "gauc", "logloss")
+#: epoch numbers of a run (run.json, 1-based over the whole run): the last epoch trained
+#: and the epoch whose weights final/ holds (None without early stopping)
+EPOCHS = ("stopped_epoch", "best_epoch")
 
 
 def detect_source(path: str) -> str:
@@ -57,7 +61,7 @@ def summarize(rows: List[Dict]) -> Dict[str, Dict]:
     for model in dict.fromkeys(r["model"] for r in rows):
         rs = [r for r in rows if r["model"] == model]
         agg: Dict = {"seeds": [r["seed"] for r in rs]}
-        for k in METRICS + ("train_examples_per_s", "train_wall_s"):
+        for k in METRICS + ("train_examples_per_s", "train_wall_s") + EPOCHS:
             vals = np.array([r[k] for r in rs if M.is_defined(r.get(k))], dtype=float)
             if vals.size:
                 agg[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
@@ -67,6 +71,8 @@ def summarize(rows: List[Dict]) -> Dict[str, Dict]:
                 reasons = [r.get(f"{k}_undefined") for r in rs if r.get(f"{k}_undefined")]
                 agg[k] = {"mean": None, "std": None,
                           "undefined": reasons[0] if reasons else "no value"}
+        for k in EPOCHS:
+            agg[k]["per_seed"] = [r.get(k) for r in rs]
         out[model] = agg
     return out
 
@@ -80,14 +86,25 @@ def _cell(agg: Dict, fmt: str = ".4f") -> str:
 
 def format_table(summary: Dict[str, Dict], command: str) -> str:
     lines = [f"command: {command}", "",
-             "| model | AUC | GAUC | logloss | train ex/s | seeds |",
-             "|---|---|---|---|---|---|"]
+             "| model | AUC | GAUC | logloss | train ex/s | stop / best epoch | seeds |",
+             "|---|---|---|---|---|---|---|"]
     for model, agg in summary.items():
         cells = [_cell(agg[k]) for k in METRICS]
         speed = agg["train_examples_per_s"]["mean"]
         lines.append(f"| {model} | " + " | ".join(cells) +
-                     f" | {'n/a' if speed is None else f'{speed:.0f}'} | {len(agg['seeds'])} |")
+                     f" | {'n/a' if speed is None else f'{speed:.0f}'} | {_epochs_cell(agg)} "
+                     f"| {len(agg['seeds'])} |")
     return "\n".join(lines)
+
+
+def _epochs_cell(agg: Dict) -> str:
+    """``stop/best`` per seed, e.g. ``7/5, 6/4`` (``-`` where run.json has no value:
+    no early stopping, or a run recorded before these fields existed)."""
+    stops = (agg.get("stopped_epoch") or {}).get("per_seed") or []
+    bests = (agg.get("best_epoch") or {}).get("per_seed") or []
+    cells = [f"{'-' if s is None else s}/{'-' if b is None else b}"
+             for s, b in zip(stops, bests)]
+    return ", ".join(cells) if cells else "n/a"
 
 
 def split_warnings(rows: List[Dict], split: str = "test") -> List[str]:
@@ -128,6 +145,67 @@ def plot(summary: Dict[str, Dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def learning_curves(rows: List[Dict]) -> Dict[str, Dict[str, Dict[int, List[float]]]]:
+    """Train and validation AUC per epoch from each run's run.json: {model: {"auc" |
+    "val_auc": {epoch: [one value per seed]}}}. A run's history holds the epochs of its
+    last ``train`` call (after a --resume, those after the interruption), numbered so
+    that the last is its ``stopped_epoch``."""
+    out: Dict[str, Dict[str, Dict[int, List[float]]]] = {}
+    for r in rows:
+        path = os.path.join(r.get("run_dir") or "", "run.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            run = json.load(f)
+        history = run.get("history") or {}
+        for key in ("auc", "val_auc"):
+            values = history.get(key) or []
+            last = run.get("stopped_epoch") or len(values)
+            for i, v in enumerate(values):
+                out.setdefault(r["model"], {}).setdefault(key, {}).setdefault(
+                    last - len(values) + 1 + i, []).append(float(v))
+    return out
+
+
+def plot_learning_curves(rows: List[Dict], path: str, title: str) -> Optional[str]:
+    """PNG of train (left) and validation (right) AUC per epoch, one colour per model:
+    the mean over seeds as a line, each seed as a faint line. Returns the path, or None
+    when no run has a history (nothing is written)."""
+    curves = learning_curves(rows)
+    if not curves:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (model, series) in enumerate(curves.items()):
+        color = colors[i % len(colors)]
+        for ax, key in zip(axes, ("auc", "val_auc")):
+            points = series.get(key) or {}
+            if not points:
+                continue
+            epochs = sorted(points)
+            seeds = max(len(v) for v in points.values())
+            for s in range(seeds):
+                xs = [e for e in epochs if len(points[e]) > s]
+                ax.plot(xs, [points[e][s] for e in xs], color=color, alpha=0.25, lw=0.8)
+            ax.plot(epochs, [float(np.mean(points[e])) for e in epochs], color=color,
+                    marker="o", ms=3, label=model)
+    for ax, name in zip(axes, ("train AUC (running, per epoch)", "validation AUC")):
+        ax.set_xlabel("epoch")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    axes[0].set_ylabel("AUC (line: mean over seeds; faint: each seed)")
+    axes[1].legend(fontsize=7, loc="best")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def finished_run(cfg) -> Optional[Tuple[Dict, Dict]]:
     """(run summary, metrics) of a run directory that already holds a finished run of
     exactly this configuration, else None (``compare --resume`` skips those, so an
@@ -150,8 +228,15 @@ def _same_training(a: Optional[Dict], b: Dict) -> bool:
     finished run copied or moved into another work directory is still reused."""
     if a is None:
         return False
-    return {k: v for k, v in a.items() if k != "out_dir"} == \
-        {k: v for k, v in b.items() if k != "out_dir"}
+    # A field added to TrainConfig after a run was recorded is missing from its config;
+    # at its default value it is the same training (the code before the field did that).
+    defaults = json.loads(json.dumps(model_configs.train_defaults(), default=str))
+    missing = object()
+    for k in (set(a) | set(b)) - {"out_dir"}:
+        va, vb = a.get(k, defaults.get(k, missing)), b.get(k, defaults.get(k, missing))
+        if va is missing or vb is missing or va != vb:
+            return False
+    return True
 
 
 def train_or_reuse(cfg, resume: bool, tag: str = "compare") -> Tuple[Dict, Dict, bool]:
@@ -180,6 +265,7 @@ def result_row(model: str, seed: int, summary: Dict, result: Dict, run_dir: str)
            "samples": samples, "positives": positives,
            "train_wall_s": summary["train_wall_s"],
            "train_examples_per_s": float(np.median(rates)) if rates else None,
+           **{k: summary.get(k) for k in EPOCHS},
            "run_dir": run_dir}
     for k in METRICS:
         if row[k] is None:
@@ -254,9 +340,8 @@ def run(args, extra: List[str], make_cfg: Callable) -> int:
     import tensorflow as tf
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    for m in models:
-        if m not in registry.MODELS:
-            raise UsageError(f"unknown model {m!r}; registered: {', '.join(registry.names())}")
+    # a name is a registered model or a per-model config file (lifelong/model_configs.py)
+    model_configs.check_names(models, args)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     except ValueError:
@@ -273,7 +358,12 @@ def run(args, extra: List[str], make_cfg: Callable) -> int:
     work = args.work_dir or os.path.join("artifacts", f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(work, exist_ok=True)
     data_dir = args.prepared or prepare_data(args, extra, os.path.join(work, "data"))
-    model_data = data_for_models(models, data_dir, getattr(args, "clustered", None))
+    configs = {m: model_configs.load(m, model_configs.dataset_of(data_dir),
+                                     model_configs.config_root(getattr(args, "config_dir", None)))
+               for m in models}
+    by_model = data_for_models(list(dict.fromkeys(c.model for c in configs.values())), data_dir,
+                               getattr(args, "clustered", None))
+    model_data = {m: by_model[configs[m].model] for m in models}
     command = "lifelong " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
         if sys.argv and sys.argv[0].endswith("lifelong") else "lifelong compare ..."
 
@@ -281,13 +371,18 @@ def run(args, extra: List[str], make_cfg: Callable) -> int:
     rows = []
     eval_split = "test"
     total = len(models) * len(seeds)
+    # every run's config is resolved (and checked) before the first one trains
+    run_cfgs = {(model, seed): make_cfg(args, data=model_data[model], model=model, seed=seed,
+                                        out_dir=os.path.join(work, "runs", f"{model}-s{seed}"))
+                for model in models for seed in seeds}
+    for cfg in run_cfgs.values():
+        cfg.validate()
     for i, model in enumerate(models):
         for j, seed in enumerate(seeds):
             n = i * len(seeds) + j + 1
             print(f"[compare] ({n}/{total}) model={model} seed={seed}", file=sys.stderr)
             tf.keras.backend.clear_session()
-            cfg = make_cfg(args, data=model_data[model], model=model, seed=seed,
-                           out_dir=os.path.join(work, "runs", f"{model}-s{seed}"))
+            cfg = run_cfgs[(model, seed)]
             eval_split = cfg.eval_split
             summary, result, _ = train_or_reuse(cfg, resume)
             rows.append(result_row(model, seed, summary, result, cfg.out_dir))
@@ -308,9 +403,20 @@ def run(args, extra: List[str], make_cfg: Callable) -> int:
         f.write(table + "\n")
     results = M.json_safe({"command": command, "data": data_dir, "data_per_model": model_data,
                            "rows": rows, "summary": summary, "warnings": split_notes,
-                           "config": {k: v for k, v in vars(args).items() if k != "func"}})
+                           "config": {k: v for k, v in vars(args).items() if k != "func"},
+                           # per model: the registered model, the config files read (base
+                           # first) and the resolved training config (out_dir, seed per run)
+                           "model_configs": {
+                               m: {"model": configs[m].model, "files": configs[m].files,
+                                   "resolved": {k: v for k, v in _config_dict(
+                                       run_cfgs[(m, seeds[0])]).items()
+                                       if k not in ("out_dir", "seed")}}
+                               for m in models}})
     with open(os.path.join(work, "results.json"), "w") as f:
         json.dump(results, f, indent=2, default=str, allow_nan=False)
     plot(summary, os.path.join(work, "results.png"), os.path.basename(os.path.abspath(data_dir)))
-    print(f"[compare] results in {work}/results.{{md,json,png}}", file=sys.stderr)
+    plot_learning_curves(rows, os.path.join(work, "learning_curves.png"),
+                         os.path.basename(os.path.abspath(data_dir)))
+    print(f"[compare] results in {work}/results.{{md,json,png}} and learning_curves.png",
+          file=sys.stderr)
     return 0
