@@ -97,8 +97,12 @@ class LifelongCTRModel(tfrs.models.Model):
         self.short_din = DinAttention(din_hidden, din_normalize, name="short_din")
         if self.feature_schema.cross_domain:   # H_S gets its own DIN unit
             self.short_s_din = DinAttention(din_hidden, din_normalize, name="short_s_din")
-        if self.crp_weight > 0:
-            self.crp_tracker = tf.keras.metrics.Mean(name="crp_loss")
+        # L_CRP as the fit metric "crp_loss". Set past Keras' attribute tracking (and
+        # listed by the `metrics` property below): a tracked metric's total/count would
+        # join model.weights and the checkpoint, so a CRP model's weights (and exports)
+        # would differ from the same model without CRP.
+        object.__setattr__(self, "crp_tracker", tf.keras.metrics.Mean(name="crp_loss")
+                           if self.crp_weight > 0 else None)
         cls = registry.long_module_class(model_name)
         module_kwargs = {**registry.preset_config(model_name), **self.long_module_config}
         if cls is not None:
@@ -116,6 +120,10 @@ class LifelongCTRModel(tfrs.models.Model):
         self.task = tfrs.tasks.Ranking(
             loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
             metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")])
+
+    @property
+    def metrics(self):
+        return super().metrics + ([self.crp_tracker] if self.crp_tracker is not None else [])
 
     # ---- inputs ----------------------------------------------------------------------
     def feature_names(self, part: str = "all") -> List[str]:
