@@ -104,8 +104,8 @@ class JoinAds(_AdDoFn):
 
     def process(self, kv):
         adgroup, grouped = kv
-        ads = sorted(grouped["ads"], key=lambda a: a[2])
-        imps = list(grouped["imps"])
+        ads = sorted(grouped["ads"], key=lambda a: a[2])   # a few rows per adgroup
+        imps = grouped["imps"]       # iterated once, never listed: an ad can have 100k+
         for _, _, raw in ads[1:]:
             yield self._dead(AD, f"duplicate adgroup_id: {adgroup} (first row kept)", raw)
         if not ads:
@@ -117,10 +117,10 @@ class JoinAds(_AdDoFn):
         self._counters.inc("rows_used")
         self._count({"rows": {"used": 1}})
         self._file_count(AD, "used")
-        if not imps:
-            return
         if A.taobao_ad_domain(cate) != A.TARGET_DOMAIN:
-            self._filtered(SAMPLE, "impression not target domain", len(imps))
+            n = sum(1 for _ in imps)
+            if n:
+                self._filtered(SAMPLE, "impression not target domain", n)
             return
         item = A.taobao_ad_item_key(cate, brand)
         for user, ts, label, _ in imps:
