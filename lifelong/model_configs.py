@@ -205,6 +205,17 @@ def check_long_module_config(model: str, config: Mapping, where: Mapping[str, st
                    f". Give a key to one model only with --set NAME.{LMC}.{key}=VALUE"))
 
 
+def _restating(model: str, config: Mapping[str, Any]) -> List[str]:
+    """The keys of ``config`` whose value equals the model's own default (its registry
+    preset's, else its constructor's); never the keys the backbone fills (INJECTED)."""
+    if not config:
+        return []
+    from tfmodels import registry
+    effective = {**(module_parameters(model) or {}), **registry.preset_config(model)}
+    return [k for k, v in config.items()
+            if k not in INJECTED and k in effective and _json_equal(v, effective[k])]
+
+
 # ---- loading one config name --------------------------------------------------------------
 def _read(path: str) -> Dict[str, Any]:
     try:
@@ -278,23 +289,26 @@ def load(name: str, dataset: Optional[str] = None, root: Optional[str] = None
     origin: Dict[str, str] = {}
     for i in reversed(range(len(chain))):                    # base first
         _, path, raw = chain[i]
-        own_model = next(n for n in names[i:] if n in registry.MODELS)
+        # the registered model this file configures (a file past `model` in the chain,
+        # e.g. a shared training block, configures `model`)
+        own_model = next((n for n in names[i:] if n in registry.MODELS), model)
         for key, value in raw.items():
             if key.startswith("_") or key == BASE:
                 continue
             if key != LMC:
                 fields[key] = value
                 continue
+            check_long_module_config(own_model, value, {k: path for k in value})
+            own = _restating(own_model, value)
             for k, v in value.items():
+                if k in own:
+                    continue           # the file's model's own default: documentation
                 if own_model != model and k in preset:
                     continue           # the registry preset defines this ablation
                 lmc[k], origin[k] = v, path
     check_long_module_config(model, lmc, origin)
-    if lmc:
-        params = module_parameters(model) or {}
-        effective = {**params, **preset}
-        lmc = {k: v for k, v in lmc.items()
-               if k in INJECTED or not _json_equal(v, effective.get(k, inspect.Parameter.empty))}
+    restated = _restating(model, lmc)
+    lmc = {k: v for k, v in lmc.items() if k not in restated}
     if lmc:
         fields[LMC] = lmc
     return ModelConfig(name=name, model=model, dataset=dataset,
