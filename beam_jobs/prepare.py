@@ -319,6 +319,11 @@ def run(args: argparse.Namespace, beam_args: List[str]) -> Dict[str, Any]:
     _log("checking inputs")
     _check_inputs(settings, args)
     synthetic_config = _synthetic_config(args) if settings["source"] == "synthetic" else None
+    if (synthetic_config is not None and synthetic_config.num_domains == 2
+            and settings["protocol"] == "last_item_per_user"):
+        raise PrepareError("two-domain synthetic data (num_domains 2) cannot use --protocol "
+                           "last_item_per_user: its last behavior may be a source-domain "
+                           "item, but impressions live in the target domain")
     _resolve_time_window(settings, synthetic_config)
     w = settings["time_window"]
     _log(f"valid time window ({settings['time_window_from']}): {A.iso_utc(w.start)} .. "

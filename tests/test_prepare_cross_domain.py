@@ -339,6 +339,9 @@ def test_domain_flags_are_checked(tmp_path):
                                              "--source synthetic"):
         run_prepare(["--source", "movielens", "--input", ml, "--output", out,
                      "--synthetic_domains", "2"])
+    with pytest.raises(P.PrepareError, match="cannot use --protocol last_item_per_user"):
+        run_prepare(["--output", out, "--synthetic_domains", "2", "--protocol",
+                     "last_item_per_user"])
 
 
 def test_per_event_two_domains_max_history_gap():
