@@ -417,3 +417,10 @@ def test_synthetic_two_domains_prepare(tmp_path):
     assert hist_source > 2 * hist_target > 0
     rows = report["rows"]
     assert rows["input"] == rows["used"] + rows["filtered"] + rows["dead_lettered"]
+
+
+def test_domain_constants_mirror_the_schema():
+    from beam_jobs import synthetic
+    assert (A.TARGET_DOMAIN, A.SOURCE_DOMAIN) == (S.TARGET_DOMAIN, S.SOURCE_DOMAIN) == \
+        (synthetic.TARGET_DOMAIN, synthetic.SOURCE_DOMAIN) == (1, 2)
+    assert A.DEFAULT_DOMAIN == S.DEFAULT_DOMAIN == PR.TARGET_DOMAIN
