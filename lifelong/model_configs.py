@@ -25,11 +25,12 @@ Precedence, lowest to highest::
 
 ``long_module_config`` merges key by key across these layers; every other field
 is replaced. Values in a config file's ``long_module_config`` that equal the
-method's own defaults (the registry preset's, else the constructor's) are
-documentation: they are checked, then left out of the resolved config, so a run
-recorded before config files existed (``{}``) is the same training as one with
-the file (``compare --resume`` reuses it). A model with no config file resolves
-exactly as before this module existed.
+defaults of the model the file configures (the registry preset's, else the
+constructor's) are documentation: they are checked, then left out of the resolved
+config, so a run recorded before config files existed (``{}``) is the same
+training as one with the file (``compare --resume`` reuses it), and a base's
+restated defaults do not override a derived model's own (``lrea_linear``'s phi).
+A model with no config file resolves exactly as before this module existed.
 
 Errors a user can cause (an unknown field, an unknown model, a bad value, a
 ``--set`` for a model that is not being trained) raise :class:`ModelConfigError`
