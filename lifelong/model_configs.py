@@ -202,8 +202,8 @@ def check_long_module_config(model: str, config: Mapping, where: Mapping[str, st
             raise ModelConfigError(
                 f"{origin}: field '{LMC}.{key}' is not a parameter of {model!r} ({target}); "
                 f"its parameters: {', '.join(sorted(params))}"
-                + ("" if origin.startswith("--set") else
-                   f". Give a key to one model only with --set NAME.{LMC}.{key}=VALUE"))
+                + (f". Give a key to one model only with --set NAME.{LMC}.{key}=VALUE"
+                   if origin.startswith(("--long_module_config", "--config")) else ""))
 
 
 def _restating(model: str, config: Mapping[str, Any]) -> List[str]:
