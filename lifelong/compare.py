@@ -364,6 +364,9 @@ def run(args, extra: List[str], make_cfg: Callable) -> int:
     by_model = data_for_models(list(dict.fromkeys(c.model for c in configs.values())), data_dir,
                                getattr(args, "clustered", None))
     model_data = {m: by_model[configs[m].model] for m in models}
+    for m in models:
+        print(f"[compare] config of {m}: " + (" <- ".join(reversed(configs[m].files))
+              or "built-in (no config file)"), file=sys.stderr)
     command = "lifelong " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
         if sys.argv and sys.argv[0].endswith("lifelong") else "lifelong compare ..."
 
