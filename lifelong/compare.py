@@ -179,6 +179,8 @@ def plot_learning_curves(rows: List[Dict], path: str, title: str) -> Optional[st
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(curves) > len(colors):            # more models than the default cycle's 10
+        colors = [plt.get_cmap("tab20")(i % 20) for i in range(len(curves))]
     for i, (model, series) in enumerate(curves.items()):
         color = colors[i % len(colors)]
         for ax, key in zip(axes, ("auc", "val_auc")):
@@ -198,10 +200,10 @@ def plot_learning_curves(rows: List[Dict], path: str, title: str) -> Optional[st
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     axes[0].set_ylabel("AUC (line: mean over seeds; faint: each seed)")
-    axes[1].legend(fontsize=7, loc="best")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))  # outside
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -419,7 +421,7 @@ def run(args, extra: List[str], make_cfg: Callable) -> int:
         json.dump(results, f, indent=2, default=str, allow_nan=False)
     plot(summary, os.path.join(work, "results.png"), os.path.basename(os.path.abspath(data_dir)))
     plot_learning_curves(rows, os.path.join(work, "learning_curves.png"),
-                         os.path.basename(os.path.abspath(data_dir)))
+                         f"{model_configs.dataset_of(data_dir) or 'data'}: {data_dir}")
     print(f"[compare] results in {work}/results.{{md,json,png}} and learning_curves.png",
           file=sys.stderr)
     return 0
