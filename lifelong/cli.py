@@ -159,6 +159,11 @@ def cmd_train(args, extra: List[str]) -> int:
     from tfmodels import train as T
     cfg = _train_config(args)
     _require_dataset(cfg.data, "--data")
+    from lifelong import model_configs
+    files = model_configs.load(args.model or cfg.model, model_configs.dataset_of(cfg.data),
+                               model_configs.config_root(args.config_dir)).files
+    print(f"[train] config of {args.model or cfg.model}: "
+          + (" <- ".join(reversed(files)) or "built-in (no config file)"), file=sys.stderr)
     summary = T.train(cfg, resume=args.resume)
     print(f"[train] done in {summary['train_wall_s']:.1f}s; run dir {cfg.out_dir}",
           file=sys.stderr)

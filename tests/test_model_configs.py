@@ -315,3 +315,15 @@ def test_compare_records_resolved_configs_curves_and_stopping_epochs(tmp_path, t
     assert "reusing finished run" in err and err.count("reusing finished run") == 1
     assert json.load(open(work / "runs" / "cformer-s0" / "run.json"))["config"][
         "long_module_config"] == {"num_clusters": 2}
+
+
+def test_train_reads_the_model_file_and_says_so(tmp_path, tiny_data, capsys):
+    root = tmp_path / "configs"
+    path = _write(root, "tiny/din_l.json", {"learning_rate": 0.004, "epochs": 1})
+    out = str(tmp_path / "run")
+    assert cli.main(["train", "--data", tiny_data, "--model", "din_l", "--out_dir", out,
+                     "--config_dir", str(root), "--steps_per_epoch", "1", "--no_eval",
+                     *TINY]) == 0
+    assert f"[train] config of din_l: {path}" in capsys.readouterr().err
+    config = json.load(open(os.path.join(out, "run.json")))["config"]
+    assert (config["learning_rate"], config["epochs"], config["batch_size"]) == (0.004, 1, 16)
