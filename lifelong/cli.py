@@ -53,9 +53,12 @@ TRAIN_FLAGS = {  # flag -> (type, help); defaults come from TrainConfig
                           "--cross_domain (0 = off, default; paper 0.1)"),
     "crp_negatives": (int, "CRP negative pairs per kind per batch (default 4096)"),
     "crp_tau": (float, "CRP temperature (default 0.1)"),
+    "crp_lambdas": (str, "CRP pair-kind weights lambda_PT,lambda_PS,lambda_PC (default "
+                         "1,1,1; 1,1,0 = without the cross-domain pair loss)"),
     "verbose": (int, "Keras progress: 1 bar, 2 a line per epoch, 0 silent"),
 }
 LIST_FLAGS = ("mlp_hidden", "din_hidden")
+FLOAT_LIST_FLAGS = ("crp_lambdas",)
 
 
 class CliError(LifelongError):
@@ -112,6 +115,11 @@ def _train_config(args, **overrides):
                 value = [int(x) for x in str(value).split(",") if x.strip()]
             except ValueError:
                 raise CliError(f"--{name} must be comma separated integers, got {value!r}")
+        if name in FLOAT_LIST_FLAGS:
+            try:
+                value = [float(x) for x in str(value).split(",") if x.strip()]
+            except ValueError:
+                raise CliError(f"--{name} must be comma separated numbers, got {value!r}")
         if name == "long_module_config":
             try:
                 value = json.loads(value)

@@ -144,6 +144,10 @@ def _type_error(where: str, field: str, value: Any, default: Any) -> Optional[st
         ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
     elif isinstance(default, str):
         ok, want = isinstance(value, str), "a string"
+    elif isinstance(default, list) and any(isinstance(x, float) for x in default):
+        ok = isinstance(value, list) and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in value)
+        want = "a list of numbers, e.g. [1, 1, 0]"          # crp_lambdas
     elif isinstance(default, list):
         ok = isinstance(value, list) and all(
             isinstance(x, int) and not isinstance(x, bool) for x in value)

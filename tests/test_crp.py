@@ -253,3 +253,85 @@ def test_inference_holds_no_crp_op_and_p_is_the_same_with_crp_on_or_off(schema, 
     feats = {n: batch[n] for n in on.feature_names("all")}
     np.testing.assert_allclose(sig(**feats)["ctr"].numpy(), p_on, atol=1e-6)
     assert glob.glob(os.path.join(out["path"], "variables", "*"))
+
+
+# ---- per-kind weights (crp_lambdas): "L_PT + L_PS only" (the paper's Table 1 row) ------------
+def test_lambdas_1_1_0_give_pt_plus_ps_on_the_hand_batch():
+    users, seq_t, seq_s = _hand_batch()
+    m = 5
+    out = crp.crp_loss(tf.constant(users), seq_t, seq_s, tf.constant([3, 11]), m, TAU,
+                       lambdas=(1.0, 1.0, 0.0))
+    # by hand (see test_crp_loss_on_a_hand_batch): L_PT = -10 + log 5, L_PS = -10 + log 5
+    want = (-10.0 + np.log(min(m, 24))) + (-10.0 + np.log(min(m, 8)))
+    assert abs(float(out["crp"]) - want) < 1e-4
+    assert abs(float(out["crp"]) - float(out["pt"]) - float(out["ps"])) < 1e-6
+    assert float(out["pc"]) > 1.0            # the PC term exists; its weight is 0
+    weighted = crp.crp_loss(tf.constant(users), seq_t, seq_s, tf.constant([3, 11]), m, TAU,
+                            lambdas=(0.5, 2.0, 3.0))
+    assert abs(float(weighted["crp"]) - (0.5 * float(out["pt"]) + 2.0 * float(out["ps"])
+                                         + 3.0 * float(out["pc"]))) < 1e-4
+
+
+def test_model_with_lambdas_1_1_0_adds_weight_times_pt_plus_ps(schema, batch):
+    tf.keras.utils.set_random_seed(0)
+    model = build_model(schema, "din", crp_weight=0.1, crp_negatives=64, crp_seed=7,
+                        crp_lambdas=(1, 1, 0), **CFG)
+    assert model.get_config()["crp_lambdas"] == [1.0, 1.0, 0.0]
+    model(batch, training=True)
+    shorts = {p: model.embed_sequence(batch, p) for p in ("short_t", "short_s")}
+    parts = crp.crp_loss(batch["user_id"], shorts["short_t"], shorts["short_s"],
+                         tf.constant([7, 0], tf.int64), 64, 0.1)      # lambdas (1, 1, 1)
+    want = 0.1 * (float(parts["pt"]) + float(parts["ps"]))
+    assert abs(float(parts["pc"])) > 1e-3                              # PC would change it
+    assert abs(float(model.losses[0]) - want) < 1e-5
+    with pytest.raises(ValueError, match="crp_lambdas must be 3 numbers >= 0"):
+        build_model(schema, "din", crp_weight=0.1, crp_lambdas=(1, 1), **CFG)
+
+
+def test_crp_lambdas_flag_reaches_the_config_and_the_model(two_domain, schema, capsys):
+    import dataclasses
+    from lifelong import cli
+    from tfmodels import train as T
+
+    def config(*argv):
+        args, _ = cli.build_parser(False, command="train").parse_known_args(
+            ["train", "--data", two_domain, "--config_dir", "none", "--model", "din",
+             "--cross_domain", "--crp_weight", "0.1", *argv])
+        return cli._train_config(args)
+
+    assert config().crp_lambdas == [1.0, 1.0, 1.0]                     # default
+    cfg = config("--crp_lambdas", "1,1,0").validate()
+    assert cfg.crp_lambdas == [1.0, 1.0, 0.0]
+    assert dataclasses.asdict(cfg)["crp_lambdas"] == [1.0, 1.0, 0.0]   # config.json / run.json
+    model = T.model_from_config(cfg, schema)
+    assert model.crp_lambdas == [1.0, 1.0, 0.0]
+    assert model.get_config()["crp_lambdas"] == [1.0, 1.0, 0.0]
+    # bad values: one line naming the field
+    for bad in ("1,1", "1,-1,0", "1,1,0,1"):
+        with pytest.raises(T.ConfigError, match="crp_lambdas must be 3 numbers >= 0"):
+            config("--crp_lambdas", bad).validate()
+    with pytest.raises(cli.CliError, match="--crp_lambdas must be comma separated numbers"):
+        config("--crp_lambdas", "1,x,0")
+    assert cli.main(["train", "--data", two_domain, "--config_dir", "none", "--cross_domain",
+                     "--crp_weight", "0.1", "--crp_lambdas", "1,1", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lifelong train: error: crp_lambdas must be 3 numbers >= 0")
+
+
+def test_crp_lambdas_in_a_model_config_file_and_set(tmp_path, two_domain):
+    import json as _json
+    from lifelong import cli
+    from lifelong import model_configs as MC
+    root = tmp_path / "configs" / "default"
+    root.mkdir(parents=True)
+    (root / "lcn_no_pc.json").write_text(_json.dumps(
+        {"base": "din", "cross_domain": True, "crp_weight": 0.1, "crp_lambdas": [1, 1, 0]}))
+    args, _ = cli.build_parser(False, command="train").parse_known_args(
+        ["train", "--data", two_domain, "--config_dir", str(tmp_path / "configs"),
+         "--model", "lcn_no_pc"])
+    assert cli._train_config(args).validate().crp_lambdas == [1, 1, 0]
+    args.set = ["lcn_no_pc.crp_lambdas=[1, 0.5, 0]"]
+    assert cli._train_config(args).crp_lambdas == [1, 0.5, 0]
+    args.set = ["lcn_no_pc.crp_lambdas=\"1,1,0\""]
+    with pytest.raises(MC.ModelConfigError, match="'crp_lambdas' must be a list of numbers"):
+        cli._train_config(args)

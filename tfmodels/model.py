@@ -56,6 +56,8 @@ class LifelongCTRModel(tfrs.models.Model):
       crp_negatives: M, negative pairs per kind per batch (4096; fewer when the batch
         holds fewer distinct cross-user pairs, see :mod:`tfmodels.crp`).
       crp_tau: the InfoNCE temperature (0.1).
+      crp_lambdas: (lambda_PT, lambda_PS, lambda_PC), the weights of the three pair kinds
+        in L_CRP (N6; (1, 1, 1)); (1, 1, 0) drops the cross-domain pair loss.
       crp_seed: seed of the stateless pair draws (with the optimizer's step).
     """
 
@@ -65,7 +67,8 @@ class LifelongCTRModel(tfrs.models.Model):
                  din_normalize: Optional[str] = None, use_user_embedding: bool = False,
                  use_context: bool = False, head_batchnorm: bool = False,
                  crp_weight: float = 0.0, crp_negatives: int = crp.NEGATIVES,
-                 crp_tau: float = crp.TAU, crp_seed: int = 0, **kwargs):
+                 crp_tau: float = crp.TAU, crp_lambdas: Sequence[float] = crp.LAMBDAS,
+                 crp_seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         self.feature_schema = S.FeatureSchema.from_dict(feature_schema)
         self.crp_weight, self.crp_negatives = float(crp_weight), int(crp_negatives)
@@ -73,6 +76,10 @@ class LifelongCTRModel(tfrs.models.Model):
         if self.crp_weight < 0 or self.crp_tau <= 0 or self.crp_negatives < 1:
             raise ValueError(f"need crp_weight >= 0, crp_tau > 0, crp_negatives >= 1; got "
                              f"{self.crp_weight}, {self.crp_tau}, {self.crp_negatives}")
+        self.crp_lambdas = [float(x) for x in crp_lambdas]
+        if len(self.crp_lambdas) != 3 or min(self.crp_lambdas) < 0:
+            raise ValueError(f"crp_lambdas must be 3 numbers >= 0 (lambda_PT, lambda_PS, "
+                             f"lambda_PC), got {list(crp_lambdas)}")
         if self.crp_weight > 0 and not self.feature_schema.cross_domain:
             raise S.CrossDomainError(
                 "CRP (crp_weight > 0) needs the cross-domain short windows short_t / short_s: "
@@ -258,7 +265,8 @@ class LifelongCTRModel(tfrs.models.Model):
                     else tf.constant(0, tf.int64))
             seed = tf.stack([tf.constant(self.crp_seed, tf.int64), step])
             out = crp.crp_loss(features["user_id"], shorts[S.SHORT_TARGET],
-                               shorts[S.SHORT_SOURCE], seed, self.crp_negatives, self.crp_tau)
+                               shorts[S.SHORT_SOURCE], seed, self.crp_negatives, self.crp_tau,
+                               self.crp_lambdas)
             self.add_loss(self.crp_weight * out["crp"])
             self.crp_tracker.update_state(out["crp"])
 
@@ -277,7 +285,7 @@ class LifelongCTRModel(tfrs.models.Model):
                 "use_user_embedding": self.use_user_embedding, "use_context": self.use_context,
                 "head_batchnorm": self.head_batchnorm, "crp_weight": self.crp_weight,
                 "crp_negatives": self.crp_negatives, "crp_tau": self.crp_tau,
-                "crp_seed": self.crp_seed}
+                "crp_lambdas": list(self.crp_lambdas), "crp_seed": self.crp_seed}
 
     @classmethod
     def from_config(cls, config):

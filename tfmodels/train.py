@@ -69,6 +69,9 @@ class TrainConfig:
     crp_weight: float = 0.0
     crp_negatives: int = 4096
     crp_tau: float = 0.1
+    # lambda_PT, lambda_PS, lambda_PC of L_CRP (N6); (1, 1, 0) = the paper's Table 1 row
+    # "L_PT + L_PS only" (LCN without the cross-domain pair loss)
+    crp_lambdas: List[float] = dataclasses.field(default_factory=lambda: [1.0, 1.0, 1.0])
     long_module_config: Dict = dataclasses.field(default_factory=dict)
     batch_size: int = 256
     epochs: int = 3
@@ -99,6 +102,12 @@ class TrainConfig:
         if self.crp_weight < 0 or self.crp_tau <= 0 or self.crp_negatives < 1:
             raise ConfigError(f"need crp_weight >= 0, crp_tau > 0 and crp_negatives >= 1, got "
                               f"{self.crp_weight}, {self.crp_tau}, {self.crp_negatives}")
+        lambdas = self.crp_lambdas
+        if (not isinstance(lambdas, (list, tuple)) or len(lambdas) != 3
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x >= 0
+                           for x in lambdas)):
+            raise ConfigError(f"crp_lambdas must be 3 numbers >= 0 (lambda_PT, lambda_PS, "
+                              f"lambda_PC), e.g. 1,1,0; got {lambdas!r}")
         if self.crp_weight > 0 and not self.cross_domain:
             raise ConfigError("--crp_weight needs --cross_domain: CRP's pairs come from the "
                               "per-domain short windows (short_t, short_s)")
@@ -170,7 +179,7 @@ def model_from_config(cfg: TrainConfig, feature_schema: S.FeatureSchema) -> Life
                        use_user_embedding=cfg.use_user_embedding, use_context=cfg.use_context,
                        head_batchnorm=cfg.head_batchnorm,
                        crp_weight=cfg.crp_weight, crp_negatives=cfg.crp_negatives,
-                       crp_tau=cfg.crp_tau, crp_seed=cfg.seed,
+                       crp_tau=cfg.crp_tau, crp_lambdas=cfg.crp_lambdas, crp_seed=cfg.seed,
                        long_module_config=cfg.long_module_config)
 
 
