@@ -92,13 +92,18 @@ class RankingClient:
         entry (the one-shot ``serving_default`` request); ``None``: raise.
       pin_version: send the cache entry's ``model_version`` (default; unpinned
         requests go to the latest version, whose weights may not match the cache).
+      metrics: counts each cache-store lookup of :meth:`rank` as a hit or a miss
+        (:class:`serving.metrics.ClientMetrics`, or any object with
+        ``cache_lookup(model, hit)``); ``None``: not counted.
     """
 
     def __init__(self, target: str = "127.0.0.1:8500", model_name: str = "",
                  store: Optional[CacheStore] = None, timeout_s: float = 2.0,
                  fallback: Optional[Fallback] = None, pin_version: bool = True,
-                 max_message_bytes: int = 256 * MiB, channel: Optional[grpc.Channel] = None):
+                 max_message_bytes: int = 256 * MiB, channel: Optional[grpc.Channel] = None,
+                 metrics=None):
         self.target, self.model_name, self.store = target, model_name, store
+        self.metrics = metrics
         self.timeout_s, self.fallback, self.pin_version = timeout_s, fallback, pin_version
         self._own_channel = channel is None
         self.channel = channel or grpc.insecure_channel(target, options=[
@@ -229,6 +234,8 @@ class RankingClient:
         if self.store is None:
             raise ValueError("RankingClient.rank needs a cache store (store=...)")
         entry = self.store.get(self.model_name, int(user_id))
+        if self.metrics is not None:
+            self.metrics.cache_lookup(self.model_name, entry is not None)
         n = candidate_arrays(candidates)[0].shape[0]
         if entry is None:
             feats = self.fallback(int(user_id)) if self.fallback is not None else None

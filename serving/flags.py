@@ -40,6 +40,10 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (default 127.0.0.1; the server has no TLS/auth)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="gRPC port (default 8500; 0 = any)")
+    p.add_argument("--rest_api_port", type=int, default=0,
+                   help="also serve TF Serving's REST API and the Prometheus metrics "
+                   "(/monitoring/prometheus/metrics) on this port (default 0 = off, as TF "
+                   "Serving; its docs use 8501)")
     p.add_argument("--poll_s", type=float, default=2.0,
                    help="seconds between checks for new versions (default 2; 0 = never)")
     p.add_argument("--num_versions", type=int, default=2,

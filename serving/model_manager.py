@@ -7,6 +7,20 @@ version is loaded and warmed up beside the old one, then swapped in with one
 assignment; a request holds a reference to the version it started on, so in-flight
 requests finish on it and none fails. Folders that resolve outside ``<base>`` are
 skipped (:func:`serving.paths.inside`).
+
+Version labels (``version_labels { key: "stable" value: 1 }`` in a model's config, TF
+Serving's map) are assigned after each poll's loads, and only to a loaded version:
+a label naming a version that is not loaded (not in the policy, not on disk, or its
+load failed) is refused with a logged error, as TF Serving refuses assigning a label
+to a version that is not yet available (without
+``--allow_version_labels_for_unavailable_models``); the label keeps its previous
+assignment while that version is still loaded (TF Serving keeps its last good
+config), else it is absent and a request naming it is NOT_FOUND with the reason.
+[interp] TF Serving refuses the whole config reload; this server refuses only the
+label and serves the rest of the config.
+
+``on_load(name, version, seconds, ok)``, when given, is called after each load
+attempt (load + warm-up time; the server's metrics).
 """
 from __future__ import annotations
 
@@ -47,7 +61,8 @@ class ModelManager:
 
     def __init__(self, base: str, poll_interval_s: float = 2.0, num_versions: int = 2,
                  warmup: bool = True, servable_factory: Optional[Callable] = None,
-                 threads: Optional[SessionThreads] = None):
+                 threads: Optional[SessionThreads] = None,
+                 on_load: Optional[Callable[[str, int, float, bool], None]] = None):
         if servable_factory is None:
             servable_factory = functools.partial(SavedModelServable,
                                                  threads=threads or SessionThreads())
@@ -59,6 +74,8 @@ class ModelManager:
         self._models: Dict[str, Dict[int, Servable]] = {}
         self._status: Dict[str, Dict[int, Tuple[int, str]]] = {}
         self._labels: Dict[str, Dict[str, int]] = {}
+        self._refused: Dict[str, Dict[str, str]] = {}     # model -> label -> why refused
+        self.on_load = on_load
         self._static: Dict[str, Dict[int, Servable]] = {}
         self._failed: Dict[str, float] = {}
         self._lock = threading.Lock()
@@ -159,8 +176,8 @@ class ModelManager:
                     if self._failed.get(key) == mtime:
                         continue
                     self._set_status(mc.name, v, State.LOADING)
+                    t0 = time.perf_counter()
                     try:
-                        t0 = time.perf_counter()
                         servable = self.factory(mc.name, v, vpath)
                         if self.warmup and hasattr(servable, "warmup"):
                             servable.warmup()
@@ -168,19 +185,25 @@ class ModelManager:
                         self._set_status(mc.name, v, State.AVAILABLE)
                         log.info("loaded %s version %d in %.1fs", mc.name, v,
                                  time.perf_counter() - t0)
+                        self._loaded(mc.name, v, t0, True)
                     except Exception as e:
                         self._failed[key] = mtime
                         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
                         self._set_status(mc.name, v, State.END, f"load failed: {msg}")
                         log.error("loading %s version %d failed: %s", mc.name, v, msg)
+                        self._loaded(mc.name, v, t0, False)
                 new.update(self._static.get(mc.name, {}))
+                assigned, refused = self._assign_labels(mc, new)
                 with self._lock:
                     models = dict(self._models)
                     models[mc.name] = new       # the swap: one assignment of a new dict
                     self._models = models
                     labels = dict(self._labels)
-                    labels[mc.name] = dict(mc.labels)
+                    labels[mc.name] = assigned
                     self._labels = labels
+                    refusals = dict(self._refused)
+                    refusals[mc.name] = refused
+                    self._refused = refusals
                 for v in set(current) - set(new):
                     self._set_status(mc.name, v, State.END, "unloaded (version policy)")
                     log.info("unloaded %s version %d", mc.name, v)
@@ -192,6 +215,36 @@ class ModelManager:
             for n in gone:
                 for v in list(self._status.get(n, {})):
                     self._set_status(n, v, State.END, "model removed from the config")
+
+    def _loaded(self, name: str, version: int, t0: float, ok: bool) -> None:
+        if self.on_load is not None:
+            try:
+                self.on_load(name, version, time.perf_counter() - t0, ok)
+            except Exception:   # metrics never break loading
+                log.exception("on_load callback failed")
+
+    def _assign_labels(self, mc: ModelConfig, loaded: Dict[int, Servable]
+                       ) -> Tuple[Dict[str, int], Dict[str, str]]:
+        """The labels of ``mc`` that name a loaded version; the others refused (reason)."""
+        previous = self._labels.get(mc.name, {})
+        assigned, refused = {}, {}
+        for label, v in sorted(mc.labels.items()):
+            v = int(v)
+            if v in loaded:
+                assigned[label] = v
+                continue
+            why = (f"models.config assigns it to version {v}, which is not loaded (loaded "
+                   f"versions: {sorted(loaded)}); a label may only name an available version")
+            refused[label] = why
+            if self._refused.get(mc.name, {}).get(label) != why:   # log once per change
+                log.error("model '%s': version label '%s' refused: %s", mc.name, label, why)
+            if previous.get(label) in loaded:     # keep the last good assignment
+                assigned[label] = previous[label]
+        return assigned, refused
+
+    def labels(self, name: str) -> Dict[str, int]:
+        """The version labels assigned now (label -> loaded version)."""
+        return dict(self._labels.get(name, {}))
 
     def start(self) -> None:
         self.refresh()
@@ -224,7 +277,13 @@ class ModelManager:
         if label:
             v = self._labels.get(name, {}).get(label)
             if v is None:
-                raise not_found(f"model '{name}' has no version label '{label}'")
+                why = self._refused.get(name, {}).get(label)
+                raise not_found(f"model '{name}' has no version label '{label}'"
+                                + (f": {why}" if why else ""))
+            if v not in versions:
+                raise not_found(f"model '{name}' version label '{label}' names version {v}, "
+                                f"which is no longer loaded; loaded versions: "
+                                f"{sorted(versions)}")
             version = v
         if not versions:
             raise not_found(f"model '{name}' has no loaded version")

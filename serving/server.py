@@ -38,7 +38,9 @@ The server's parts, one module each: :mod:`serving.servable` (a loaded SavedMode
 version and its session callables), :mod:`serving.model_manager` (versions,
 ``models.config``, polling), :mod:`serving.validation` (request checks and
 :class:`Limits`), :mod:`serving.services` (the gRPC handlers) and this module (the
-server process: :class:`LocalServer`, ``lifelong serve``).
+server process: :class:`LocalServer`, ``lifelong serve``), with :mod:`serving.rest`
+(TF Serving's REST API and the Prometheus page on a second port, ``--rest_api_port``)
+and :mod:`serving.metrics` (the server's own metrics registry).
 """
 from __future__ import annotations
 
@@ -57,7 +59,9 @@ from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_p
 
 from serving import flags
 from serving.errors import ServerError
+from serving.metrics import ServerMetrics
 from serving.model_manager import ModelManager
+from serving.rest import RestApi, RestServer
 from serving.servable import Servable, SessionThreads
 from serving.services import ModelServicer, PredictionServicer
 from serving.validation import MiB, Limits
@@ -71,15 +75,24 @@ DEFAULT_PORT = flags.DEFAULT_PORT
 
 
 class LocalServer:
-    """A running server: ``address``, ``port``, ``manager``; ``stop()`` ends it."""
+    """A running server: ``address``, ``port``, ``manager``; ``stop()`` ends it.
+
+    ``rest_port``: also serve TF Serving's REST API and ``/monitoring/prometheus/metrics``
+    on this port (0 = any free port; ``None``, the default, = no REST port, as TF
+    Serving's ``--rest_api_port=0``); then ``rest_address`` / ``rest_port`` say where.
+    ``metrics``: the server's :class:`ServerMetrics` (its own registry; one is made
+    when not given), collected whether or not a REST port exposes it.
+    """
 
     def __init__(self, base: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  limits: Limits = Limits(), poll_interval_s: float = 2.0, workers: int = 8,
                  num_versions: int = 2, static: Sequence[Servable] = (), warmup: bool = True,
-                 threads: Optional[SessionThreads] = None):
+                 threads: Optional[SessionThreads] = None, rest_port: Optional[int] = None,
+                 metrics: Optional[ServerMetrics] = None):
         self.limits = limits
+        self.metrics = metrics if metrics is not None else ServerMetrics()
         self.manager = ModelManager(base, poll_interval_s, num_versions, warmup,
-                                    threads=threads)
+                                    threads=threads, on_load=self.metrics.observe_load)
         for servable in static:     # in-memory servables (the benchmark's identity floor)
             self.manager.add_static(servable)
         self.manager.start()
@@ -89,10 +102,11 @@ class LocalServer:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                              thread_name_prefix="predict"),
                                   options=options, maximum_concurrent_rpcs=workers * 16)
+        self.predictions = PredictionServicer(self.manager, limits, self.metrics)
+        self.models = ModelServicer(self.manager, self.metrics)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(self.manager, limits), self.server)
-        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelServicer(self.manager), self.server)
+            self.predictions, self.server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(self.models, self.server)
         try:
             self.port = self.server.add_insecure_port(f"{host}:{port}")
         except RuntimeError as e:   # grpcio >= 1.5x raises where older ones returned 0
@@ -102,9 +116,22 @@ class LocalServer:
             self.manager.stop()
             raise ServerError(f"cannot bind {host}:{port}")
         self.address = f"{host}:{self.port}"
+        self.rest: Optional[RestServer] = None
+        self.rest_port: Optional[int] = None
+        self.rest_address: Optional[str] = None
+        if rest_port is not None:
+            try:
+                self.rest = RestServer(RestApi(self.predictions, self.models, limits,
+                                               self.metrics), host, rest_port)
+            except ServerError:
+                self.manager.stop()
+                raise
+            self.rest_port, self.rest_address = self.rest.port, self.rest.address
         self.server.start()
 
     def stop(self, grace_s: float = 1.0) -> None:
+        if self.rest is not None:
+            self.rest.stop()
         self.server.stop(grace_s).wait()
         self.manager.stop()
 
@@ -126,10 +153,14 @@ def run(args, static: Sequence[Servable] = ()) -> int:
         log.warning("binding %s: reachable from other hosts, without TLS or authentication",
                     args.host)
     limits = Limits(int(args.max_request_mb * MiB), args.max_candidates, args.max_elements)
+    rest_port = getattr(args, "rest_api_port", 0) or None    # 0 = off, as TF Serving
     server = LocalServer(args.base, args.host, args.port, limits, args.poll_s, args.workers,
                          args.num_versions, static,
-                         threads=SessionThreads(args.inter_op, args.intra_op))
-    print(f"[serve] listening on {server.address}; models: "
+                         threads=SessionThreads(args.inter_op, args.intra_op),
+                         rest_port=rest_port)
+    rest = (f"; REST + /monitoring/prometheus/metrics on {server.rest_address}"
+            if server.rest_address else "")
+    print(f"[serve] listening on {server.address}{rest}; models: "
           f"{', '.join(server.manager.model_names()) or 'none yet'}", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
