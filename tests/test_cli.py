@@ -19,7 +19,8 @@ def run_cli(*args):
 
 @pytest.mark.parametrize("command", ["prepare", "train", "evaluate", "compare", "bench",
                                      "cluster", "cluster-bench", "cluster-quality",
-                                     "lrea-grid", "encode-report", "replay"])
+                                     "lrea-grid", "encode-report", "replay",
+                                     "lcn-consistency"])
 def test_help(command, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main([command, "--help"])
@@ -328,7 +329,8 @@ def test_registry_declarations_match_the_modules():
             assert registry.CLUSTERED_HISTORY in registry.needs(name), name
         assert set(registry.needs(name)) <= set(registry.INPUTS), name
     assert {c: m for c, (_, m) in registry.reports().items()} == {
-        "lrea-grid": ["lrea"], "encode-report": ["encode"], "cluster-quality": ["cformer"]}
+        "lrea-grid": ["lrea"], "encode-report": ["encode"], "cluster-quality": ["cformer"],
+        "lcn-consistency": ["lcn"]}
     for command in registry.reports():
         module = cli.report_module(command)
         assert os.path.exists(os.path.join(os.path.dirname(cli.__file__), "reports",
@@ -340,7 +342,7 @@ def test_registry_declarations_match_the_modules():
 ALL_COMMANDS = [["prepare"], ["train"], ["evaluate"], ["compare"], ["bench"],
                 ["bench", "serving"], ["bench", "precompute"], ["export"], ["precompute"],
                 ["serve"], ["cluster"], ["cluster-bench"], ["replay"], ["lrea-grid"],
-                ["encode-report"], ["cluster-quality"]]
+                ["encode-report"], ["cluster-quality"], ["lcn-consistency"]]
 
 
 def test_every_command_help_loads_no_tensorflow():

@@ -58,6 +58,8 @@ LREA_GRID = Report("lrea-grid", "LREA sensitivity grid over rank r and lambda (o
 CLUSTER_QUALITY = Report("cluster-quality", "C-Former vs K-means silhouette on a trained run")
 ENCODE_REPORT = Report("encode-report", "ENCODE: triplet order preservation of the trained "
                        "reduction W_h vs a random projection")
+LCN_CONSISTENCY = Report("lcn-consistency", "LCN: share of FSA's whole-window top-K2 that "
+                         "LAP's earlier levels keep, per K1 (table, PNG, JSON)")
 _CLUSTERED = (CLUSTERED_HISTORY,)
 
 MODELS: Dict[str, Entry] = {
@@ -93,7 +95,7 @@ MODELS: Dict[str, Entry] = {
     "cformer_sum": ("tfmodels.methods.cformer:CFormer", {"centroid_norm": "sum"}),  # C12 as printed
     # 2.5: LCN's LAP, LCN-200-50 (CRP is a backbone option, not part of the module);
     # Table 3 rows "K1 = 50 only" (CSA -> FSA) and "K2 = 50 only" (MSA over all L -> FSA)
-    "lcn": "tfmodels.methods.lcn:LAP",
+    "lcn": Method("tfmodels.methods.lcn:LAP", reports=(LCN_CONSISTENCY,)),
     "lcn_k1_only": ("tfmodels.methods.lcn:LAP", {"levels": ["csa", "fsa"], "k1": 50}),
     "lcn_k2_only": ("tfmodels.methods.lcn:LAP", {"levels": ["msa", "fsa"], "k2": 50}),
 }

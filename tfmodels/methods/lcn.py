@@ -338,8 +338,7 @@ class LAP(LongSequenceModule):
         # the current pool: positions in the window [N, P] and their mask; None = all L
         index, pool_mask = None, None
         if self.csa:
-            r = (tf.einsum("ld,nd->nl", emb[0], q) if one_user(emb)
-                 else tf.einsum("nld,nd->nl", emb, q))                          # (N7)
+            r = self.csa_score(emb, q)                                          # (N7)
             m = tf.broadcast_to(mask, tf.shape(r))
             w = masked_softmax(r, m) if self.csa_norm == "softmax" else r * m
             ir = (tf.einsum("nl,ld->nd", w, emb[0]) if one_user(emb)
@@ -351,9 +350,7 @@ class LAP(LongSequenceModule):
             out["output"] = parts[0]
             return out
         if index is None:                                   # no CSA: the pool is all L
-            length = mask.shape[1] if mask.shape[1] is not None else tf.shape(mask)[1]
-            index = tf.broadcast_to(tf.range(length)[None, :], tf.stack([n, length]))
-            pool_mask = tf.broadcast_to(mask, tf.stack([n, length]))
+            index, pool_mask = self._whole_window(mask, n)
         terms = self.request_terms(cache, target)
 
         def pool(name, idx):
@@ -362,8 +359,7 @@ class LAP(LongSequenceModule):
 
         if self.msa:
             keys, values = pool("msa_keys", index), pool("msa_values", index)   # [N, P, .]
-            query = tf.matmul(q, self.w_q_msa)                                  # Q [N, d_a]
-            r_msa = tf.einsum("na,npa->np", query, keys) / math.sqrt(self.attention_dim)  # (N9)
+            r_msa = self.msa_logits(q, keys)                                    # (N9)
             w = masked_softmax(r_msa, pool_mask)
             ir = tf.einsum("np,npv->nv", w, values)                             # (N10)
             out.update(msa_score=r_msa, msa_weights=w, ir_msa=ir)
@@ -379,6 +375,62 @@ class LAP(LongSequenceModule):
         out["output"] = tf.concat(parts, -1) if len(parts) > 1 else parts[0]
         return out
 
+    # ---- per-item scores (attend's math; also the consistency report's) ----------------------
+    @staticmethod
+    def _whole_window(mask: tf.Tensor, n: tf.Tensor):
+        """Positions [N, L] of every window row and their mask [N, L] (the pool = all L)."""
+        length = mask.shape[1] if mask.shape[1] is not None else tf.shape(mask)[1]
+        index = tf.broadcast_to(tf.range(length)[None, :], tf.stack([n, length]))
+        return index, tf.broadcast_to(mask, tf.stack([n, length]))
+
+    @staticmethod
+    def csa_score(emb: tf.Tensor, q: tf.Tensor) -> tf.Tensor:
+        """(N7) r^csa = e^h . e^v: emb [B in (1, N), L, d], q [N, d] -> [N, L]."""
+        return (tf.einsum("ld,nd->nl", emb[0], q) if one_user(emb)
+                else tf.einsum("nld,nd->nl", emb, q))
+
+    def msa_logits(self, q: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
+        """(N9) r^msa = (W_Q e^v) . K_k / sqrt(d_a): q [N, d], keys [N, P, d_a] -> [N, P]."""
+        query = tf.matmul(q, self.w_q_msa)                                      # Q [N, d_a]
+        return tf.einsum("na,npa->np", query, keys) / math.sqrt(self.attention_dim)
+
+    def fsa_logits(self, q: tf.Tensor, keys: tf.Tensor) -> tf.Tensor:
+        """(N11) per-head logits Q_h . K_{h,k} / sqrt(d_h): q [N, d], keys [N, P, l * d_h]
+        -> [N, l, P] (before the softmax over the pool)."""
+        n, p = tf.shape(keys)[0], tf.shape(keys)[1]
+        l, dh = self.num_heads, self.head_dim
+        keys = tf.reshape(keys, tf.stack([n, p, l, dh]))
+        query = tf.reshape(tf.matmul(q, self.w_q_fsa), tf.stack([n, l, dh]))   # Q_h
+        return tf.einsum("nhc,nphc->nhp", query, keys) / math.sqrt(dh)
+
+    def level_scores(self, cache: Dict[str, tf.Tensor],
+                     target: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+        """Every level's per-item score over the WHOLE window, for N candidates: ``csa``
+        r^csa [N, L], ``msa`` r^msa [N, L], ``fsa`` FSA's head-averaged logits
+        mean_h Q_h . K_{h,k} / sqrt(d_h) [N, L] (each when its level runs) and ``mask``
+        [N, L]. A level's score of an item does not depend on the pool it is in, so
+        top-k of these over any pool equals what :meth:`attend` selects from that pool
+        (the consistency report, ``lifelong lcn-consistency``, ranks them; FSA's ranking
+        over all L is its oracle; averaging logits over heads is [interp])."""
+        self._ensure_built()
+        q = target["emb"]
+        n = tf.shape(q)[0]
+        index, mask = self._whole_window(cache["mask"], n)
+        out = {"mask": mask}
+        if self.csa:
+            out["csa"] = self.csa_score(cache["emb"], q)
+        terms = self.request_terms(cache, target) if (self.msa or self.fsa) else None
+
+        def pool(name):
+            x = cache[name] if terms is None else cache[name] + terms[name]
+            return gather_rows(x, index)
+
+        if self.msa:
+            out["msa"] = self.msa_logits(q, pool("msa_keys"))
+        if self.fsa:
+            out["fsa"] = tf.reduce_mean(self.fsa_logits(q, pool("fsa_keys")), 1)
+        return out
+
     def ffn(self, x: tf.Tensor) -> tf.Tensor:
         """(N12) ReLU(x w_1 + b_1) w_2 + b_2."""
         return self.ffn_out(self.ffn_hidden(x))
@@ -388,10 +440,8 @@ class LAP(LongSequenceModule):
         (IR_FSA [N, d_out], attention a [N, l, P])."""
         n, p = tf.shape(keys)[0], tf.shape(keys)[1]
         l, dh = self.num_heads, self.head_dim
-        keys = tf.reshape(keys, tf.stack([n, p, l, dh]))
         values = tf.reshape(values, tf.stack([n, p, l, dh]))
-        query = tf.reshape(tf.matmul(q, self.w_q_fsa), tf.stack([n, l, dh]))   # Q_h
-        logits = tf.einsum("nhc,nphc->nhp", query, keys) / math.sqrt(dh)
+        logits = self.fsa_logits(q, keys)                                     # [N, l, P]
         a = masked_softmax(logits, tf.broadcast_to(mask[:, None, :], tf.shape(logits)))
         count = tf.reduce_sum(mask, -1, keepdims=True)                        # valid kept rows
         if self.fsa_pooling == "per_item_mean":
