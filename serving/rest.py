@@ -378,6 +378,7 @@ class RestApi:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"        # keep-alive; every answer has a Content-Length
     server_version = "lifelong-serving"
+    timeout = 120                        # an idle or stalled connection frees its thread
 
     def _serve(self):
         api: RestApi = self.server.api

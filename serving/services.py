@@ -104,7 +104,6 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer, 
             seen["model"], seen["version"] = servable.name, servable.version
         return servable
 
-    _servable = servable
 
     def Predict(self, request, context):
         t0, seen = time.perf_counter(), {}
@@ -145,7 +144,6 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer, 
                 protos.fill_tensor_proto(response.outputs[k], v)
         return response
 
-    _predict = predict
 
     def GetModelMetadata(self, request, context):
         t0, seen = time.perf_counter(), {}
