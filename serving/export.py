@@ -440,7 +440,8 @@ def export_model(model, base: str = "saved_models", name: Optional[str] = None,
                  version: Optional[int] = None, config_base: str = "/models",
                  num_versions: int = 2, keras_object: bool = False,
                  extra_meta: Optional[Mapping] = None,
-                 batching_params: Optional[str] = None, jit_rank: bool = False) -> Dict:
+                 batching_params: Optional[str] = None, jit_rank: bool = False,
+                 warmup_max_candidates: Optional[int] = None) -> Dict:
     """Export ``model`` to ``<base>/<name>/<version>/`` and refresh ``models.config``.
 
     ``version`` defaults to the next free number. ``batching_params``: a TF Serving
@@ -450,6 +451,12 @@ def export_model(model, base: str = "saved_models", name: Optional[str] = None,
     needs every input of a request to share its 0th dimension, which ``rank``
     (cache [1, ...], candidates [N]) does not. Returns ``{"path", "name",
     "version", "signatures", "wall_s"}``. ``jit_rank``: see :class:`ServingSignatures`.
+    ``warmup_max_candidates``: write TF Serving warmup records
+    (``assets.extra/tf_serving_warmup_requests``, :mod:`serving.warmup`: one ``rank``
+    request per candidate bucket up to this N, one ``user_tower``, one
+    ``serving_default``), which TF Serving and the local server replay before the
+    version is AVAILABLE; ``None`` / 0 (the default here; ``lifelong export`` writes
+    them for N up to 10,000 unless ``--warmup_max_candidates 0``): none.
     """
     t0 = time.perf_counter()
     name = validate_model_name(name or model.model_name)
@@ -467,12 +474,19 @@ def export_model(model, base: str = "saved_models", name: Optional[str] = None,
         _save(model, sigs, tmp, keras_object)
         if batching_params:
             shutil.copyfile(batching_params, os.path.join(tmp, BATCHING_FILE))
+        warmup_info = None
+        if warmup_max_candidates:
+            from serving import warmup as W
+            requests = W.warmup_requests(sigs, name, warmup_max_candidates)
+            W.write_warmup_file(tmp, requests)
+            warmup_info = {"records": len(requests),
+                           "rank_candidates": W.bucket_sizes(warmup_max_candidates)}
         meta = {"model_name": name, "version": version, "registry_model": model.model_name,
                 "model_config": model.get_config(), "signatures": sigs.describe(),
                 "cache_keys": sigs.cache_keys, "short_features": sigs.short_names,
                 "user_scalars": sigs.user_scalars, "created_unix": time.time(),
                 "keras_object": keras_object, "jit_rank": sigs.jit_rank,
-                "rank_const_weights": sigs.const_weights,
+                "rank_const_weights": sigs.const_weights, "warmup": warmup_info,
                 **dict(extra_meta or {})}
         os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
         with open(os.path.join(tmp, EXPORT_META), "w") as f:
@@ -554,7 +568,8 @@ def run(args) -> Dict:
     version = validate_version(args.version) if args.version is not None else None
     out = export_model(model, args.base, args.name, version, args.config_base, args.num_versions,
                        extra_meta={"run": args.run} if args.run else None,
-                       batching_params=args.batching_params, jit_rank=args.jit_rank)
+                       batching_params=args.batching_params, jit_rank=args.jit_rank,
+                       warmup_max_candidates=getattr(args, "warmup_max_candidates", 0))
     print(f"[export] {out['name']} version {out['version']} -> {out['path']} "
           f"({out['wall_s']:.1f}s)", file=sys.stderr)
     return out

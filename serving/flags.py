@@ -30,6 +30,12 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batching_params", help="copy this TF Serving BatchingParameters file into "
                    "the version (batching_params.pbtxt): TF Serving then batches its requests; "
                    "only for serving_default deployments (rank requests cannot be batched)")
+    p.add_argument("--warmup_max_candidates", type=int, default=10_000,
+                   help="write TF Serving warmup records (assets.extra/"
+                   "tf_serving_warmup_requests): one rank request per XLA candidate bucket "
+                   "8, 16, ... up to this N, one user_tower, one serving_default; replayed "
+                   "by TF Serving and `lifelong serve` before the version is AVAILABLE "
+                   "(default 10000, the server's --max_candidates default; 0 = none)")
     p.add_argument("--jit_rank", action="store_true",
                    help="compile the rank signature's computation with XLA (faster ranking; "
                    "TF Serving then needs --xla_cpu_compilation_enabled=true)")

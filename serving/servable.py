@@ -140,7 +140,15 @@ class SavedModelServable(Servable):
         self._sess.close()
 
     def warmup(self) -> None:
-        """Run every non-string signature once on zeros (padding ids) of batch 1."""
+        """Replay the version's TF Serving warmup records
+        (``assets.extra/tf_serving_warmup_requests``, :mod:`serving.warmup`) when it has
+        them: a record that fails fails the load, as in TF Serving. Without them, run
+        every non-string signature once on zeros (padding ids) of batch 1."""
+        from serving import warmup as W    # lazily: the export side imports servable-free
+        requests = W.read_warmup_requests(self.path)
+        if requests is not None:
+            self.warmup_records = W.replay(self, requests)
+            return
         for sig, info in self.signatures.items():
             if any(s.dtype == 7 or s.shape is None for s in info.inputs.values()):
                 continue
