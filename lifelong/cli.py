@@ -7,7 +7,7 @@ load TensorFlow, so ``lifelong --help`` and ``lifelong <cmd> --help`` answer fas
 Subcommands: prepare, train, evaluate, compare, bench, export, precompute,
 serve, cluster, cluster-bench, replay, and the report commands the registered
 methods declare (:func:`tfmodels.registry.reports`: lrea-grid, encode-report,
-cluster-quality). A user-facing error (:class:`tfmodels.errors.LifelongError`: a
+cluster-quality, lcn-consistency). A user-facing error (:class:`tfmodels.errors.LifelongError`: a
 bad flag, a missing or unusable input) ends with exit code 2 and one line
 ``lifelong <cmd>: error: <reason>`` on stderr; any other exception is a bug and
 keeps its traceback (exit 1). Global flags: ``--debug`` (anywhere on the command
