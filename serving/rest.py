@@ -133,29 +133,49 @@ def _shape_of(value, name: str):
     return tuple(shape), flat
 
 
+def _numeric(value) -> Optional[np.ndarray]:
+    """NumPy's own conversion of a rectangular list of JSON numbers (C speed: 1.3 ms
+    against 20 ms for the checked walk over a [1, 1000, 32] cache); ``None`` for
+    anything else (ragged, strings, nulls, objects, integers beyond int64), which the
+    checked walk then handles. [interp] ``true`` / ``false`` mixed into numbers are
+    read as 1 / 0 here (NumPy's rule) instead of being refused."""
+    if not isinstance(value, list):
+        return None
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError, OverflowError):
+        return None
+    return arr if arr.dtype.kind in "if" and arr.size and arr.ndim <= _MAX_DIMS else None
+
+
 def json_to_array(value, name: str, dtype_enum: Optional[int]) -> np.ndarray:
     """One input's JSON value -> ndarray, in the signature's dtype where the values fit
     it, else in their own JSON type (the shared dtype check refuses it then)."""
-    shape, flat = _shape_of(value, name)
     want = protos.DTYPE_TO_NUMPY.get(dtype_enum) if dtype_enum is not None else None
-    kinds = set()
-    for x in flat:
-        if isinstance(x, bool):
-            kinds.add("b")
-        elif isinstance(x, int):
-            kinds.add("i")
-        elif isinstance(x, float):
-            kinds.add("f")
-        elif isinstance(x, str) or _is_b64(x):
-            kinds.add("s")
-        elif x is None:
-            raise invalid(f"input '{name}': null is not a tensor value")
-        else:
-            raise invalid(f"input '{name}': {type(x).__name__} is not a tensor value "
-                          "(numbers, strings, booleans or {\"b64\": ...})")
-    if len(kinds) > 1 and kinds != {"i", "f"}:
-        raise invalid(f"input '{name}': mixed JSON value types {sorted(kinds)} in one tensor")
-    kind = kinds.pop() if len(kinds) == 1 else ("f" if kinds else None)
+    arr = _numeric(value)
+    if arr is not None:
+        shape, flat, kind = arr.shape, arr, ("i" if arr.dtype.kind == "i" else "f")
+    else:
+        shape, flat = _shape_of(value, name)
+        kinds = set()
+        for x in flat:
+            if isinstance(x, bool):
+                kinds.add("b")
+            elif isinstance(x, int):
+                kinds.add("i")
+            elif isinstance(x, float):
+                kinds.add("f")
+            elif isinstance(x, str) or _is_b64(x):
+                kinds.add("s")
+            elif x is None:
+                raise invalid(f"input '{name}': null is not a tensor value")
+            else:
+                raise invalid(f"input '{name}': {type(x).__name__} is not a tensor value "
+                              "(numbers, strings, booleans or {\"b64\": ...})")
+        if len(kinds) > 1 and kinds != {"i", "f"}:
+            raise invalid(f"input '{name}': mixed JSON value types {sorted(kinds)} in one "
+                          "tensor")
+        kind = kinds.pop() if len(kinds) == 1 else ("f" if kinds else None)
     if kind is None:                   # no values: an empty tensor of the signature's dtype
         dt = want if want is not None else np.dtype(np.float32)
         return np.zeros(shape, dt)
@@ -172,20 +192,20 @@ def json_to_array(value, name: str, dtype_enum: Optional[int]) -> np.ndarray:
         return out.reshape(shape)
     if kind == "b":
         return np.asarray(flat, bool).reshape(shape)
-    if kind == "i" and want is not None and want.kind in "iu":
-        lo, hi = np.iinfo(want).min, np.iinfo(want).max
-        bad = [x for x in flat if not lo <= x <= hi]
-        if bad:
-            raise invalid(f"input '{name}': value {bad[0]} is out of range for "
-                          f"{protos.dtype_name(dtype_enum)}")
-        return np.asarray(flat, want).reshape(shape)
-    if want is not None and want.kind == "f":     # integers and floats fit a float input
-        return np.asarray(flat, want).reshape(shape)
     if kind == "i":
-        bad = [x for x in flat if not _INT64[0] <= x <= _INT64[1]]
-        if bad:
-            raise invalid(f"input '{name}': value {bad[0]} is out of range for DT_INT64")
-        return np.asarray(flat, np.int64).reshape(shape)
+        ints = np.asarray(flat, object) if arr is None else flat
+        lo, hi = ((np.iinfo(want).min, np.iinfo(want).max) if want is not None
+                  and want.kind in "iu" else _INT64)
+        if ints.size and (ints.min() < lo or ints.max() > hi):
+            bad = next(x for x in np.ravel(ints) if not lo <= x <= hi)
+            target = (protos.dtype_name(dtype_enum) if want is not None and want.kind in "iu"
+                      else "DT_INT64")
+            raise invalid(f"input '{name}': value {bad} is out of range for {target}")
+        if want is not None and want.kind in "iuf":   # integers fit an int or float input
+            return np.asarray(ints, want).reshape(shape)
+        return np.asarray(ints, np.int64).reshape(shape)
+    if want is not None and want.kind == "f":     # floats fit a float input
+        return np.asarray(flat, want).reshape(shape)
     return np.asarray(flat, np.float32).reshape(shape)
 
 
@@ -379,6 +399,10 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"        # keep-alive; every answer has a Content-Length
     server_version = "lifelong-serving"
     timeout = 120                        # an idle or stalled connection frees its thread
+    # TCP_NODELAY: the headers and the body leave in two writes; with Nagle's algorithm
+    # the second waits for the client's delayed ACK (measured: +40 ms per keep-alive
+    # request, 46.9 ms against 5.6 ms for gRPC at N = 100)
+    disable_nagle_algorithm = True
 
     def _serve(self):
         api: RestApi = self.server.api
