@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import time
 
 import grpc
 import numpy as np
@@ -499,3 +500,20 @@ def test_rest_port_taken_is_a_server_error(tmp_path):
         s.listen(1)
         with pytest.raises(ServerError, match="cannot bind the REST port"):
             LocalServer(str(tmp_path), port=0, poll_interval_s=0, rest_port=s.getsockname()[1])
+
+
+def test_keep_alive_answers_do_not_wait_for_delayed_acks(setup):
+    """Headers and body leave in two writes: without TCP_NODELAY each keep-alive answer
+    waited ~40 ms for the client's delayed ACK (Nagle). 20 status requests on one
+    connection must take far less than 20 x 40 ms."""
+    srv = setup["server"]
+    conn = http.client.HTTPConnection("127.0.0.1", srv.rest_port, timeout=60)
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        conn.request("GET", f"/v1/models/{MODEL}/versions/1")
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["model_version_status"]
+        times.append(time.perf_counter() - t0)
+    conn.close()
+    assert sorted(times)[10] < 0.02, times          # median well under one delayed ACK
