@@ -17,10 +17,14 @@ INSTALL_REQUIRES = [
     "scikit-learn>=1.5",
     "numba>=0.60",                  # compiled k-means of the TWIN V2 clustering job (beam_jobs/cluster_numba.py)
     "matplotlib>=3.8",
+    "prometheus_client>=0.20",      # serving metrics at /monitoring/prometheus/metrics (issue 20)
 ]
 # redis-py is in "test" too: tests/test_cache_store.py runs the Redis store against a
 # real redis-server (scripts/setup_env.sh installs ".[test]").
-EXTRAS = {"test": ["pytest>=8", "hypothesis>=6.100", "redis>=5"], "redis": ["redis>=5"]}
+# pytest-xdist: ./test.sh runs the suite in 2 worker processes (one file per worker at a
+# time), which keeps both cores busy through the single-threaded tracing and Python parts.
+EXTRAS = {"test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100", "redis>=5"],
+          "redis": ["redis>=5"]}
 
 setup(
     name="lifelong-ctr",

@@ -53,7 +53,7 @@ def prepare_data(args, extra: List[str], data_dir: str) -> str:
 
 
 def summarize(rows: List[Dict]) -> Dict[str, Dict]:
-    """Mean and std over seeds per model. Seeds where a metric is undefined (None/NaN,
+    """Mean and sample std (ddof=1) over seeds per model. Seeds where a metric is undefined (None/NaN,
     e.g. GAUC when no group has both labels) are left out; when no seed has it, mean
     and std are None and ``"undefined"`` holds the reason (strict JSON, no NaN)."""
     from tfmodels import metrics as M
@@ -64,7 +64,10 @@ def summarize(rows: List[Dict]) -> Dict[str, Dict]:
         for k in METRICS + ("train_examples_per_s", "train_wall_s") + EPOCHS:
             vals = np.array([r[k] for r in rs if M.is_defined(r.get(k))], dtype=float)
             if vals.size:
-                agg[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals))}
+                # sample std (ddof=1): with 3 seeds the population std understates the
+                # spread by sqrt(2/3); a single seed has std 0
+                std = float(np.std(vals, ddof=1)) if vals.size > 1 else 0.0
+                agg[k] = {"mean": float(np.mean(vals)), "std": std}
                 if vals.size < len(rs):
                     agg[k]["seeds_defined"] = int(vals.size)
             else:

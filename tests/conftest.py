@@ -20,3 +20,17 @@ def movielens_dir():
     if not os.path.exists(os.path.join(MOVIELENS, "ratings.csv")):
         pytest.skip("ml-latest-small not present (../shared/data/ml-latest-small)")
     return MOVIELENS
+
+
+# The longest files first: ./test.sh hands whole files to 2 xdist workers in collection
+# order (--dist loadfile), so starting the long ones first keeps the two workers' ends
+# close (longest-processing-time-first). Every worker sorts the same way (a stable sort
+# by a fixed list), as xdist requires identical collections.
+LONG_FILES = ("test_serving.py", "test_learning.py", "test_models.py", "test_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = os.path.basename(str(item.fspath))
+        return LONG_FILES.index(name) if name in LONG_FILES else len(LONG_FILES)
+    items.sort(key=rank)

@@ -492,3 +492,14 @@ def test_lrea_grid_tables_print_undefined_metrics_as_n_a():
     summary["din_l"]["auc"] = undefined
     assert "minus din_l (n/a (no group has both labels), 1 seeds)" in \
         G.format_vs_reference(summary, [(32, 0.3)])
+
+
+def test_compare_summary_is_mean_and_sample_std():
+    """Three seeds' AUCs 0.6 / 0.7 / 0.8: mean 0.7 and sample std (ddof=1) 0.1 (the
+    population std would be 0.0816); one seed has std 0."""
+    from lifelong.compare import summarize
+    rows = [{"model": "m", "seed": s, "auc": a} for s, a in enumerate((0.6, 0.7, 0.8))]
+    agg = summarize(rows + [{"model": "one", "seed": 0, "auc": 0.5}])
+    assert agg["m"]["auc"]["mean"] == pytest.approx(0.7)
+    assert agg["m"]["auc"]["std"] == pytest.approx(0.1)
+    assert agg["one"]["auc"] == {"mean": 0.5, "std": 0.0}

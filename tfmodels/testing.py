@@ -92,7 +92,7 @@ def _max_abs(a, b) -> float:
 def model_test(model_name: str, data_dir: str, work_dir: Optional[str] = None,
                short_len: int = 5, long_len: int = 24, steps: int = 6, tol: float = 1e-5,
                run_eagerly: bool = False, cross_domain: bool = False,
-               **model_config) -> Dict[str, object]:
+               export: bool = True, **model_config) -> Dict[str, object]:
     """Fit, save, reload and compare a registered model; returns what it measured.
 
     Checks (AssertionError on failure):
@@ -106,6 +106,10 @@ def model_test(model_name: str, data_dir: str, work_dir: Optional[str] = None,
         the features the model says it reads) reloads and predicts the same;
       * feeding only the declared features changes nothing (no hidden inputs);
       * the cached path ``rank(user_tower(x), x)`` equals ``call(x)`` within ``tol``.
+
+    ``export=False`` skips the SavedModel check (a suite that exports every model through
+    ``serving.export`` and checks it there, as tests/test_serving.py does, need not pay
+    for a second export per model).
 
     ``cross_domain``: the cross-domain windows (two-domain data, e.g.
     ``write_tiny_dataset(domains=2)``); ``model_config`` may then switch CRP on.
@@ -149,7 +153,7 @@ def model_test(model_name: str, data_dir: str, work_dir: Optional[str] = None,
     p3 = model.predict_ctr(only).numpy()
     assert _max_abs(p1, p3) < 1e-6, f"{model_name}: depends on features it does not declare"
 
-    if not run_eagerly:   # the export traces its own signature whatever compile said
+    if export and not run_eagerly:   # the export traces its own signature whatever compile said
         sig = tf.function(lambda feats: {"ctr": model.predict_ctr(feats)},
                           input_signature=[{n: specs[n] for n in names}])
         export = os.path.join(work_dir, "saved_model")
