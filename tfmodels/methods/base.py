@@ -26,6 +26,8 @@ from typing import Dict, Tuple
 import tfmodels  # noqa: F401
 import tensorflow as tf
 
+from tfmodels import data as D
+
 Tensors = Dict[str, tf.Tensor]
 
 
@@ -65,3 +67,28 @@ class LongSequenceModule(tf.keras.layers.Layer):
 def broadcast_rows(x: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
     """Broadcast a cached tensor with batch 1 (one user) to ``batch`` candidates."""
     return tf.broadcast_to(x, tf.concat([[batch], tf.shape(x)[1:]], 0))
+
+
+# ---- request-time gap features (METHODS 1.5: nothing cached depends on the request) ----
+def cache_row_times(seq: Dict[str, tf.Tensor], mask: tf.Tensor) -> Dict[str, tf.Tensor]:
+    """What a cache keeps so that ``rank`` can measure time gaps to the request:
+    ``{"row_ts": [B, L]}`` (0 on padding), or, for windows without timestamps,
+    ``{"gap_bucket": [B, L]}`` as the window measured them."""
+    valid = mask > 0
+    key, x = ("row_ts", seq["ts"]) if "ts" in seq else ("gap_bucket", seq["gap_bucket"])
+    x = tf.cast(x, tf.int64)
+    return {key: tf.where(valid, x, tf.zeros_like(x))}
+
+
+def request_gap_buckets(cache: Dict[str, tf.Tensor], target: Dict[str, tf.Tensor],
+                        who: str) -> tf.Tensor:
+    """Gap buckets [R, L] from each cached row's time to the request time
+    ``target["ts"]`` (R = 1 for one user's request), measured by the input pipeline's own
+    :func:`tfmodels.data.gap_bucket`; the cached buckets when the cache has no row times."""
+    if "row_ts" not in cache:
+        return cache["gap_bucket"]
+    if "ts" not in target:
+        raise ValueError(f"{who} with the gap_bucket feature needs the request time: "
+                         f"target['ts'] (the model passes imp_ts)")
+    req = tf.cast(tf.reshape(target["ts"], [-1, 1]), tf.int64)                  # [R, 1]
+    return D.gap_bucket(req - cache["row_ts"])                                  # [R, L]

@@ -76,10 +76,9 @@ from typing import Dict, Optional, Sequence
 import tfmodels  # noqa: F401
 import tensorflow as tf
 
-from tfmodels import data as D
 from tfmodels import schema as S
 from tfmodels.layers import masked_softmax, serializable
-from tfmodels.methods.base import LongSequenceModule
+from tfmodels.methods.base import LongSequenceModule, cache_row_times, request_gap_buckets
 from tfmodels.methods.esu import gather_rows, one_user, static_k, top_k_rows
 
 LEVELS = ("csa", "msa", "fsa")
@@ -278,13 +277,7 @@ class LAP(LongSequenceModule):
         for name in self._projection_names:
             cache[name] = self._project(parts, name)
         if self.reads_request_time:
-            valid = mask > 0
-            if "ts" in seq:
-                ts = tf.cast(seq["ts"], tf.int64)
-                cache["row_ts"] = tf.where(valid, ts, tf.zeros_like(ts))
-            else:
-                gap = tf.cast(seq["gap_bucket"], tf.int64)
-                cache["gap_bucket"] = tf.where(valid, gap, tf.zeros_like(gap))
+            cache.update(cache_row_times(seq, mask))
         return cache
 
     @property
@@ -309,14 +302,7 @@ class LAP(LongSequenceModule):
         feature. Gaps run from each cached row's timestamp to ``target["ts"]``."""
         if not self.reads_request_time:
             return None
-        if "row_ts" in cache:
-            if "ts" not in target:
-                raise ValueError("LAP with the gap_bucket context feature needs the request "
-                                 "time: target['ts'] (the model passes imp_ts)")
-            req = tf.cast(tf.reshape(target["ts"], [-1, 1]), tf.int64)          # [R, 1]
-            buckets = D.gap_bucket(req - cache["row_ts"])                       # [R, L]
-        else:
-            buckets = cache["gap_bucket"]
+        buckets = request_gap_buckets(cache, target, "LAP")                    # [R, L]
         g = self.gap_embedding(buckets, cache["mask"])                          # [R, L, c]
         return {name: self._project({"gap_bucket": g}, name) for name in self._projection_names}
 

@@ -61,10 +61,9 @@ from typing import Dict, Optional, Sequence
 import tfmodels  # noqa: F401
 import tensorflow as tf
 
-from tfmodels import data as D
 from tfmodels import schema as S
 from tfmodels.layers import NEG_INF, masked_softmax, serializable
-from tfmodels.methods.base import LongSequenceModule
+from tfmodels.methods.base import LongSequenceModule, cache_row_times, request_gap_buckets
 
 CROSS_FEATURES = ("gap_bucket", "engage", "domain")
 #: cross features that depend on the request time: computed in ``score``, never cached
@@ -233,13 +232,7 @@ class Twin(LongSequenceModule):
             log_n = tf.zeros_like(mask)
         cache = {"keys": keys, "cross": cross, "values": values, "log_n": log_n, "mask": mask}
         if self.reads_request_time:
-            valid = mask > 0
-            if "ts" in seq:
-                ts = tf.cast(seq["ts"], tf.int64)
-                cache["row_ts"] = tf.where(valid, ts, tf.zeros_like(ts))
-            else:
-                gap = tf.cast(seq["gap_bucket"], tf.int64)
-                cache["gap_bucket"] = tf.where(valid, gap, tf.zeros_like(gap))
+            cache.update(cache_row_times(seq, mask))
         return cache
 
     def request_terms(self, cache: Dict[str, tf.Tensor], target: Dict[str, tf.Tensor]):
@@ -251,14 +244,7 @@ class Twin(LongSequenceModule):
         if not self.reads_request_time:
             return None
         mask = cache["mask"]
-        if "row_ts" in cache:
-            if "ts" not in target:
-                raise ValueError("TWIN with the gap_bucket cross feature needs the request "
-                                 "time: target['ts'] (the model passes imp_ts)")
-            req = tf.cast(tf.reshape(target["ts"], [-1, 1]), tf.int64)          # [R, 1]
-            buckets = D.gap_bucket(req - cache["row_ts"])                       # [R, L]
-        else:
-            buckets = cache["gap_bucket"]
+        buckets = request_gap_buckets(cache, target, "TWIN")                    # [R, L]
         valid = tf.broadcast_to(mask > 0, tf.shape(buckets))
         buckets = tf.where(valid, tf.clip_by_value(buckets, 0, S.NUM_GAP_BUCKETS - 1),
                            tf.zeros_like(buckets))
