@@ -90,6 +90,19 @@ class _Metered:
                                      str(seen.get("signature", "")), code,
                                      time.perf_counter() - t0)
 
+    def serve_grpc(self, rpc: str, method: str, handler, request, context):
+        """One gRPC call: ``handler(request, seen)``, counted and timed under ``method``;
+        an exception aborts the call with :func:`status_of`'s code and message."""
+        t0, seen = time.perf_counter(), {}
+        try:
+            response = handler(request, seen)
+        except Exception as e:
+            code, msg = status_of(e, rpc)
+            self.record("grpc", method, request.model_spec.name, seen, code.name, t0)
+            context.abort(code, msg)
+        self.record("grpc", method, request.model_spec.name, seen, "OK", t0)
+        return response
+
 
 class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer, _Metered):
     def __init__(self, manager: ModelManager, limits: Limits, metrics=None):
@@ -106,15 +119,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer, 
 
 
     def Predict(self, request, context):
-        t0, seen = time.perf_counter(), {}
-        try:
-            response = self.predict(request, seen)
-        except Exception as e:
-            code, msg = status_of(e, "Predict")
-            self.record("grpc", "predict", request.model_spec.name, seen, code.name, t0)
-            context.abort(code, msg)
-        self.record("grpc", "predict", request.model_spec.name, seen, "OK", t0)
-        return response
+        return self.serve_grpc("Predict", "predict", self.predict, request, context)
 
     def predict(self, request, seen: Optional[Seen] = None):
         """PredictRequest -> PredictResponse, or raise (see :func:`status_of`)."""
@@ -146,15 +151,7 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer, 
 
 
     def GetModelMetadata(self, request, context):
-        t0, seen = time.perf_counter(), {}
-        try:
-            response = self.metadata(request, seen)
-        except Exception as e:
-            code, msg = status_of(e, "GetModelMetadata")
-            self.record("grpc", "metadata", request.model_spec.name, seen, code.name, t0)
-            context.abort(code, msg)
-        self.record("grpc", "metadata", request.model_spec.name, seen, "OK", t0)
-        return response
+        return self.serve_grpc("GetModelMetadata", "metadata", self.metadata, request, context)
 
     def metadata(self, request, seen: Optional[Seen] = None):
         """GetModelMetadataRequest -> GetModelMetadataResponse, or raise."""
@@ -178,15 +175,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer, _Metered):
         self.manager, self.metrics = manager, metrics
 
     def GetModelStatus(self, request, context):
-        t0, seen = time.perf_counter(), {}
-        try:
-            response = self.status(request, seen)
-        except Exception as e:
-            code, msg = status_of(e, "GetModelStatus")
-            self.record("grpc", "status", request.model_spec.name, seen, code.name, t0)
-            context.abort(code, msg)
-        self.record("grpc", "status", request.model_spec.name, seen, "OK", t0)
-        return response
+        return self.serve_grpc("GetModelStatus", "status", self.status, request, context)
 
     def status(self, request, seen: Optional[Seen] = None):
         """GetModelStatusRequest -> GetModelStatusResponse, or raise."""
