@@ -81,6 +81,11 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                         "sharing each user's latent interests; impressions in the target "
                         "domain, most history in the source domain; docs/synthetic.md); "
                         "default: the config's num_domains (1)")
+    g.add_argument("--synthetic_preset", default=None,
+                   help="synthetic: a named preset of generator fields (bench = sized for "
+                        "L = 1,000 and >= 100k training impressions, oracle-calibrated; "
+                        "docs/synthetic.md); --synthetic_config and the flags below "
+                        "override its fields")
     g.add_argument("--synthetic_config", default=None,
                    help="JSON file of beam_jobs.synthetic.SyntheticConfig fields (optional; "
                         "the flags below override it)")
@@ -166,3 +171,8 @@ def add_precompute_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the Reshuffle before inference (single process runs)")
     p.add_argument("--store", help="also load the cache into a store: sqlite:PATH or "
                    "redis://host:port/db")
+    p.add_argument("--previous_cache",
+                   help="incremental refresh: a previous cache folder (or glob); users whose "
+                   "history fingerprint, model and version match are carried over unchanged, "
+                   "only the others go through user_tower; users absent from --records are "
+                   "dropped (listed in <output>/removed-*.txt, deleted from --store)")

@@ -1,0 +1,208 @@
+"""Incremental user-cache refresh (``lifelong precompute --previous_cache``, issue 19 item 2).
+
+One tiny untrained DIN-L export; a full precompute over the OLD records is the
+previous cache; the NEW records have users unchanged (one with new impressions
+only), changed (a behavior appended; an engagement edited), new and removed. The
+incremental refresh must write the same records as a full recompute over the new
+records, and the model must see only the changed and new users.
+"""
+import argparse
+import os
+
+import numpy as np
+import pytest
+
+import tfmodels  # noqa: F401
+import tensorflow as tf
+
+from beam_jobs import precompute as P
+from beam_jobs import precompute_incremental as INC
+from serving.cache_store import SQLiteCacheStore
+from serving.export import export_model
+from tfmodels import schema as S
+from tfmodels.model import build_model
+
+L, SHORT = 12, 4
+UNCHANGED = [2, 3, 4]          # 4: same history, different impressions
+CHANGED = [5, 6]               # 5: one behavior appended; 6: one engagement edited
+REMOVED = [7]
+NEW = [8, 9]
+
+
+def _history(uid: int, n: int):
+    rng = np.random.default_rng(uid)
+    items = rng.integers(S.FIRST_ID, S.FIRST_ID + 40, size=n)
+    return {"hist_item_id": items, "hist_cate_id": items % 5 + S.FIRST_ID,
+            "hist_ts": 1_600_000_000 + np.arange(n, dtype=np.int64) * 3600,
+            "hist_engage": rng.random(n).astype(np.float32),
+            "hist_domain": np.full(n, S.DEFAULT_DOMAIN)}
+
+
+def _record(uid, hist, n_imps=2, imp_item=S.FIRST_ID):
+    n = len(hist["hist_item_id"])
+    imps = {"imp_item_id": [imp_item] * n_imps, "imp_cate_id": [S.FIRST_ID] * n_imps,
+            "imp_ts": [1_700_000_000] * n_imps, "imp_label": [1.0, 0.0][:n_imps],
+            "imp_hist_index": [n] * n_imps}
+    return S.encode_user_record(uid, f"u{uid}", hist, imps)
+
+
+def _write(path, records):
+    with tf.io.TFRecordWriter(path, options="GZIP") as w:
+        for r in records:
+            w.write(r)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("incr")
+    tf.keras.utils.set_random_seed(3)
+    fs = S.FeatureSchema(S.Vocab(60, 10, 100), SHORT, L)
+    model = build_model(fs, "din_l", emb_dim=4, mlp_hidden=[8], din_hidden=[8, 4])
+    base = str(root / "saved_models")
+    export_model(model, base, "din_l", 1)
+    old = {u: _history(u, 8 + u) for u in UNCHANGED + CHANGED + REMOVED}
+    new = {u: old[u] for u in UNCHANGED}
+    grown = {k: np.concatenate([v, v[-1:]]) for k, v in old[5].items()}
+    grown["hist_ts"][-1] += 60
+    grown["hist_item_id"][-1] = S.FIRST_ID + 39
+    new[5] = grown
+    edited = {k: v.copy() for k, v in old[6].items()}
+    edited["hist_engage"][0] += 0.5
+    new[6] = edited
+    for u in NEW:
+        new[u] = _history(u, 30)
+    old_path = _write(str(root / "old-00000-of-00001.tfrecord.gz"),
+                      [_record(u, h) for u, h in old.items()])
+    new_path = _write(str(root / "new-00000-of-00001.tfrecord.gz"),
+                      [_record(u, h, n_imps=1 if u == 4 else 2,
+                               imp_item=S.FIRST_ID + 7 if u == 4 else S.FIRST_ID)
+                       for u, h in new.items()])
+
+    def run(records, output, previous=None, store=None):
+        ns = argparse.Namespace(records=records, model="din_l", base=base, version=1,
+                                model_dir=None, output=str(root / output), num_shards=1,
+                                no_reshuffle=True, store=None, previous_cache=previous)
+        return P.run(ns, [], store=store)
+
+    rep_old = run(old_path, "cache_old")
+    rep_full = run(new_path, "cache_full")
+    return {"root": root, "run": run, "old_path": old_path, "new_path": new_path,
+            "rep_old": rep_old, "rep_full": rep_full}
+
+
+def _by_user(folder):
+    out = {}
+    for rec in P.read_cache_records(folder):
+        meta = P.cache_record_meta(rec)
+        assert meta.user_id not in out
+        out[meta.user_id] = (rec, meta, P.decode_cache_record(rec))
+    return out
+
+
+def _assert_same_cache(a, b):
+    assert sorted(a) == sorted(b)
+    for uid in a:
+        (_, ma, (na, ua, va, ta)), (_, mb, (nb, ub, vb, tb)) = a[uid], b[uid]
+        assert ma == mb and (na, ua, va) == (nb, ub, vb)
+        assert sorted(ta) == sorted(tb)
+        for k in ta:
+            assert ta[k].dtype == tb[k].dtype
+            np.testing.assert_array_equal(ta[k], tb[k], err_msg=f"user {uid} tensor {k}")
+
+
+def test_fingerprint_reads_history_only():
+    h = _history(3, 10)
+    fp = lambda r: P.history_fingerprint(tf.train.Example.FromString(r).features.feature)
+    a, last = fp(_record(3, h))
+    assert last == 1_600_000_000 + 9 * 3600 and len(a) == 16
+    assert fp(_record(3, h, n_imps=1, imp_item=S.FIRST_ID + 5))[0] == a   # impressions
+    for field in ("hist_item_id", "hist_ts", "hist_engage", "hist_cate_id"):
+        changed = {k: v.copy() for k, v in h.items()}
+        changed[field][4] += 1
+        assert fp(_record(3, changed))[0] != a, field
+    assert fp(_record(3, dict(h, hist_cluster_size=np.ones(10, np.int64))))[0] != a
+    empty = {k: v[:0] for k, v in h.items()}
+    assert fp(_record(3, empty))[1] is None
+    assert P.parse_key(P.make_key(12, a, last)) == (12, a, last)
+    assert P.parse_key(P.make_key(12)) == (12, None, None)
+
+
+def test_full_run_writes_fingerprints(setup):
+    rows = _by_user(setup["root"] / "cache_full")
+    assert sorted(rows) == sorted(UNCHANGED + CHANGED + NEW)
+    assert setup["rep_full"]["users_to_model"] == len(rows)
+    assert rows[5][1].last_behavior_ts == 1_600_000_000 + 12 * 3600 + 60
+    assert all(len(r[1].fingerprint) == 16 for r in rows.values())
+
+
+def test_incremental_equals_full_and_skips_unchanged(setup, tmp_path):
+    store = SQLiteCacheStore(str(tmp_path / "c.db"))
+    P.load_into_store(str(setup["root"] / "cache_old"), store)
+    assert store.get("din_l", REMOVED[0]) is not None
+    rep = setup["run"](setup["new_path"], "cache_incr",
+                       previous=str(setup["root"] / "cache_old"), store=store)
+    full, incr = _by_user(setup["root"] / "cache_full"), _by_user(setup["root"] / "cache_incr")
+    _assert_same_cache(full, incr)
+    old = _by_user(setup["root"] / "cache_old")
+    for u in UNCHANGED:                       # carried over byte for byte
+        assert incr[u][0] == old[u][0]
+    # only changed and new users reached the model
+    assert rep["users_to_model"] == len(CHANGED) + len(NEW)
+    assert (rep["users_carried"], rep["users_changed"], rep["users_new"],
+            rep["users_removed"]) == (len(UNCHANGED), len(CHANGED), len(NEW), len(REMOVED))
+    assert rep["removed_user_ids"] == REMOVED and INC.read_removed(rep["output"]) == REMOVED
+    assert rep["deleted_from_store"] == 1 and store.get("din_l", REMOVED[0]) is None
+    assert store.count("din_l") == len(full)
+    store.close()
+
+
+def _rewrite(src, dst, fn):
+    os.makedirs(dst, exist_ok=True)
+    _write(os.path.join(dst, "cache-00000-of-00001.tfrecord.gz"),
+           [fn(r) for r in P.read_cache_records(src)])
+
+
+def test_carried_rows_are_not_recomputed(setup, tmp_path):
+    """A previous row with the right fingerprint is trusted as is: mark its tensors and
+    the marks come out (a recompute would have overwritten them)."""
+    def mark(rec):
+        name, uid, version, tensors = P.decode_cache_record(rec)
+        meta = P.cache_record_meta(rec)
+        tensors = {k: (np.full_like(v, 7) if k == "keys" else v) for k, v in tensors.items()}
+        return P.encode_cache_record(name, version, uid, tensors, meta.fingerprint,
+                                     meta.last_behavior_ts)
+    prev = str(tmp_path / "marked")
+    _rewrite(str(setup["root"] / "cache_old"), prev, mark)
+    setup["run"](setup["new_path"], "cache_marked", previous=prev)
+    out = _by_user(setup["root"] / "cache_marked")
+    for u in UNCHANGED:
+        assert np.all(out[u][2][3]["keys"] == 7)
+    for u in CHANGED + NEW:
+        assert not np.all(out[u][2][3]["keys"] == 7)
+
+
+def test_old_cache_without_fingerprints_recomputes_everyone(setup, tmp_path):
+    def strip(rec):
+        ex = tf.train.Example.FromString(rec)
+        for k in (P.FINGERPRINT, P.LAST_TS):
+            del ex.features.feature[k]
+        return ex.SerializeToString()
+    prev = str(tmp_path / "old_format")
+    _rewrite(str(setup["root"] / "cache_old"), prev, strip)
+    assert P.cache_record_meta(next(P.read_cache_records(prev))).fingerprint is None
+    rep = setup["run"](setup["new_path"], "cache_from_old_format", previous=prev)
+    assert rep["users_without_fingerprint"] == len(UNCHANGED) + len(CHANGED)
+    assert rep["users_carried"] == 0
+    assert rep["users_to_model"] == len(UNCHANGED) + len(CHANGED) + len(NEW)
+    _assert_same_cache(_by_user(setup["root"] / "cache_full"),
+                       _by_user(setup["root"] / "cache_from_old_format"))
+
+
+def test_previous_cache_errors(setup):
+    with pytest.raises(P.PrecomputeError, match="holds no cache records"):
+        setup["run"](setup["new_path"], "x", previous=str(setup["root"] / "nothing"))
+    with pytest.raises(P.PrecomputeError, match="must not be the --output"):
+        setup["run"](setup["new_path"], "cache_old", previous=str(setup["root"] / "cache_old"))
+    # the refused run deleted nothing
+    assert len(_by_user(setup["root"] / "cache_old")) == 6
