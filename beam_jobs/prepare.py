@@ -119,6 +119,8 @@ def _validate_args(args: argparse.Namespace) -> Dict[str, Any]:
     if syn_domains is not None and (source != "synthetic" or int(syn_domains) not in (1, 2)):
         raise PrepareError(f"--synthetic_domains must be 1 or 2 with --source synthetic, got "
                            f"{syn_domains} with --source {source}")
+    if getattr(args, "synthetic_preset", None) and source != "synthetic":
+        raise PrepareError(f"--synthetic_preset needs --source synthetic, got --source {source}")
     cuts = None
     if source == "taobao_ad":
         try:
@@ -194,6 +196,13 @@ def _synthetic_config(args: argparse.Namespace):
             raise PrepareError(f"--synthetic_config {path!r} is not valid JSON: {e}") from None
         if not isinstance(base, dict):
             raise PrepareError(f"--synthetic_config {path!r} must hold a JSON object")
+    preset = getattr(args, "synthetic_preset", None)
+    if preset:  # lowest precedence: the JSON file's fields, then the flags, override it
+        from beam_jobs import synthetic_presets
+        try:
+            base = {**synthetic_presets.preset_dict(preset), **base}
+        except ValueError as e:
+            raise PrepareError(f"--synthetic_preset: {e}") from None
     if "seed" not in base:
         base["seed"] = int(getattr(args, "seed", 0))
     overrides = {"num_users": getattr(args, "synthetic_users", None),

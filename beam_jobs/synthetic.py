@@ -181,6 +181,16 @@ class SyntheticConfig:
     num_domains: int = 1
     target_share_recent: float = 0.5  # P(event in the target domain), newest recent_window
     target_share_old: float = 0.02    # same, older events
+    # --- low-engagement distractor categories (step 4b/6/8 of the module doc); off by
+    # default (num_distractors = 0 draws nothing extra: the outputs are byte-identical to
+    # the generator before the option existed). Frequent in the history like a long-term
+    # interest, but watched with low engagement and never clicked more often: only a
+    # model that reads engagement can tell the two apart.
+    num_distractors: int = 0
+    distractor_share_old: float = 0.0     # P(event from a distractor), older part
+    distractor_share_recent: float = 0.0  # same, inside the recent window
+    engage_distractor_mean: float = 0.15  # mean engagement of distractor events
+    impression_distractor_frac: float = 0.0  # share of candidates drawn from distractors
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -230,7 +240,7 @@ def _validate(cfg: SyntheticConfig) -> None:
                  "num_impressions", "engage_concentration"):
         if getattr(cfg, name) < 1:
             raise err(name, "must be >= 1")
-    for name in ("history_sigma", "label_noise_std", "user_bias_std", "start_ts",
+    for name in ("num_distractors", "history_sigma", "label_noise_std", "user_bias_std", "start_ts",
                  "start_jitter_s", "session_gap_mean_s", "seed"):
         if getattr(cfg, name) < 0:
             raise err(name, "must be >= 0")
@@ -240,12 +250,13 @@ def _validate(cfg: SyntheticConfig) -> None:
         raise ValueError(
             f"SyntheticConfig.min_history ({cfg.min_history}) must be <= "
             f"max_history ({cfg.max_history})")
-    needed = cfg.num_long_interests + cfg.recent_pool_size + 1
+    needed = cfg.num_long_interests + cfg.recent_pool_size + cfg.num_distractors + 1
     if cfg.num_categories < needed:
         raise ValueError(
             f"SyntheticConfig.num_categories ({cfg.num_categories}) must be >= "
-            f"num_long_interests + recent_pool_size + 1 = {needed} so that long-term "
-            f"interests, the recent pool and at least one other category are distinct")
+            f"num_long_interests + recent_pool_size + num_distractors + 1 = {needed} so "
+            f"that long-term interests, the recent pool, the distractors and at least one "
+            f"other category are distinct")
     if cfg.num_items < cfg.num_categories:
         raise ValueError(
             f"SyntheticConfig.num_items ({cfg.num_items}) must be >= num_categories "
@@ -255,10 +266,11 @@ def _validate(cfg: SyntheticConfig) -> None:
     for name in ("long_tail_fraction", "recent_switch_prob", "long_share_old", "long_share_recent",
                  "recent_share_old", "recent_share_recent", "impression_long_frac",
                  "impression_recent_frac", "session_break_prob", "target_share_recent",
-                 "target_share_old"):
+                 "target_share_old", "distractor_share_old", "distractor_share_recent",
+                 "impression_distractor_frac"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise err(name, "must be in [0, 1]")
-    for name in ("engage_base_mean", "engage_interest_mean"):
+    for name in ("engage_base_mean", "engage_interest_mean", "engage_distractor_mean"):
         if not 0.0 < getattr(cfg, name) < 1.0:
             raise err(name, "must be in (0, 1)")
     for a, b in (("long_share_old", "recent_share_old"),
@@ -267,6 +279,18 @@ def _validate(cfg: SyntheticConfig) -> None:
         if getattr(cfg, a) + getattr(cfg, b) > 1.0 + 1e-9:
             raise ValueError(f"SyntheticConfig.{a} + {b} must be <= 1 "
                              f"(got {getattr(cfg, a)} + {getattr(cfg, b)})")
+    for a, b, c in (("long_share_old", "recent_share_old", "distractor_share_old"),
+                    ("long_share_recent", "recent_share_recent", "distractor_share_recent"),
+                    ("impression_long_frac", "impression_recent_frac",
+                     "impression_distractor_frac")):
+        if getattr(cfg, a) + getattr(cfg, b) + getattr(cfg, c) > 1.0 + 1e-9:
+            raise ValueError(f"SyntheticConfig.{a} + {b} + {c} must be <= 1 (got "
+                             f"{getattr(cfg, a)} + {getattr(cfg, b)} + {getattr(cfg, c)})")
+    if cfg.num_distractors == 0 and (cfg.distractor_share_old > 0 or cfg.distractor_share_recent > 0
+                                     or cfg.impression_distractor_frac > 0):
+        raise ValueError("SyntheticConfig.num_distractors is 0 but a distractor share is > 0 "
+                         "(distractor_share_old / distractor_share_recent / "
+                         "impression_distractor_frac): set num_distractors >= 1")
     if not 1.0 <= cfg.break_min_s <= cfg.break_max_s:
         raise ValueError(f"SyntheticConfig.break_min_s ({cfg.break_min_s}) must be >= 1 and <= "
                          f"break_max_s ({cfg.break_max_s})")
@@ -377,10 +401,11 @@ def _simulate(cfg: SyntheticConfig, user_index: int) -> Dict[str, Any]:
         raise ValueError(f"user_index must be in [0, num_users={cfg.num_users}), got {user_index}")
     rng = np.random.default_rng([cfg.seed, int(user_index)])
     C, K, P = cfg.num_categories, cfg.num_long_interests, cfg.recent_pool_size
+    D = cfg.num_distractors  # 0: no extra draw anywhere (the default stream is unchanged)
 
-    # 1. latent interests
-    chosen = rng.choice(C, size=K + P, replace=False)
-    long_cats, pool = chosen[:K], chosen[K:]
+    # 1. latent interests (+ distractors, the last D of the same draw)
+    chosen = rng.choice(C, size=K + P + D, replace=False)
+    long_cats, pool, distract = chosen[:K], chosen[K:K + P], chosen[K + P:]
     long_w = rng.dirichlet(np.full(K, 2.0))
     user_bias = float(rng.normal(0.0, cfg.user_bias_std)) if cfg.user_bias_std > 0 else 0.0
 
@@ -397,14 +422,20 @@ def _simulate(cfg: SyntheticConfig, user_index: int) -> Dict[str, Any]:
     u = rng.random(n)
     long_draw = long_cats[rng.choice(K, size=n, p=long_w)]
     rand_draw = rng.integers(C, size=n)
+    if D:  # 4b. distractors take the next slice of u after long and recent
+        p_dis = np.where(in_window, cfg.distractor_share_recent, cfg.distractor_share_old)
+        rand_draw = np.where(u < p_long + p_rec + p_dis, distract[rng.integers(D, size=n)],
+                             rand_draw)
     cats = np.where(u < p_long, long_draw, np.where(u < p_long + p_rec, pool[walk], rand_draw))
 
     # 5. items
     items = _sample_items(rng, cats, cfg)
 
     # 6. engagement
-    interest = np.isin(cats, chosen)
+    interest = np.isin(cats, chosen[:K + P])
     mean = np.where(interest, cfg.engage_interest_mean, cfg.engage_base_mean)
+    if D:
+        mean = np.where(np.isin(cats, distract), cfg.engage_distractor_mean, mean)
     k = cfg.engage_concentration
     engage = np.clip(rng.beta(mean * k, (1.0 - mean) * k), 0.0, 1.0)
 
@@ -425,6 +456,9 @@ def _simulate(cfg: SyntheticConfig, user_index: int) -> Dict[str, Any]:
     imp_long = long_cats[rng.choice(K, size=m, p=long_w)]
     imp_rand = rng.integers(C, size=m)
     lf, rf = cfg.impression_long_frac, cfg.impression_recent_frac
+    if D:  # distractor candidates take the next slice of ui after long and recent
+        imp_rand = np.where(ui < lf + rf + cfg.impression_distractor_frac,
+                            distract[rng.integers(D, size=m)], imp_rand)
     imp_cats = np.where(ui < lf, imp_long, np.where(ui < lf + rf, current_recent, imp_rand))
     imp_items = _sample_items(rng, imp_cats, cfg)
     imp_gaps = rng.integers(1, 121, size=m)
@@ -459,6 +493,7 @@ def _simulate(cfg: SyntheticConfig, user_index: int) -> Dict[str, Any]:
             "current_recent": current_recent,
             "user_bias": user_bias,
             "history_length": n,
+            "distractors": [int(c) for c in distract],
         },
     }
 
@@ -500,6 +535,6 @@ def user_latents(cfg: SyntheticConfig, user_index: int) -> Dict[str, Any]:
 
     Keys: ``long_interests`` (category indices), ``long_weights``, ``recent_pool``,
     ``current_recent`` (the recent interest at the last event), ``user_bias``,
-    ``history_length``.
+    ``history_length``, ``distractors`` (empty unless ``num_distractors > 0``).
     """
     return dict(_simulate(cfg, user_index)["latents"])
