@@ -87,16 +87,20 @@ def _cell(agg: Dict, fmt: str = ".4f") -> str:
     return f"{agg['mean']:{fmt}} ± {agg['std']:{fmt}}"
 
 
-def format_table(summary: Dict[str, Dict], command: str) -> str:
+def format_table(summary: Dict[str, Dict], command: str,
+                 reads: Optional[Dict[str, str]] = None) -> str:
+    """The results table; ``reads`` (model -> :func:`lifelong.reads.reads_cell`) adds a
+    "reads" column: which windows and per-behavior side features each model sees."""
     lines = [f"command: {command}", "",
-             "| model | AUC | GAUC | logloss | train ex/s | stop / best epoch | seeds |",
-             "|---|---|---|---|---|---|---|"]
+             "| model | AUC | GAUC | logloss | train ex/s | stop / best epoch | seeds |"
+             + (" reads |" if reads else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if reads else "")]
     for model, agg in summary.items():
         cells = [_cell(agg[k]) for k in METRICS]
         speed = agg["train_examples_per_s"]["mean"]
         lines.append(f"| {model} | " + " | ".join(cells) +
                      f" | {'n/a' if speed is None else f'{speed:.0f}'} | {_epochs_cell(agg)} "
-                     f"| {len(agg['seeds'])} |")
+                     f"| {len(agg['seeds'])} |" + (f" {reads.get(model, '?')} |" if reads else ""))
     return "\n".join(lines)
 
 
@@ -400,7 +404,9 @@ def run(args, extra: List[str], make_cfg: Callable) -> int:
                 for name, k in (("AUC", "auc"), ("GAUC", "gauc"), ("logloss", "logloss"))),
                 file=sys.stderr)
     summary = summarize(rows)
-    table = format_table(summary, command)
+    from lifelong.reads import reads_cell     # like for like: what each model reads
+    reads = {m: reads_cell(run_cfgs[(m, seeds[0])]) for m in models}
+    table = format_table(summary, command, reads)
     split_notes = split_warnings(rows, eval_split)
     if split_notes:
         table += "\n\n" + "\n".join(f"**{w}**" for w in split_notes)
@@ -416,6 +422,7 @@ def run(args, extra: List[str], make_cfg: Callable) -> int:
                            # first) and the resolved training config (out_dir, seed per run)
                            "model_configs": {
                                m: {"model": configs[m].model, "files": configs[m].files,
+                                   "reads": reads[m],
                                    "resolved": {k: v for k, v in _config_dict(
                                        run_cfgs[(m, seeds[0])]).items()
                                        if k not in ("out_dir", "seed")}}
