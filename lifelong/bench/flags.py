@@ -35,6 +35,29 @@ def check_serving_flags(args) -> None:
     line (:class:`UsageError`) before any folder is created or model exported."""
     for flag in ("long_lens", "candidates", "din_hidden", "mlp_hidden"):
         parse_ints(getattr(args, flag), flag)
+    load = getattr(args, "load", "")
+    if load:
+        check_load_flags(args)
+
+
+def check_load_flags(args) -> None:
+    """``bench serving --load ...``: every load flag checked before anything runs."""
+    modes = [m for m in str(args.load).split(",") if m]
+    bad = sorted(set(modes) - {"closed", "open"})
+    if bad or not modes:
+        raise UsageError(f"--load must be closed, open or closed,open; got {args.load!r}")
+    if getattr(args, "what", "serving") != "serving":
+        raise UsageError("--load is a flag of `lifelong bench serving` only")
+    if any(t < 1 for t in parse_ints(args.load_threads, "load_threads")):
+        raise UsageError(f"--load_threads must all be >= 1, got {args.load_threads!r}")
+    if any(p < 1 for p in parse_ints(args.processes, "processes")):
+        raise UsageError(f"--processes must all be >= 1, got {args.processes!r}")
+    if "open" in modes and not args.rate > 0:
+        raise UsageError(f"--load open needs --rate > 0 (requests/s), got {args.rate}")
+    for flag in ("load_seconds", "load_candidates", "load_long_len", "load_open_threads",
+                 "server_workers", "users"):
+        if not getattr(args, flag) > 0:
+            raise UsageError(f"--{flag} must be > 0, got {getattr(args, flag)}")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,6 +105,13 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
                    help="precompute: users (default 1000)")
     p.add_argument("--precompute_long_len", type=int, default=1000,
                    help="precompute: L (default 1000)")
+    p.add_argument("--incremental", action="store_true",
+                   help="precompute: time an incremental refresh (--previous_cache) at each "
+                   "--changed share of users next to a full refresh, start-up excluded "
+                   "(default --models: cformer)")
+    p.add_argument("--changed", default="0.01,0.1,1.0",
+                   help="precompute --incremental: shares of users whose history changed "
+                   "(default 0.01,0.1,1.0)")
     p.add_argument("--no_jit_rank", dest="jit_rank", action="store_false",
                    help="serving: export rank WITHOUT XLA (default: `lifelong export --jit_rank`, "
                    "the recommended ranking deployment)")
@@ -89,6 +119,29 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
                    help="serving: the server's --inter_op (default -1, its default)")
     p.add_argument("--intra_op", type=int, default=0,
                    help="serving: the server's --intra_op (default 0, its default)")
+    p.add_argument("--load", default="",
+                   help="serving: throughput under concurrent load instead of the latency "
+                   "table: closed (--load_threads client threads back to back), open "
+                   "(--rate requests/s on schedule) or closed,open; rank at "
+                   "--load_candidates next to its identity SavedModel on the same server "
+                   "(lifelong/bench/serving_load.py)")
+    p.add_argument("--load_threads", default="1,4,8,16",
+                   help="serving --load closed: client thread counts (default 1,4,8,16)")
+    p.add_argument("--rate", type=float, default=0.0,
+                   help="serving --load open: offered requests/s (required there)")
+    p.add_argument("--load_open_threads", type=int, default=32,
+                   help="serving --load open: most requests in flight (default 32)")
+    p.add_argument("--load_seconds", type=float, default=3.0,
+                   help="serving --load: seconds per row (default 3)")
+    p.add_argument("--load_candidates", type=int, default=100,
+                   help="serving --load: candidates N per rank request (default 100)")
+    p.add_argument("--load_long_len", type=int, default=1000,
+                   help="serving --load: long length L of the exports (default 1000)")
+    p.add_argument("--processes", default="1",
+                   help="serving --load: the server's --processes (SO_REUSEPORT processes); "
+                   "a list such as 1,2 measures each in turn (default 1)")
+    p.add_argument("--server_workers", type=int, default=8,
+                   help="serving --load: the server's --workers threads per process (default 8)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="output folder (default artifacts/bench-<what>-<time>)")
 
