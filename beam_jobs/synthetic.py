@@ -45,12 +45,20 @@ Per user ``u`` (``rng = default_rng([seed, u])``; draws happen in this order)
    ``recent_share_old`` instead. Defaults make long-term interests common far
    back (35 %) and rare in the last 100 events (2 %), while the recent window is
    dominated (70 %) by the drifting recent interest.
+   *Distractors* (only with ``num_distractors = D > 0``; the default draws nothing
+   extra, so its output is unchanged). Step 1 draws ``K + P + D`` distinct
+   categories; the last ``D`` are the user's **distractors** ``DIS``. An event takes a
+   uniform ``DIS`` category with prob. ``distractor_share_old`` (older part) /
+   ``distractor_share_recent`` (recent window), carved from the exploration share
+   (the slice of ``u`` right after ``LONG`` and ``walk[t]``; the draw of the
+   distractor comes after the uniform one).
 5. *Event items.* Given the category ``c``, the item is the ``floor(|c| * v^a)``-th
    item of ``c`` (``v ~ U[0, 1)``, ``a = item_popularity_exponent``; ``a = 1`` is
    uniform, larger ``a`` favours a few head items per category).
 6. *Engagement* ``engage ~ Beta(m * k, (1 - m) * k)`` with ``k = engage_concentration``
    and mean ``m = engage_interest_mean`` when the event's category is in
-   ``LONG`` or ``POOL``, else ``engage_base_mean``. Always in ``[0, 1]``.
+   ``LONG`` or ``POOL``, ``engage_distractor_mean`` when it is in ``DIS``, else
+   ``engage_base_mean``. Always in ``[0, 1]``.
 7. *Timestamps.* ``ts[0] = start_ts + UniformInt[0, start_jitter_s)``; each next
    gap is, with probability ``session_break_prob``, a session break drawn
    log-uniformly from ``[break_min_s, break_max_s]`` (default 30 min to 3 days),
@@ -60,7 +68,10 @@ Per user ``u`` (``rng = default_rng([seed, u])``; draws happen in this order)
    one sees the whole history). The first comes ``UniformInt[60, 3600]`` s after the
    last event, the next ones ``UniformInt[1, 120]`` s apart. Candidate categories
    come from ``LONG`` (by ``w``) with prob. ``impression_long_frac``, are ``CUR``
-   with prob. ``impression_recent_frac``, else uniform; the item is drawn as in 5.
+   with prob. ``impression_recent_frac``, are a uniform ``DIS`` category with prob.
+   ``impression_distractor_frac`` (next slice, drawn after the uniform one), else
+   uniform; the item is drawn as in 5. Distractors earn no click bonus: frequent in
+   the history like a long-term interest, they are told apart only by engagement.
    The click label is ``Bernoulli(sigmoid(z))`` with::
 
        z = label_bias + b_u + label_long_weight * [c in LONG]
