@@ -5,7 +5,7 @@ when that subcommand runs, and a command's flags come from a module that does no
 load TensorFlow, so ``lifelong --help`` and ``lifelong <cmd> --help`` answer fast.
 
 Subcommands: prepare, train, evaluate, compare, bench, export, precompute,
-serve, cluster, cluster-bench, replay, and the report commands the registered
+serve, cluster, cluster-bench, replay, staleness, and the report commands the registered
 methods declare (:func:`tfmodels.registry.reports`: lrea-grid, encode-report,
 cluster-quality, lcn-consistency). A user-facing error (:class:`tfmodels.errors.LifelongError`: a
 bad flag, a missing or unusable input) ends with exit code 2 and one line
@@ -209,6 +209,8 @@ MODULE_COMMANDS = {
                       "TWIN V2 clustering speed and accuracy per user (benchmark)", False),
     "replay": ("lifelong.replay", "replay a compare's test requests through export, Beam "
                "precompute and the local gRPC server: AUC, parity, latency", False),
+    "staleness": ("lifelong.reports.staleness", "AUC of served CTRs against the age of the "
+                  "user cache (0, 1, 3, 7, 14 days): table and PNG per trained model", False),
 }
 
 
@@ -239,6 +241,9 @@ def cmd_module(args, extra: List[str]) -> int:
 def cmd_bench(args, extra: List[str]) -> int:
     """``lifelong bench WHAT``: the module :mod:`lifelong.bench.<WHAT>` runs it."""
     import importlib
+    if args.what == "accuracy":          # trains: compare's flags and configs
+        from lifelong.bench import accuracy
+        return accuracy.run(args, extra, _train_config)
     if args.what not in SERVING_BENCHES:
         if not args.data:
             raise CliError("--data is required (a prepared dataset directory)")
@@ -327,9 +332,10 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
                        "trains every model for every seed, evaluates on the test split and "
                        "prints mean and std of AUC, GAUC and logloss. Extra flags go to the "
                        "prepare step.")
-    p.add_argument("--data", help="raw input: a MovieLens folder (ratings.csv + movies.csv) "
+    p.add_argument("--data", help="raw input: a MovieLens folder (ratings.csv + movies.csv), "
+                   "a Tianchi 56 display-ad folder (raw_sample.csv, ...: taobao_ad) "
                    "or a Taobao UserBehavior.csv; default: the synthetic generator")
-    p.add_argument("--source", choices=["synthetic", "movielens", "taobao"],
+    p.add_argument("--source", choices=["synthetic", "movielens", "taobao", "taobao_ad"],
                    help="input kind (default: detected from --data)")
     p.add_argument("--prepared", help="use an already prepared dataset directory instead")
     p.add_argument("--clustered", help="a `lifelong cluster` output of the same data: the "
@@ -347,14 +353,20 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
     p.set_defaults(func=cmd_compare, allow_extra=True)
 
     p = sub.add_parser("bench", help="benchmarks that print numbers (storage, train, "
-                       "serving, precompute)",
+                       "serving, precompute, accuracy)",
                        description="Benchmarks: `storage` (bytes on disk vs materialised "
                        "windows at several L), `train` (training examples/s vs L), `serving` "
                        "(rank / one-shot / identity gRPC latency; `lifelong bench serving "
-                       "--help`), `precompute` (user-cache users/s and bytes per user).")
+                       "--help`), `precompute` (user-cache users/s and bytes per user), "
+                       "`accuracy` (every model x seeds to its early stop, rank p50, cache bytes, the papers' "
+                       "claims; `lifelong bench accuracy --help`).")
     from lifelong.bench import flags as bench_flags      # no TensorFlow
     if _ARGV_HINT.get("bench") in SERVING_BENCHES:
         bench_flags.add_serving_arguments(p)
+    elif _ARGV_HINT.get("bench") == "accuracy":     # lifelong/bench/accuracy.py (no TF)
+        from lifelong.bench import accuracy
+        accuracy.add_arguments(p)
+        _add_train_flags(p, with_model=False)
     else:
         bench_flags.add_arguments(p)
     p.set_defaults(func=cmd_bench)
@@ -432,7 +444,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     rest = argv[argv.index(command) + 1:] if command else []
     _ARGV_HINT.clear()
     _ARGV_HINT.update(command=command, bench=next(
-        (a for a in rest if a in SERVING_BENCHES), None) if command == "bench" else None)
+        (a for a in rest if a in SERVING_BENCHES + ("accuracy",)), None)
+        if command == "bench" else None)
     parser = build_parser(prepare_flags=command == "prepare", command=command)
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
