@@ -70,6 +70,13 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "label_long_weight": 3.5,
         "label_recent_weight": 3.0,
         "label_noise_std": 0.5,
+        # time only (every other draw is unchanged by these two): users start over
+        # 3 years and sessions are longer, so the span of a history (median 18 days,
+        # longest 170) is small against the start jitter and the prepare split by last
+        # behavior time does not send every long user to the test split (with the
+        # defaults all 35 users past 10,000 behaviors were test users).
+        "start_jitter_s": 3 * 365 * 86400,
+        "session_break_prob": 0.02,
     },
 }
 

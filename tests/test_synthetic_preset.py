@@ -33,6 +33,8 @@ def test_bench_preset_resolves_as_documented():
     assert (cfg.num_long_interests, cfg.recent_pool_size, cfg.num_distractors) == (4, 4, 2)
     assert cfg.engage_distractor_mean < cfg.engage_base_mean < cfg.engage_interest_mean
     assert cfg.item_popularity_exponent == 1.5
+    # users start over 3 years, sessions of ~50 behaviors (docs: the split by last time)
+    assert (cfg.start_jitter_s, cfg.session_break_prob) == (94_608_000, 0.02)
     assert cfg.seed == 0  # the preset does not set the seed: --seed does
     # every other field keeps the generator default
     untouched = set(SyntheticConfig().to_dict()) - set(synthetic_presets.PRESETS["bench"])
@@ -66,6 +68,22 @@ def test_bad_preset_is_rejected_with_a_clear_message():
     with pytest.raises(LifelongError, match="--synthetic_preset needs --source synthetic"):
         prepare._validate_args(_prepare_args("--synthetic_preset", "bench",
                                              "--source", "movielens"))
+
+
+def test_the_preset_time_knobs_change_only_the_timestamps():
+    """docs/synthetic.md: start_jitter_s and session_break_prob move timestamps only, so
+    the oracle figures measured before they were set still hold."""
+    from beam_jobs import synthetic
+    new = synthetic_presets.preset_config("bench", num_users=3, max_history=2000)
+    old = synthetic_presets.preset_config("bench", num_users=3, max_history=2000,
+                                          start_jitter_s=30 * 86400, session_break_prob=0.08)
+    for u in range(3):
+        a, b = synthetic._simulate(new, u), synthetic._simulate(old, u)
+        for k in ("items", "cats", "engage", "imp_items", "imp_cats", "labels"):
+            np.testing.assert_array_equal(a[k], b[k])
+        assert not np.array_equal(a["ts"], b["ts"])
+        # fewer session breaks: a shorter history span for the same number of behaviors
+        assert np.diff(a["ts"]).mean() < np.diff(b["ts"]).mean()
 
 
 # ----------------------------------------------------------------------------- distractors
