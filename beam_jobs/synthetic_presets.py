@@ -31,7 +31,7 @@ import numpy as np
 from beam_jobs import synthetic
 
 __all__ = ["PRESETS", "preset_names", "preset_dict", "preset_config", "oracle_features",
-           "oracle_auc", "oracle_report"]
+           "time_split", "oracle_auc", "oracle_report"]
 
 #: name -> SyntheticConfig fields that differ from the defaults (seed: from --seed).
 #: "bench" (issue 22 item 2): sized for L = 1,000 windows and >= 100k training
@@ -112,13 +112,15 @@ def oracle_features(cfg: synthetic.SyntheticConfig, users: Iterable[int],
     the statistics ``_STATS`` of the candidate in the user's last ``w`` behaviors
     (``None`` = the whole history). Uses the generator's arrays directly (no strings)."""
     C, I = cfg.num_categories, cfg.num_items
-    out: Dict[str, list] = {"user": [], "label": [], **{k: [] for k in windows}}
+    out: Dict[str, list] = {"user": [], "label": [], "last_ts": [],
+                            **{k: [] for k in windows}}
     for u in users:
         sim = synthetic._simulate(cfg, int(u))
         cats, items, eng = sim["cats"], sim["items"], sim["engage"]
         ic, ii = sim["imp_cats"], sim["imp_items"]
         out["user"].append(np.full(ic.shape[0], u))
         out["label"].append(sim["labels"])
+        out["last_ts"].append(np.full(ic.shape[0], int(sim["ts"][-1])))
         for name, w in windows.items():
             sl = slice(None) if w is None else slice(-int(w), None)
             cnt = np.bincount(cats[sl], minlength=C)[ic].astype(np.float64)
@@ -130,39 +132,63 @@ def oracle_features(cfg: synthetic.SyntheticConfig, users: Iterable[int],
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
-def oracle_auc(feats: Dict[str, np.ndarray], window: str, features: str = "all") -> float:
-    """Test ROC-AUC of a logistic regression on one window's statistics; users with an
-    index below the median of the given users train, the rest test (split by user)."""
+def time_split(feats: Dict[str, np.ndarray], train_fraction: float = 0.8,
+               valid_fraction: float = 0.1):
+    """(train, test) impression masks of ``lifelong prepare``'s user split: users ordered
+    by (last behavior ts, user_key), the first ``train_fraction`` train, the part after
+    ``train_fraction + valid_fraction`` test (the validation users are left out)."""
+    users, first = np.unique(feats["user"], return_index=True)
+    keys = np.array([f"u{u}" for u in users])
+    order = np.lexsort((keys, feats["last_ts"][first]))
+    n = len(users)  # element floor(f * n) starts the next split, as prepare's plan_cuts
+    train_users = users[order[:int(train_fraction * n + 1e-9)]]
+    test_users = users[order[int(min(1.0, train_fraction + valid_fraction) * n + 1e-9):]]
+    return np.isin(feats["user"], train_users), np.isin(feats["user"], test_users)
+
+
+def oracle_auc(feats: Dict[str, np.ndarray], window: str, features: str = "all",
+               masks=None) -> float:
+    """Test ROC-AUC of a logistic regression on one window's statistics. ``masks`` =
+    (train, test) impression masks; default: users with an index below the median of
+    the given users train, the rest test (split by user)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import roc_auc_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     cols = [_STATS.index(c) for c in FEATURE_SETS[features]]
     x, y, user = feats[window][:, cols], feats["label"], feats["user"]
-    train = user < np.median(np.unique(user))
+    if masks is None:
+        train = user < np.median(np.unique(user))
+        masks = (train, ~train)
+    train, test = masks
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
     model.fit(x[train], y[train])
-    return float(roc_auc_score(y[~train], model.predict_proba(x[~train])[:, 1]))
+    return float(roc_auc_score(y[test], model.predict_proba(x[test])[:, 1]))
 
 
 def oracle_report(cfg: synthetic.SyntheticConfig, num_users: int, short: int = 50,
-                  long_: int = 1000) -> Dict[str, Any]:
-    """The oracle AUCs of the first ``num_users`` users of ``cfg`` (half train, half test):
-    last ``short``, last ``long_`` and full history, with all statistics and with
-    category counts only, plus the CTR and the history-length figures."""
+                  long_: int = 1000, split: str = "half") -> Dict[str, Any]:
+    """The oracle AUCs of the first ``num_users`` users of ``cfg``: last ``short``, last
+    ``long_`` and full history, with all statistics and with category counts only, plus
+    the CTR and the history-length figures. ``split``: "half" (users below the median
+    index train, the rest test) or "time" (:func:`time_split`, prepare's split)."""
     t0 = time.perf_counter()
     windows = {f"last_{short}": short, f"last_{long_}": long_, "full": None}
     feats = oracle_features(cfg, range(num_users), windows)
+    if split not in ("half", "time"):
+        raise ValueError(f"split must be 'half' or 'time', got {split!r}")
+    masks = time_split(feats) if split == "time" else None
     lengths = np.array([synthetic.user_latents(cfg, u)["history_length"]
                         for u in range(num_users)])
-    rep: Dict[str, Any] = {"users": num_users, "impressions": int(feats["label"].shape[0]),
+    rep: Dict[str, Any] = {"users": num_users, "split": split,
+                           "impressions": int(feats["label"].shape[0]),
                            "ctr": round(float(feats["label"].mean()), 4),
                            "history_mean": round(float(lengths.mean()), 1),
                            "history_max": int(lengths.max()),
                            "users_over_10k": int((lengths > 10_000).sum())}
     for name in windows:
         for fs in FEATURE_SETS:
-            rep[f"auc_{name}_{fs}"] = round(oracle_auc(feats, name, fs), 4)
+            rep[f"auc_{name}_{fs}"] = round(oracle_auc(feats, name, fs, masks), 4)
     rep["wall_s"] = round(time.perf_counter() - t0, 1)
     return rep
 
@@ -176,6 +202,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--short", type=int, default=50, help="S (default 50)")
     p.add_argument("--long", type=int, default=1000, help="L (default 1000)")
+    p.add_argument("--split", default="half", choices=("half", "time"),
+                   help="half: users below the median index train, the rest test (default); "
+                   "time: lifelong prepare's split (first 0.8 of users by last behavior "
+                   "time train, the last 0.1 test)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a SyntheticConfig field (JSON value), repeatable")
     a = p.parse_args(argv)
@@ -185,7 +215,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         base[k] = json.loads(v)
     base.update(seed=a.seed, num_users=max(a.users, base.get("num_users", 0)))
     cfg = synthetic.SyntheticConfig.from_dict(base)
-    print(json.dumps(oracle_report(cfg, a.users, a.short, a.long)))
+    print(json.dumps(oracle_report(cfg, a.users, a.short, a.long, a.split)))
     return 0
 
 

@@ -176,3 +176,16 @@ def test_full_history_oracle_beats_last_s_oracle_on_the_preset():
     assert full - short >= 0.12
     assert full >= 0.74 and short <= 0.64
     assert full - full_counts >= 0.06  # engagement matters: the distractors need it
+
+
+def test_time_split_mirrors_prepare_user_split():
+    """Users ordered by (last behavior ts, user_key string): first 0.8 train, last 0.1
+    test. Users 2 and 10 tie on ts and order as strings ("u10" < "u2")."""
+    last = {u: 1000 - u for u in range(11)}
+    last[10] = last[2]
+    users = np.repeat(np.arange(11), 2)                 # two impressions per user
+    feats = {"user": users, "last_ts": np.array([last[u] for u in users])}
+    train, test = synthetic_presets.time_split(feats, 0.8, 0.1)
+    # order: 9, 8, 7, 6, 5, 4, 3, 10, 2, 1, 0 -> train = first int(0.8 * 11) = 8 users
+    assert sorted(set(users[train])) == [3, 4, 5, 6, 7, 8, 9, 10]
+    assert sorted(set(users[test])) == [0, 1]          # after int(0.9 * 11) = 9 users
