@@ -340,7 +340,8 @@ def test_registry_declarations_match_the_modules():
 # ---- a CLI that starts fast and speaks clearly ----------------------------------------------
 #: every `lifelong` command (and bench kind) whose parser the help test builds
 ALL_COMMANDS = [["prepare"], ["train"], ["evaluate"], ["compare"], ["bench"],
-                ["bench", "serving"], ["bench", "precompute"], ["export"], ["precompute"],
+                ["bench", "serving"], ["bench", "precompute"], ["bench", "accuracy"],
+                ["export"], ["precompute"],
                 ["serve"], ["cluster"], ["cluster-bench"], ["replay"], ["lrea-grid"],
                 ["encode-report"], ["cluster-quality"], ["lcn-consistency"]]
 
