@@ -131,7 +131,7 @@ def test_fingerprint_reads_history_only():
 def test_full_run_writes_fingerprints(setup):
     rows = _by_user(setup["root"] / "cache_full")
     assert sorted(rows) == sorted(UNCHANGED + CHANGED + NEW)
-    assert setup["rep_full"]["users_to_model"] == len(rows)
+    assert setup["rep_full"]["users_to_model"] == setup["rep_full"]["users"] == len(rows)
     assert rows[5][1].last_behavior_ts == 1_600_000_000 + 12 * 3600 + 60
     assert all(len(r[1].fingerprint) == 16 for r in rows.values())
 
@@ -144,6 +144,7 @@ def test_incremental_equals_full_and_skips_unchanged(setup, tmp_path):
                        previous=str(setup["root"] / "cache_old"), store=store)
     full, incr = _by_user(setup["root"] / "cache_full"), _by_user(setup["root"] / "cache_incr")
     _assert_same_cache(full, incr)
+    assert rep["users"] == len(incr)        # counted from the job's counters
     old = _by_user(setup["root"] / "cache_old")
     for u in UNCHANGED:                       # carried over byte for byte
         assert incr[u][0] == old[u][0]

@@ -130,7 +130,10 @@ def bench_incremental(args) -> Dict:
                                     previous_cache=previous)
             return P.run(ns, ["--direct_num_workers=1"])
 
-        # start-up: the same pipelines over one user (model load, Beam graph, files)
+        # start-up: the same pipelines over one user (model load, Beam graph, files),
+        # after an untimed one-user run (the process's first pipeline pays imports and
+        # TensorFlow's first session on top)
+        run(one, "warmup")
         start_full = run(one, "one")["wall_s"]
         start_incr = run(one, "one-incr", os.path.join(work, f"{m}-one"))["wall_s"]
         full = run(old, "full")
