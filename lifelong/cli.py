@@ -358,8 +358,8 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
                        "windows at several L), `train` (training examples/s vs L), `serving` "
                        "(rank / one-shot / identity gRPC latency; `lifelong bench serving "
                        "--help`), `precompute` (user-cache users/s and bytes per user), "
-                       "`accuracy` (every model x seeds to its early stop, rank p50, cache bytes, the papers' "
-                       "claims; `lifelong bench accuracy --help`).")
+                       "`accuracy` (every model x seeds to its early stop, rank p50, cache "
+                       "bytes, the papers' claims; `lifelong bench accuracy --help`).")
     from lifelong.bench import flags as bench_flags      # no TensorFlow
     if _ARGV_HINT.get("bench") in SERVING_BENCHES:
         bench_flags.add_serving_arguments(p)
