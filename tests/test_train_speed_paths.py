@@ -55,3 +55,68 @@ def test_narrow_windows_is_exact_and_checks_the_range():
     too_big = dict(ex, long_item_id=tf.constant([[2**31, 0]], tf.int64))
     with pytest.raises(tf.errors.InvalidArgumentError, match="long_item_id above 2"):
         D.narrow_windows(too_big)
+
+
+@pytest.fixture
+def din_path_restored():
+    from tfmodels import layers
+    before = layers.din_path()
+    yield layers
+    layers.set_din_path(before)
+
+
+@pytest.mark.parametrize("normalize", ["softmax", None])
+@pytest.mark.parametrize("keys_batch", [4, 1])
+def test_din_rows_path_equals_per_candidate_path(din_path_restored, normalize, keys_batch):
+    """Outputs and gradients of the DIN unit on fixed weights: the "rows" layout equals
+    the "per_candidate" one (before issue 22) and the explicit concatenation
+    [e_l, e_t, e_l - e_t, e_l * e_t] W + b (G2) computed here by hand."""
+    layers = din_path_restored
+    rng = np.random.default_rng(0)
+    d, L, B = 6, 7, 4
+    keys = tf.constant(rng.normal(size=(keys_batch, L, d)), tf.float32)
+    query = tf.constant(rng.normal(size=(B, d)), tf.float32)
+    mask = tf.constant(rng.random((keys_batch, L)) > 0.3, tf.float32)
+    din = layers.DinAttention([5, 3], normalize)
+    din.build(keys.shape)
+    for v in din.weights:   # non-zero PReLU slopes and biases, so every term is tested
+        v.assign(rng.normal(size=v.shape) * 0.5)
+
+    def run(path):
+        layers.set_din_path(path)
+        with tf.GradientTape() as tape:
+            tape.watch([keys, query])
+            out = din(keys, mask, query)
+            loss = tf.reduce_sum(out * tf.range(1.0, d + 1.0))
+        return out.numpy(), tape.gradient(loss, [keys, query] + din.trainable_variables)
+
+    rows, g_rows = run("rows")
+    old, g_old = run("per_candidate")
+    np.testing.assert_allclose(rows, old, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_rows, g_old):
+        np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(),
+                                   tf.convert_to_tensor(b).numpy(), rtol=1e-4, atol=1e-5)
+    # hand reference: the 4d concatenation through the first layer, then the MLP
+    k = np.broadcast_to(keys.numpy(), (B, L, d))
+    q = np.broadcast_to(query.numpy()[:, None, :], (B, L, d))
+    x = np.concatenate([k, q, k - q, k * q], -1)
+    pre = x @ din.w1.numpy() + din.b1.numpy()
+    a0 = din.act1.alpha.numpy()
+    h = np.maximum(pre, 0) + a0 * np.minimum(pre, 0)
+    h = h @ din.rest.dense[0].kernel.numpy() + din.rest.dense[0].bias.numpy()
+    a1 = din.rest.acts[0].alpha.numpy()
+    h = np.maximum(h, 0) + a1 * np.minimum(h, 0)
+    logits = (h @ din.rest.out.kernel.numpy() + din.rest.out.bias.numpy())[..., 0]
+    m = np.broadcast_to(mask.numpy(), (B, L))
+    if normalize == "softmax":
+        z = np.where(m > 0, logits, -1e9)
+        w = np.exp(z - z.max(-1, keepdims=True))
+        w = w / w.sum(-1, keepdims=True) * m
+    else:
+        w = logits * m
+    np.testing.assert_allclose(rows, np.einsum("bl,bld->bd", w, k), rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_din_path_is_rejected(din_path_restored):
+    with pytest.raises(ValueError, match="din_path must be one of"):
+        din_path_restored.set_din_path("fused")

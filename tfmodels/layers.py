@@ -17,6 +17,29 @@ from tfmodels import schema as S
 NEG_INF = -1e9
 PACKAGE = "lifelong"
 
+#: How :class:`DinAttention` lays out its batched (one candidate per row) computation:
+#: "rows" (default) runs the attention MLP as plain 2-D GEMMs over the B*L behavior rows
+#: (the key half e_l (W_a + W_c) once per behavior row, the cross term as
+#: (e_l * e_t) W_d, one [B*L, d] x [d, h0] GEMM); "per_candidate" is the layout before
+#: issue 22 item 6 (B batched [L, d] x [d, h0] matmuls against diag(e_t) W_d and the
+#: rest of the MLP on [B, L, h0]). Same function up to float reassociation
+#: (tests/test_train_speed_paths.py). Read when a function is traced: set it with
+#: :func:`set_din_path` before building/training (``TrainConfig.din_path``).
+DIN_PATHS = ("rows", "per_candidate")
+_din_path = "rows"
+
+
+def set_din_path(path: str) -> None:
+    """Choose :data:`DIN_PATHS` for DIN units traced from now on (process-wide)."""
+    global _din_path
+    if path not in DIN_PATHS:
+        raise ValueError(f"din_path must be one of {DIN_PATHS}, got {path!r}")
+    _din_path = path
+
+
+def din_path() -> str:
+    return _din_path
+
 
 def serializable(cls):
     """Register a layer under this package's name so configs round trip."""
@@ -225,10 +248,34 @@ class DinAttention(tf.keras.layers.Layer):
             query[:, :, None] * w_cross[None])
         return key_proj + q[:, None, :] + cross
 
+    def _logits_rows(self, keys, query, key_proj=None):
+        """Attention logits [B, L] as 2-D GEMMs over the B*L behavior rows (the "rows"
+        path of :data:`DIN_PATHS`): pre = key_proj + (e_l * e_t) W_d + e_t (W_b - W_c),
+        the key half computed once per behavior row by :meth:`precompute`, the cross
+        term one [B*L, d] x [d, h0] GEMM, then the rest of the MLP on [B*L, h0]
+        (a Dense on [B, L, h0] goes through tensordot's reshapes and transposes per
+        layer). keys [B or 1, L, d], query [B, d]."""
+        d = int(keys.shape[-1])
+        self._build_for_dim(d)
+        h0 = self.hidden[0]
+        if key_proj is None:
+            key_proj = self.precompute(keys)                           # [B or 1, L, h0]
+        _, w_query, w_cross = self._blocks()
+        kq = keys * query[:, None, :]                                  # [B, L, d]
+        shape = tf.shape(kq)
+        cross = tf.reshape(tf.matmul(tf.reshape(kq, [-1, d]), w_cross),
+                           tf.concat([shape[:2], [h0]], 0))            # [B, L, h0]
+        pre = key_proj + cross + tf.matmul(query, w_query)[:, None, :]
+        logits = self.rest(self.act1(tf.reshape(pre, [-1, h0])))      # [B*L, 1]
+        return tf.reshape(logits, shape[:2])
+
     def attention_weights(self, keys, mask, query, key_proj=None):
         """Per-position weights w_l [B, L] (masked, unnormalised unless softmax)."""
-        h = self.act1(self.first_layer(keys, query, key_proj))
-        logits = tf.squeeze(self.rest(h), -1)                          # [B, L]
+        if _din_path == "rows":
+            logits = self._logits_rows(keys, query, key_proj)
+        else:
+            h = self.act1(self.first_layer(keys, query, key_proj))
+            logits = tf.squeeze(self.rest(h), -1)                      # [B, L]
         mask = tf.broadcast_to(mask, tf.shape(logits))
         if self.normalize == "softmax":
             return masked_softmax(logits, mask)
