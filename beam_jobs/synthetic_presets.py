@@ -70,7 +70,7 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "label_long_weight": 3.5,
         "label_recent_weight": 3.0,
         "label_noise_std": 0.5,
-        # time only (every other draw is unchanged by these two): users start over
+        # time (the behaviors drawn before the timestamps are unchanged): users start over
         # 3 years and sessions are longer, so the span of a history (median 18 days,
         # longest 170) is small against the start jitter and the prepare split by last
         # behavior time does not send every long user to the test split (with the

@@ -70,19 +70,20 @@ def test_bad_preset_is_rejected_with_a_clear_message():
                                              "--source", "movielens"))
 
 
-def test_the_preset_time_knobs_change_only_the_timestamps():
-    """docs/synthetic.md: start_jitter_s and session_break_prob move timestamps only, so
-    the oracle figures measured before they were set still hold."""
+def test_the_preset_time_knobs_leave_the_history_draws_unchanged():
+    """start_jitter_s and session_break_prob act at step 7 (timestamps): the behaviors
+    drawn before it (items, categories, engagement) are unchanged. The impressions come
+    after it and may shift: numpy's bounded-integer sampler can take one more word for
+    another jitter bound (measured: 8 of 458 users of the preset)."""
     from beam_jobs import synthetic
-    new = synthetic_presets.preset_config("bench", num_users=3, max_history=2000)
-    old = synthetic_presets.preset_config("bench", num_users=3, max_history=2000,
+    new = synthetic_presets.preset_config("bench", num_users=4, max_history=2000)
+    old = synthetic_presets.preset_config("bench", num_users=4, max_history=2000,
                                           start_jitter_s=30 * 86400, session_break_prob=0.08)
-    for u in range(3):
+    for u in range(4):
         a, b = synthetic._simulate(new, u), synthetic._simulate(old, u)
-        for k in ("items", "cats", "engage", "imp_items", "imp_cats", "labels"):
+        for k in ("items", "cats", "engage"):
             np.testing.assert_array_equal(a[k], b[k])
-        assert not np.array_equal(a["ts"], b["ts"])
-        # fewer session breaks: a shorter history span for the same number of behaviors
+        # fewer session breaks: a shorter history span for the same behaviors
         assert np.diff(a["ts"]).mean() < np.diff(b["ts"]).mean()
 
 
