@@ -48,7 +48,11 @@ from beam_jobs.sharded_io import (CountingDoFn, WriteCounts, join, match_paths, 
 from tfmodels import schema as S
 
 REFRESH_DAYS = 14.0
-ENGAGE_BY_SOURCE = {"synthetic": "ratio", "movielens": "rating", "taobao": "type"}
+# taobao_ad's behavior_log btag uses Taobao's codes (pv 1, cart 2, fav 3, buy 4)
+ENGAGE_BY_SOURCE = {"synthetic": "ratio", "movielens": "rating", "taobao": "type",
+                    "taobao_ad": "type"}
+#: protocols whose splits are cut by time: --snapshot_ts auto = the valid/test boundary
+TIME_SPLIT_PROTOCOLS = ("per_event_time_split", "labeled_impressions_time_split")
 NAMESPACE = "cluster"
 COUNTS_FILE = "_cluster_counts.json"
 EMBEDDINGS_FILE = "embeddings.npz"
@@ -72,7 +76,7 @@ def resolve_settings(args: argparse.Namespace, meta: Mapping[str, Any]) -> Dict[
     snap = str(args.snapshot_ts).strip().lower()
     if snap == "auto":
         snapshot_ts = (meta.get("split_rule", {}).get("valid_end_ts")
-                       if protocol == "per_event_time_split" else None)
+                       if protocol in TIME_SPLIT_PROTOCOLS else None)
     elif snap in ("none", ""):
         snapshot_ts = None
     else:
@@ -91,7 +95,11 @@ def resolve_settings(args: argparse.Namespace, meta: Mapping[str, Any]) -> Dict[
     for name in ("keep_recent", "num_shards", "max_iter", "max_cluster_history", "fallback_dim"):
         if getattr(args, name) < (0 if name == "keep_recent" else 1):
             raise ClusterError(f"--{name} must be >= {0 if name == 'keep_recent' else 1}")
+    # two-domain data (taobao_ad, synthetic --synthetic_domains 2, MovieLens genre split):
+    # clusters never mix domains (cluster_snapshot.cluster_record split_domains)
+    num_domains = int((meta.get("vocab") or {}).get("num_domains", S.DEFAULT_DOMAIN + 1))
     return {"variant": args.variant, "gamma": int(args.gamma), "engage_mode": mode,
+            "split_domains": num_domains > S.SOURCE_DOMAIN,
             "num_groups": {"ratio": NUM_GROUPS, "rating": NUM_GROUPS, "none": 1}.get(
                 mode, "one per behavior type"),
             "max_iter": int(args.max_iter), "seed": int(args.seed),
@@ -141,7 +149,7 @@ class ClusterRecords(CountingDoFn):
         outs = cluster_record(rec, self._embedder, s["engage_mode"], s["snapshot_ts"],
                               s["refresh_s"], s["keep_recent"], s["max_cluster_history"],
                               s["gamma"], s["variant"], s["max_iter"], s["seed"], stats,
-                              s["backend"])
+                              s["backend"], s.get("split_domains", False))
         self._count({self._split: stats})
         self._counters.inc("users")
         for o in outs:

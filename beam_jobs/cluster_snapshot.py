@@ -102,13 +102,19 @@ def cluster_record(rec: Mapping[str, Any], embedder: Embedder, engage_mode: str,
                    max_cluster_history: int = MAX_CLUSTER_HISTORY, gamma: int = GAMMA,
                    variant: str = "adaptive", max_iter: int = MAX_ITER, seed: int = 0,
                    stats: Optional[Dict[str, Any]] = None,
-                   backend: str = "auto") -> List[Dict[str, Any]]:
+                   backend: str = "auto", split_domains: bool = False) -> List[Dict[str, Any]]:
     """One parsed per-user record -> clustered records (one per snapshot group).
 
     ``rec``: ``user_id``, ``user_key`` and NumPy arrays of :data:`HIST` / :data:`IMPS`.
     Each output: ``user_id``, ``user_key``, ``hist`` (schema history fields incl.
     ``hist_cluster_size``), ``imps``, ``members`` (original row indices per history row,
     for virtual AND raw rows), ``snapshot``, ``clustered_rows``.
+
+    ``split_domains`` (two-domain data, meta ``num_domains`` >= 3): the groups are
+    (engagement group, ``hist_domain``) pairs, so no cluster mixes target- and
+    source-domain behaviors (a virtual item's domain is its members' domain, and the
+    cross-domain windows, which select rows by domain, see each behavior in its own
+    domain).
     """
     stats = stats if stats is not None else {}
     out = []
@@ -121,6 +127,8 @@ def cluster_record(rec: Mapping[str, Any], embedder: Embedder, engage_mode: str,
         if c > lo:
             emb = embedder(rows["hist_item_id"], rows["hist_cate_id"])
             grp = engagement_groups(rows["hist_engage"], engage_mode)
+            if split_domains:            # domains are 0..2 (schema): one group per pair
+                grp = grp * 4 + np.asarray(rows["hist_domain"], np.int64)
             labels = hierarchical_clustering(emb, grp, gamma, variant, max_iter,
                                              seed=_seed(seed, rec["user_key"], gi), stats=stats,
                                              backend=backend)

@@ -129,7 +129,8 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
                    help="engagement grouping: ratio (5 ranges of [0,1]), rating (MovieLens "
                         "0.5-5 -> [0,1], 5 ranges), type (one group per behavior code), none "
                         "(M = 1); auto: by the dataset source (synthetic ratio, movielens "
-                        "rating, taobao type)")
+                        "rating, taobao and taobao_ad type); on two-domain data the groups "
+                        "are also split by domain (no cluster mixes domains)")
     g.add_argument("--max_iter", type=int, default=MAX_ITER, help="Lloyd iterations (default 20)")
     g.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="k-means implementation: numba (compiled per-set queue), numpy "

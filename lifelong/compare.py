@@ -25,10 +25,15 @@ EPOCHS = ("stopped_epoch", "best_epoch")
 
 
 def detect_source(path: str) -> str:
+    """``--data``'s input kind: a MovieLens folder (ratings.csv), a Tianchi 56 display-ad
+    folder (raw_sample.csv: ``taobao_ad``, two domains), else a Taobao UserBehavior file."""
     if os.path.isdir(path):
         if os.path.exists(os.path.join(path, "ratings.csv")):
             return "movielens"
-        raise UsageError(f"{path!r} is a folder without ratings.csv; pass --source")
+        if os.path.exists(os.path.join(path, "raw_sample.csv")):
+            return "taobao_ad"
+        raise UsageError(f"{path!r} is a folder without ratings.csv (MovieLens) or "
+                         f"raw_sample.csv (taobao_ad); pass --source")
     if os.path.exists(path):
         return "taobao"
     raise MissingInputError(f"--data {path!r} does not exist")
