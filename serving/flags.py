@@ -61,6 +61,11 @@ def add_server_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_elements", type=int, default=32_000_000,
                    help="most tensor elements per request (default 32M)")
     p.add_argument("--workers", type=int, default=8, help="request threads (default 8)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="server processes sharing the gRPC port with SO_REUSEPORT (default 1); "
+                   "each has --workers threads and its own copy of the models; the kernel "
+                   "spreads client connections, not requests, over them; not with "
+                   "--rest_api_port (serving/server_procs.py)")
     p.add_argument("--inter_op", type=int, default=-1,
                    help="TF session inter-op threads, as TF Serving's "
                    "--tensorflow_inter_op_parallelism (default -1: ops run in the request's "

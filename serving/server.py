@@ -57,7 +57,7 @@ import grpc
 import tfmodels  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from serving import flags
+from serving import flags, server_procs
 from serving.errors import ServerError
 from serving.metrics import ServerMetrics
 from serving.model_manager import ModelManager
@@ -82,13 +82,15 @@ class LocalServer:
     Serving's ``--rest_api_port=0``); then ``rest_address`` / ``rest_port`` say where.
     ``metrics``: the server's :class:`ServerMetrics` (its own registry; one is made
     when not given), collected whether or not a REST port exposes it.
+    ``reuseport``: bind with ``SO_REUSEPORT`` so that other processes can serve the same
+    port (``--processes``, :mod:`serving.server_procs`); off, a taken port is an error.
     """
 
     def __init__(self, base: str, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
                  limits: Limits = Limits(), poll_interval_s: float = 2.0, workers: int = 8,
                  num_versions: int = 2, static: Sequence[Servable] = (), warmup: bool = True,
                  threads: Optional[SessionThreads] = None, rest_port: Optional[int] = None,
-                 metrics: Optional[ServerMetrics] = None):
+                 metrics: Optional[ServerMetrics] = None, reuseport: bool = False):
         self.limits = limits
         self.metrics = metrics if metrics is not None else ServerMetrics()
         self.manager = ModelManager(base, poll_interval_s, num_versions, warmup,
@@ -98,7 +100,9 @@ class LocalServer:
         self.manager.start()
         options = [("grpc.max_receive_message_length", limits.max_request_bytes),
                    ("grpc.max_send_message_length", max(limits.max_request_bytes, 64 * MiB)),
-                   ("grpc.so_reuseport", 0)]
+                   # 0: a port already taken is an error; 1 only for --processes
+                   # (serving/server_procs.py: several processes share the port)
+                   ("grpc.so_reuseport", 1 if reuseport else 0)]
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
                                                              thread_name_prefix="predict"),
                                   options=options, maximum_concurrent_rpcs=workers * 16)
@@ -144,10 +148,13 @@ class LocalServer:
 add_arguments = flags.add_server_arguments
 
 
-def run(args, static: Sequence[Servable] = ()) -> int:
+def run(args, static: Sequence[Servable] = (), static_spec: Optional[Sequence] = None) -> int:
     """``lifelong serve``: serve ``args.base`` until SIGINT / SIGTERM. ``static``: in-memory
     servables served beside the folder (``lifelong.bench.identity`` passes its no-model
-    servables for ``--identity``; that flag is the benchmark's, not the deployment's)."""
+    servables for ``--identity``; that flag is the benchmark's, not the deployment's).
+    ``static_spec``: how a ``--processes`` child makes the same servables
+    (``[module, function, argument]``, :func:`serving.server_procs.load_static`)."""
+    processes = server_procs.check_processes(args)
     logging.basicConfig(level=logging.INFO, format="[serve] %(message)s", stream=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1", "[::1]"):
         log.warning("binding %s: reachable from other hosts, without TLS or authentication",
@@ -157,15 +164,25 @@ def run(args, static: Sequence[Servable] = ()) -> int:
     server = LocalServer(args.base, args.host, args.port, limits, args.poll_s, args.workers,
                          args.num_versions, static,
                          threads=SessionThreads(args.inter_op, args.intra_op),
-                         rest_port=rest_port)
+                         rest_port=rest_port, reuseport=processes > 1)
+    children = []
+    if processes > 1:
+        try:
+            children = server_procs.spawn_children(args, server.port, processes - 1,
+                                                   static_spec)
+        except BaseException:
+            server.stop()
+            raise
     rest = (f"; REST + /monitoring/prometheus/metrics on {server.rest_address}"
             if server.rest_address else "")
-    print(f"[serve] listening on {server.address}{rest}; models: "
+    procs = f"; {processes} processes (SO_REUSEPORT)" if processes > 1 else ""
+    print(f"[serve] listening on {server.address}{rest}{procs}; models: "
           f"{', '.join(server.manager.model_names()) or 'none yet'}", file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
+    server_procs.stop_children(children)
     server.stop()
     return 0
 

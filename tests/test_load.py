@@ -1,5 +1,9 @@
-"""serving/load.py: closed- and open-loop load generators, on a fake call whose cost
-and failures are known (no server: the generators' bookkeeping is what is tested)."""
+"""Throughput under load (issue 20 item 5): serving/load.py's closed- and open-loop
+generators on a fake call whose cost and failures are known, then through the bench's
+RawSender against a stub gRPC server (no model), the bench's CPU accounting, a
+``--processes 2`` server (SO_REUSEPORT) answering from both processes with the CTRs of
+the version in process, and the load / processes flags refused as one line."""
+import os
 import threading
 import time
 
@@ -51,3 +55,208 @@ def test_bad_arguments():
         closed_loop(lambda i: None, threads=0, seconds=1)
     with pytest.raises(ValueError, match="must be positive"):
         open_loop(lambda i: None, rate=0, seconds=1)
+
+
+# ---- against a real gRPC server (a stub: no model) -------------------------------------------
+def _stub_server(fail_every: int):
+    """A gRPC server answering TF Serving's Predict method path with the request bytes
+    echoed back, and RESOURCE_EXHAUSTED for every request whose number (the payload)
+    is a multiple of ``fail_every``; it records each call's peer (its connection)."""
+    from concurrent import futures
+    seen = []
+    lock = threading.Lock()
+
+    def predict(payload, context):
+        i = int(payload)
+        with lock:
+            seen.append((i, context.peer()))
+        if i % fail_every == 0:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"request {i} refused")
+        return payload
+
+    handler = grpc.method_handlers_generic_handler(
+        "tensorflow.serving.PredictionService",
+        {"Predict": grpc.unary_unary_rpc_method_handler(predict)})   # bytes in, bytes out
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}", seen
+
+
+def test_load_counts_grpc_errors_and_spreads_threads_over_connections():
+    """closed_loop through the bench's RawSender against a stub gRPC server: every
+    request reaches the server once, errors are counted by gRPC code, answers are
+    the server's, and each client thread has its own connection (3 threads, 3 peers)."""
+    from lifelong.bench.serving_load import RawSender
+    server, address, seen = _stub_server(fail_every=4)
+    sender = RawSender(address, channels=3)
+    answers = {}
+    try:
+        def call(i):
+            answers[i] = sender.send(str(i).encode())
+
+        r = closed_loop(call, threads=3, seconds=30.0, max_requests=40)
+        assert r.requests == 40 and r.errors == 10
+        assert r.error_kinds == {"RESOURCE_EXHAUSTED": 10}
+        assert sorted(i for i, _ in seen) == list(range(40))
+        assert answers == {i: str(i).encode() for i in range(40) if i % 4}
+        assert len({peer for _, peer in seen}) == 3
+        o = open_loop(lambda i: sender.send(str(i + 1).encode()), rate=200, seconds=0.1,
+                      max_in_flight=2)
+        assert o.requests == 20 and o.errors == 5 and o.error_kinds == {"RESOURCE_EXHAUSTED": 5}
+    finally:
+        sender.close()
+        server.stop(0)
+
+
+def test_process_cpu_accounting_reads_the_process_tree(tmp_path):
+    """The bench's server CPU figures: a child's CPU time is found under its parent."""
+    import subprocess
+    import sys
+    from lifelong.bench.serving_load import cpu_seconds, process_tree
+    busy = ("import subprocess, sys, time\n"
+            "c = subprocess.Popen([sys.executable, '-c', "
+            "'import time\\nt = time.process_time()\\nwhile time.process_time() - t < 0.3: pass\\n"
+            "time.sleep(30)'])\n"
+            "time.sleep(30)\n")
+    p = subprocess.Popen([sys.executable, "-c", busy])
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            tree = process_tree(p.pid)
+            if len(tree) == 2 and cpu_seconds(tree[1:]) >= 0.3:
+                break
+            time.sleep(0.1)
+        assert tree[0] == p.pid and len(tree) == 2
+        assert cpu_seconds(tree) >= 0.3 > cpu_seconds([p.pid])
+    finally:
+        for pid in process_tree(p.pid)[::-1]:
+            try:
+                os.kill(pid, 9)
+            except OSError:
+                pass
+        p.wait()
+
+
+# ---- lifelong serve --processes ----------------------------------------------------------------
+def _socket_owners(port: int, pids):
+    """Which of ``pids`` hold an established TCP socket on local ``port`` (/proc)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "01":   # ESTABLISHED
+                inodes.add(f[9])
+    owners = set()
+    for pid in pids:
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1] in inodes:
+                owners.add(pid)
+    return owners
+
+
+def test_processes_server_answers_from_two_processes_with_the_same_ctrs(tmp_path):
+    """`lifelong serve --processes 2`: two processes bound to one port (SO_REUSEPORT);
+    16 client connections reach both, and every answer holds the CTRs the same version
+    gives in process (one SavedModelServable)."""
+    import subprocess
+    import sys
+    import numpy as np
+    import tfmodels  # noqa: F401
+    import tensorflow as tf
+    from serving import protos
+    from serving.export import export_model
+    from serving.servable import SavedModelServable
+    from tfmodels import schema as S
+    from tfmodels.model import build_model
+    from lifelong.bench.serving_load import RawSender, process_tree
+    from lifelong.bench.workload import synthetic_records, vocab
+
+    tf.keras.utils.set_random_seed(1)
+    model = build_model(S.FeatureSchema(vocab(), 5, 20), "avg_pool", emb_dim=4,
+                        mlp_hidden=(8,), din_hidden=(4,))
+    base = str(tmp_path / "models")
+    export_model(model, base, "m", 1, warmup_max_candidates=0)
+    sv = SavedModelServable("m", 1, os.path.join(base, "m", "1"))
+    cache = sv.run("user_tower", {"records": np.array(synthetic_records(1, 30, 40, 0), object)})
+    feed = {k: v for k, v in cache.items() if k in sv.signatures["rank"].inputs}
+    feed["target_item_id"] = np.arange(3, 10, dtype=np.int64)
+    feed["target_cate_id"] = np.arange(3, 10, dtype=np.int64) % 50 + 2
+    want = sv.run("rank", feed)["ctr"]
+    sv.close()
+    m = protos.messages()
+    req = m.PredictRequest()
+    req.model_spec.name, req.model_spec.signature_name = "m", "rank"
+    for k, v in feed.items():
+        protos.fill_tensor_proto(req.inputs[k], v)
+
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "lifelong.bench.identity", "--base", base,
+                             "--port", "0", "--poll_s", "0", "--processes", "2",
+                             "--workers", "2"], stdout=log, stderr=subprocess.STDOUT)
+    sender = None
+    try:
+        address = None
+        deadline = time.time() + 240
+        while address is None and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.3)
+            for line in open(tmp_path / "serve.log"):
+                if "listening on " in line:
+                    assert "2 processes (SO_REUSEPORT)" in line
+                    address = line.split("listening on ")[1].split(";")[0].strip()
+        assert address, open(tmp_path / "serve.log").read()
+        sender = RawSender(address, channels=16)
+        for call in sender.calls:
+            out = m.PredictResponse.FromString(call(req.SerializeToString(), timeout=60))
+            np.testing.assert_allclose(protos.to_ndarray(out.outputs["ctr"]), want, rtol=1e-6)
+        pids = process_tree(proc.pid)
+        assert len(pids) == 2                          # the parent and one child
+        assert _socket_owners(int(address.rsplit(":", 1)[1]), pids) == set(pids)
+    finally:
+        if sender is not None:
+            sender.close()
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}")]   # the child ended too
+
+
+# ---- bad flags ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("argv,message", [
+    (["bench", "serving", "--load", "sideways"], "--load must be closed, open or closed,open"),
+    (["bench", "serving", "--load", "open"], "--load open needs --rate > 0"),
+    (["bench", "serving", "--load", "closed", "--load_threads", "4,0"],
+     "--load_threads must all be >= 1"),
+    (["bench", "serving", "--load", "closed", "--processes", "1,x"],
+     "--processes must be comma separated integers"),
+    (["bench", "serving", "--load", "closed", "--processes", "0"],
+     "--processes must all be >= 1"),
+    (["bench", "serving", "--load", "closed", "--load_seconds", "0"],
+     "--load_seconds must be > 0"),
+    (["serve", "--processes", "0", "--port", "0"], "--processes must be >= 1"),
+    (["serve", "--processes", "2", "--rest_api_port", "8501", "--port", "0"],
+     "--rest_api_port cannot be combined with --processes > 1"),
+])
+def test_bad_load_and_processes_flags_are_one_line_errors(argv, message, tmp_path, capsys):
+    from lifelong import cli
+    out = tmp_path / "out"
+    if argv[0] == "bench":
+        argv = argv + ["--out", str(out)]
+    else:
+        argv = argv + ["--base", str(tmp_path)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lifelong {argv[0]}: error: {message}") and err.count("\n") == 1
+    assert not out.exists()              # refused before any folder or export

@@ -72,6 +72,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch_size", type=int, default=256)
     p.add_argument("--short_len", type=int, default=50)
     p.add_argument("--emb_dim", type=int, default=16)
+    p.add_argument("--paths", default="new",
+                   help="train: comma separated training paths: today (before issue 22 "
+                   "item 6), new, new_xla (default new; 'today,new' = before/after)")
+    p.add_argument("--input", default="materialised",
+                   help="train: materialised (held batches: the model's time) | pipeline | "
+                   "both (times the live input pipeline too: the input share of a step)")
+    p.add_argument("--jit_compile", default="auto",
+                   help="train: XLA for the 'new' path: auto (default; = off) | on | off")
+    p.add_argument("--warmup", type=int, default=1, help="train: untimed steps (trace)")
+    p.add_argument("--shuffle_buffer", type=int, default=20000,
+                   help="train: the pipeline's shuffle buffer (default 20000, TrainConfig's)")
     p.add_argument("--split", default="test", help="storage: which split")
     p.add_argument("--out", help="write results JSON (and a PNG for train) with this prefix")
 

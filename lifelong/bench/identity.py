@@ -53,7 +53,8 @@ add_arguments = bench_flags.add_identity_server_arguments
 
 
 def run(args) -> int:
-    return server.run(args, static=servables(args.identity))
+    return server.run(args, static=servables(args.identity),
+                      static_spec=["lifelong.bench.identity", "servables", args.identity])
 
 
 if __name__ == "__main__":

@@ -414,6 +414,12 @@ def print_serving(res: Dict, command: str) -> None:
 
 # ---- entry -----------------------------------------------------------------------------------
 def _measure(args) -> Dict:
+    if args.load:           # throughput under concurrent load (lifelong/bench/serving_load.py)
+        from lifelong.bench import serving_load as SL
+        res = SL.bench_load(args)
+        res["targets"] = SL.load_targets(res)
+        res["plot"] = SL.plot_load(res, os.path.join(args.out, "bench_serving_load.png"))
+        return res
     res = bench_serving(args)
     res["ratios"] = serving_ratios(res)
     res["plot"] = _plot(res, os.path.join(args.out, "bench_serving.png"))
@@ -421,7 +427,11 @@ def _measure(args) -> Dict:
 
 
 def _show(res: Dict, command: str) -> None:
-    print_serving(res, command)
+    if "load_rows" in res:
+        from lifelong.bench.serving_load import print_load
+        print_load(res, command)
+    else:
+        print_serving(res, command)
     if res.get("plot"):
         print(f"\nplot: {res['plot']}")
 
