@@ -156,7 +156,8 @@ def test_bench_accuracy_end_to_end_and_resume(tmp_path, capsys):
     # avg_pool caches a [1, d] mean of 2 * emb_dim floats; DIN's entry is a header only
     assert res["serving"]["avg_pool"]["cache_bytes_per_user"] > \
         res["serving"]["din"]["cache_bytes_per_user"]
-    for png in ("accuracy-auc-vs-rank-latency.png", "accuracy-auc-vs-cache-bytes.png"):
+    for png in ("accuracy-auc-vs-rank-latency.png", "accuracy-auc-vs-cache-bytes.png",
+                "accuracy-learning-curves.png"):
         with open(os.path.join(work, png), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "Paper claims against this table" in md

@@ -421,19 +421,23 @@ def run(args, extra: Sequence[str], make_cfg) -> int:
         summary, {m: (serving.get(m) or {}).get("cache_bytes_per_user") for m in summary},
         stem + "-auc-vs-cache-bytes.png", "cache bytes per user (log scale)",
         f"{dataset}: AUC vs cache bytes per user (red: the frontier)")
+    curves_png = C.plot_learning_curves(rows, stem + "-learning-curves.png",
+                                        f"{dataset}: {args.prepared}")
     notes = C.split_warnings(rows)
+    run_wall = sum(float(r.get("train_wall_s") or 0.0) for r in rows)
+    pngs = [p for p in (latency_png, cache_png, curves_png) if p]
     text = "\n".join([
         f"command: `{command}`", "",
         f"Data: `{args.prepared}` ({dataset}); seeds {','.join(map(str, seeds))}; "
         f"mean ± sample std over seeds; stop / best epoch per seed. rank p50: the lowest "
         f"seed's run exported with{'' if args.jit_rank else 'out'} XLA rank, through the "
         f"local gRPC server; cache bytes: the stored cache entry per user. reads: the "
-        f"windows and per-behavior side features each model sees (lifelong/reads.py).", "",
+        f"windows and per-behavior side features each model sees (lifelong/reads.py). "
+        f"Training wall, summed over the {len(rows)} runs (as each run recorded it, "
+        f"resumed runs included): {run_wall / 3600:.2f} h.", "",
         table, *(["", *[f"**{w}**" for w in notes]] if notes else []), "",
         "Paper claims against this table (AUC):", "", CL.format_claims(checked), "",
-        "Figures: " + ", ".join(f"`{os.path.basename(p)}`" for p in (latency_png, cache_png)
-                                if p) if (latency_png or cache_png) else
-        "Figures: none (no serving figures).",
+        "Figures: " + (", ".join(f"`{os.path.basename(p)}`" for p in pngs) or "none"),
     ])
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
@@ -443,7 +447,7 @@ def run(args, extra: Sequence[str], make_cfg) -> int:
                                "models": models, "seeds": seeds, "rows": rows,
                                "summary": summary, "serving": serving, "reads": reads,
                                "claims": checked, "train_wall_s": train_wall,
-                               "figures": [latency_png, cache_png]}),
+                               "run_wall_s": run_wall, "figures": pngs}),
                   f, indent=2, default=str, allow_nan=False)
     if args.docs:
         update_docs(args.docs, dataset, text)
