@@ -394,7 +394,7 @@ def run(args, beam_args: Sequence[str] = (), store=None) -> Dict:
     print(f"[precompute] {model_name} v{version} ({model_path}) on {args.records} -> "
           f"{args.output}" + (f" (incremental over {previous})" if previous else ""),
           file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     p = beam.Pipeline(options=options)
     if previous:
         INC.build_incremental_pipeline(
@@ -406,11 +406,15 @@ def run(args, beam_args: Sequence[str] = (), store=None) -> Dict:
     result = p.run()
     result.wait_until_finish()
     wall = time.perf_counter() - t0
+    # CPU seconds of this process, every thread (the DirectRunner and TensorFlow run in
+    # it): on a shared machine a steadier cost than the wall time
+    cpu = time.process_time() - c0
     counters = _counters(result)
     # users written = model outputs + carried rows, from the job's counters (reading the
     # output back through tf.data cost ~0.6 ms per user, 1.7 s of 3,000, timed or not)
     users = counters.get("cache_records", 0) + counters.get("users_carried", 0)
     report = {"model": model_name, "version": version, "users": users, "wall_s": wall,
+              "cpu_s": cpu,
               "users_per_s": users / wall if wall > 0 else 0.0, "output": args.output,
               "users_to_model": counters.get("users_to_model", 0)}
     if previous:
