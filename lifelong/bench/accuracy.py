@@ -361,8 +361,8 @@ def run(args, extra: Sequence[str], make_cfg) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()] \
         or default_models(args.ablations, root)
     if args.models and args.ablations:
-        models += [m for m in default_models(True, root) if is_ablation_name(m, root)
-                   and m not in models]
+        models += [m for m in default_models(True, root) if is_ablation_name(m)]
+    models = list(dict.fromkeys(models))
     model_configs.check_names(models, args)
     try:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -456,7 +456,7 @@ def run(args, extra: Sequence[str], make_cfg) -> int:
     return 0
 
 
-def is_ablation_name(name: str, root: Optional[str]) -> bool:
+def is_ablation_name(name: str) -> bool:
     """A registered ablation, or a config name that is not a registered model."""
     from tfmodels import registry
     return is_ablation(name) if name in registry.MODELS else True
