@@ -186,3 +186,18 @@ def test_bench_accuracy_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert cli.main(["bench", "accuracy", "--prepared", data, "--seeds", "0,x",
                      "--work_dir", str(tmp_path / "w"), "--config_dir", "none"]) == 2
     assert "--seeds must be comma separated integers" in capsys.readouterr().err
+
+
+def test_table_without_serving_figures_says_n_a(tmp_path):
+    agg = {k: {"mean": 0.61, "std": 0.002} for k in
+           ("auc", "gauc", "logloss", "train_examples_per_s")}
+    agg.update(seeds=[0, 1], stopped_epoch={"per_seed": [4, 5]},
+               best_epoch={"per_seed": [2, 3]})
+    table = A.format_table({"din_l": agg}, {}, {"din_l": "S 50 + L 300"}, 100)
+    cells = [c.strip() for c in table.splitlines()[2].split("|")[1:-1]]
+    assert cells == ["din_l", "0.6100 ± 0.0020", "0.6100 ± 0.0020", "0.6100 ± 0.0020",
+                     "4/2, 5/3", "1", "n/a", "n/a", "S 50 + L 300", "2"]
+    assert "rank p50 ms (N=100)" in table.splitlines()[0]
+    assert A.plot_frontier({"din_l": agg}, {"din_l": None}, str(tmp_path / "x.png"),
+                           "x", "t") is None
+    assert not (tmp_path / "x.png").exists()
