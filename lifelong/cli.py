@@ -56,6 +56,12 @@ TRAIN_FLAGS = {  # flag -> (type, help); defaults come from TrainConfig
     "crp_lambdas": (str, "CRP pair-kind weights lambda_PT,lambda_PS,lambda_PC (default "
                          "1,1,1; 1,1,0 = without the cross-domain pair loss)"),
     "verbose": (int, "Keras progress: 1 bar, 2 a line per epoch, 0 silent"),
+    "jit_compile": (str, "XLA for the training step: auto (default; = off, measured "
+                         "slower on CPU) | on | off"),
+    "din_path": (str, "DIN unit layout in training: rows (default) | per_candidate "
+                      "(the layout before issue 22; same function)"),
+    "input_pipeline": (str, "input pipeline: parallel (default) | legacy (the pipeline "
+                            "before issue 22; same batches)"),
 }
 LIST_FLAGS = ("mlp_hidden", "din_hidden")
 FLOAT_LIST_FLAGS = ("crp_lambdas",)

@@ -120,3 +120,22 @@ def test_din_rows_path_equals_per_candidate_path(din_path_restored, normalize, k
 def test_unknown_din_path_is_rejected(din_path_restored):
     with pytest.raises(ValueError, match="din_path must be one of"):
         din_path_restored.set_din_path("fused")
+
+
+def test_train_config_speed_fields_resolve_and_reject_bad_values():
+    from lifelong import cli
+    from tfmodels import train as T
+    assert T.TrainConfig().jit_compile == "auto"
+    assert T.resolve_jit_compile("auto") is (T.JIT_AUTO == "on")
+    assert T.resolve_jit_compile("on") is True and T.resolve_jit_compile("off") is False
+    for field, bad, msg in [("jit_compile", "yes", "jit_compile must be one of auto, on, off"),
+                            ("din_path", "fused", "din_path must be one of rows"),
+                            ("input_pipeline", "fast", "input_pipeline must be one of")]:
+        with pytest.raises(T.ConfigError, match=msg):
+            T.TrainConfig(data="d", **{field: bad}).validate()
+    args, _ = cli.build_parser(False, command="train").parse_known_args(
+        ["train", "--data", "d", "--jit_compile", "on", "--din_path", "per_candidate",
+         "--input_pipeline", "legacy", "--config_dir", "none"])
+    cfg = cli._train_config(args)
+    assert (cfg.jit_compile, cfg.din_path, cfg.input_pipeline) == ("on", "per_candidate",
+                                                                   "legacy")

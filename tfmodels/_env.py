@@ -27,6 +27,12 @@ def ensure_legacy_keras() -> None:
     os.environ[_VAR] = "1"
     # TensorFlow's C++ INFO lines (CUDA probing, CPU features) drown progress output.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # TensorFlow's BFC allocator for CPU tensors instead of malloc: the [B, L, h] tensors
+    # of a training step (over 32 MB at L >= 1,000) were mmap'ed and unmapped by glibc on
+    # every step, re-faulting their pages (DIN-L, B 256, L 1,000: 5x fewer page faults,
+    # ~25% less CPU per step; issue 22 item 6, docs/benchmarks.md). Same numbers
+    # computed; TF_CPU_ALLOCATOR_USE_BFC=false restores malloc.
+    os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
     tf = sys.modules.get("tensorflow")
     if tf is not None:
         # TensorFlow was imported before us: it decided its Keras line already.

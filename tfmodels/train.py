@@ -34,12 +34,29 @@ from tfmodels import data as D
 from tfmodels import metrics as M
 from tfmodels import registry
 from tfmodels import schema as S
+from tfmodels.layers import DIN_PATHS, set_din_path
 from tfmodels.model import LifelongCTRModel, build_model
 from tfmodels.errors import LifelongError
 
 
 class ConfigError(ValueError, LifelongError):
     """A bad training/evaluation configuration (reported as one line by the CLI)."""
+
+
+JIT_CHOICES = ("auto", "on", "off")
+#: What ``jit_compile="auto"`` resolves to. Decided by measurement (docs/benchmarks.md,
+#: "Training speed paths"): on the 2-core CPU machine XLA made DIN-L's training step
+#: slower (B 256, L 1,000), so auto = off. Not measured on a GPU (the device machines
+#: lent here have no TensorFlow), so auto = off there too until someone measures it.
+JIT_AUTO = "off"
+
+
+def resolve_jit_compile(choice: str) -> bool:
+    """``auto`` | ``on`` | ``off`` -> the ``jit_compile`` argument of ``Model.compile``."""
+    if choice not in JIT_CHOICES:
+        raise ConfigError(f"jit_compile must be one of {', '.join(JIT_CHOICES)}, got "
+                          f"{choice!r}")
+    return (JIT_AUTO if choice == "auto" else choice) == "on"
 
 
 @dataclasses.dataclass
@@ -83,6 +100,14 @@ class TrainConfig:
     eval_split: str = "test"
     group_key: str = "user_id"
     verbose: int = 1                     # Keras progress bar: 1 bar, 2 one line/epoch, 0 off
+    # Speed only (issue 22 item 6; same function up to float rounding, docs/benchmarks.md
+    # "Training speed paths"): XLA for the training step, "auto" = off (measured slower
+    # on CPU, see JIT_AUTO); the DIN unit's layout (tfmodels.layers.DIN_PATHS; "rows" =
+    # 2-D GEMMs over behavior rows, "per_candidate" = the layout before); the input
+    # pipeline (tfmodels.data.PIPELINES; "legacy" = the pipeline before).
+    jit_compile: str = "auto"
+    din_path: str = "rows"
+    input_pipeline: str = "parallel"
 
     def validate(self) -> "TrainConfig":
         if not self.data:
@@ -111,6 +136,15 @@ class TrainConfig:
         if self.crp_weight > 0 and not self.cross_domain:
             raise ConfigError("--crp_weight needs --cross_domain: CRP's pairs come from the "
                               "per-domain short windows (short_t, short_s)")
+        if self.jit_compile not in JIT_CHOICES:
+            raise ConfigError(f"jit_compile must be one of {', '.join(JIT_CHOICES)}, got "
+                              f"{self.jit_compile!r}")
+        if self.din_path not in DIN_PATHS:
+            raise ConfigError(f"din_path must be one of {', '.join(DIN_PATHS)}, got "
+                              f"{self.din_path!r}")
+        if self.input_pipeline not in D.PIPELINES:
+            raise ConfigError(f"input_pipeline must be one of {', '.join(D.PIPELINES)}, got "
+                              f"{self.input_pipeline!r}")
         if self.eval_split not in S.SPLITS:
             raise ConfigError(f"eval_split must be one of {S.SPLITS}, got {self.eval_split!r}")
         return self
@@ -192,7 +226,8 @@ def _optimizer(cfg: TrainConfig):
 def dataset(cfg: TrainConfig, split: str, training: bool) -> tf.data.Dataset:
     return D.make_dataset(S.split_pattern(cfg.data, split), cfg.short_len, cfg.long_len,
                           cfg.batch_size, shuffle=training, seed=cfg.seed,
-                          shuffle_buffer=cfg.shuffle_buffer, cross_domain=cfg.cross_domain)
+                          shuffle_buffer=cfg.shuffle_buffer, cross_domain=cfg.cross_domain,
+                          pipeline=cfg.input_pipeline)
 
 
 class _EpochCheckpoint(tf.keras.callbacks.Callback):
@@ -326,9 +361,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict:
     fschema = feature_schema_for(cfg)
     _write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
 
+    set_din_path(cfg.din_path)   # read when the train/eval functions are traced
     model = model_from_config(cfg, fschema)
     optimizer = _optimizer(cfg)
-    model.compile(optimizer=optimizer)
+    model.compile(optimizer=optimizer, jit_compile=resolve_jit_compile(cfg.jit_compile))
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
     best = _BestEpoch(os.path.join(cfg.out_dir, "ckpt", "best"), cfg.early_stopping_patience)
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var,
@@ -396,6 +432,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict:
                "final_epoch": (best.best_epoch if early_stopping and best.best_epoch
                                else stopped_epoch),
                "train_examples_per_s": throughput.rates,
+               "jit_compile_resolved": resolve_jit_compile(cfg.jit_compile),
                "num_params": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
     _write_json(os.path.join(cfg.out_dir, "run.json"), summary)
     return summary
@@ -410,6 +447,7 @@ def load_run(run_dir: str, data: Optional[str] = None):
         cfg = TrainConfig.from_dict(json.load(f))
     if data:
         cfg.data = data
+    set_din_path(cfg.din_path)
     with open(os.path.join(run_dir, "run.json")) as f:
         fschema = S.FeatureSchema.from_dict(json.load(f)["feature_schema"])
     model = model_from_config(cfg, fschema)

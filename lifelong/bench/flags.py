@@ -54,7 +54,8 @@ def check_load_flags(args) -> None:
         raise UsageError(f"--processes must all be >= 1, got {args.processes!r}")
     if "open" in modes and not args.rate > 0:
         raise UsageError(f"--load open needs --rate > 0 (requests/s), got {args.rate}")
-    for flag in ("load_seconds", "load_candidates", "load_long_len", "load_open_threads",
+    for flag in ("load_seconds", "load_rounds", "load_candidates", "load_long_len",
+                 "load_open_threads",
                  "server_workers", "users"):
         if not getattr(args, flag) > 0:
             raise UsageError(f"--{flag} must be > 0, got {getattr(args, flag)}")
@@ -142,8 +143,11 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
                    help="serving --load open: offered requests/s (required there)")
     p.add_argument("--load_open_threads", type=int, default=32,
                    help="serving --load open: most requests in flight (default 32)")
-    p.add_argument("--load_seconds", type=float, default=3.0,
-                   help="serving --load: seconds per row (default 3)")
+    p.add_argument("--load_seconds", type=float, default=2.0,
+                   help="serving --load: seconds per row and round (default 2)")
+    p.add_argument("--load_rounds", type=int, default=3,
+                   help="serving --load: rounds; rank and identity alternate in each, the "
+                   "table shows medians and the paired rank / identity ratio (default 3)")
     p.add_argument("--load_candidates", type=int, default=100,
                    help="serving --load: candidates N per rank request (default 100)")
     p.add_argument("--load_long_len", type=int, default=1000,
