@@ -161,18 +161,23 @@ def run(args, static: Sequence[Servable] = (), static_spec: Optional[Sequence] =
                     args.host)
     limits = Limits(int(args.max_request_mb * MiB), args.max_candidates, args.max_elements)
     rest_port = getattr(args, "rest_api_port", 0) or None    # 0 = off, as TF Serving
-    server = LocalServer(args.base, args.host, args.port, limits, args.poll_s, args.workers,
-                         args.num_versions, static,
-                         threads=SessionThreads(args.inter_op, args.intra_op),
-                         rest_port=rest_port, reuseport=processes > 1)
-    children = []
-    if processes > 1:
-        try:
-            children = server_procs.spawn_children(args, server.port, processes - 1,
-                                                   static_spec)
-        except BaseException:
-            server.stop()
-            raise
+    port, children = args.port, []
+    if processes > 1:       # the children load their models while this process loads its own
+        port = port or server_procs.free_port(args.host)
+        children = server_procs.spawn_children(args, port, processes - 1, static_spec)
+    try:
+        server = LocalServer(args.base, args.host, port, limits, args.poll_s, args.workers,
+                             args.num_versions, static,
+                             threads=SessionThreads(args.inter_op, args.intra_op),
+                             rest_port=rest_port, reuseport=processes > 1)
+    except BaseException:
+        server_procs.stop_children(children)
+        raise
+    try:
+        server_procs.wait_ready(children)
+    except BaseException:
+        server.stop()
+        raise
     rest = (f"; REST + /monitoring/prometheus/metrics on {server.rest_address}"
             if server.rest_address else "")
     procs = f"; {processes} processes (SO_REUSEPORT)" if processes > 1 else ""

@@ -71,10 +71,22 @@ def load_static(spec: Optional[Sequence]) -> list:
     return list(getattr(importlib.import_module(module), fn)(arg))
 
 
-def spawn_children(args, port: int, n: int, static_spec: Optional[Sequence],
-                   timeout_s: float = 300.0) -> List[subprocess.Popen]:
-    """Start ``n`` child servers on ``port`` (same flags as ``args``) and wait until each
-    has bound it; stderr is inherited (one log). A child that fails or is slow ends all."""
+def free_port(host: str) -> int:
+    """A port free on ``host`` now, for ``--port 0`` with several processes: the children
+    are started with it before the parent loads its models, so that the processes
+    start side by side (another program could take it in between: the parent's bind
+    then fails with ``cannot bind``)."""
+    import socket
+    family = socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host.strip("[]"), 0))
+        return s.getsockname()[1]
+
+
+def spawn_children(args, port: int, n: int, static_spec: Optional[Sequence]
+                   ) -> List[subprocess.Popen]:
+    """Start ``n`` child servers on ``port`` (same flags as ``args``; stderr inherited:
+    one log); :func:`wait_ready` waits until each has bound it."""
     conf = {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool,
                                                                    type(None)))}
     conf.update(port=int(port), processes=1)
@@ -86,13 +98,22 @@ def spawn_children(args, port: int, n: int, static_spec: Optional[Sequence],
                 [sys.executable, "-m", "serving.server_procs", "--child", payload,
                  "--index", str(k + 1)],
                 stdout=subprocess.PIPE, text=True, env=dict(os.environ)))
+    except BaseException:
+        stop_children(children)
+        raise
+    return children
+
+
+def wait_ready(children: Sequence[subprocess.Popen], timeout_s: float = 300.0) -> None:
+    """Wait until every child has bound its port; one that fails or is slow ends all
+    (a :class:`ServerError`)."""
+    try:
         deadline = time.time() + timeout_s
         for k, c in enumerate(children):
             line = _read_line(c, deadline - time.time())
             if line is None or not line.startswith(READY):
                 raise ServerError(f"server process {k + 1} did not start (exit code "
                                   f"{c.poll()}); see its log above")
-        return children
     except BaseException:
         stop_children(children)
         raise

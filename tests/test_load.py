@@ -170,44 +170,47 @@ def _socket_owners(port: int, pids):
 
 def test_processes_server_answers_from_two_processes_with_the_same_ctrs(tmp_path):
     """`lifelong serve --processes 2`: two processes bound to one port (SO_REUSEPORT);
-    16 client connections reach both, and every answer holds the CTRs the same version
-    gives in process (one SavedModelServable)."""
+    16 client connections reach both, and every answer holds the CTRs computed here by
+    hand for the served SavedModel (a small tf.Module: ctr = sigmoid(sum(0.01 * item *
+    pooled * w)), so the test times the servers, not an export)."""
     import subprocess
     import sys
     import numpy as np
     import tfmodels  # noqa: F401
     import tensorflow as tf
     from serving import protos
-    from serving.export import export_model
-    from serving.servable import SavedModelServable
-    from tfmodels import schema as S
-    from tfmodels.model import build_model
     from lifelong.bench.serving_load import RawSender, process_tree
-    from lifelong.bench.workload import synthetic_records, vocab
 
-    tf.keras.utils.set_random_seed(1)
-    model = build_model(S.FeatureSchema(vocab(), 5, 20), "avg_pool", emb_dim=4,
-                        mlp_hidden=(8,), din_hidden=(4,))
+    w = np.array([0.5, -1.0, 2.0, 0.25], np.float32)
+
+    class Rank(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(w)
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.int64, "target_item_id"),
+                                      tf.TensorSpec([1, 4], tf.float32, "pooled")])
+        def rank(self, target_item_id, pooled):
+            x = 0.01 * tf.cast(target_item_id, tf.float32)[:, None] * pooled * self.w
+            return {"ctr": tf.sigmoid(tf.reduce_sum(x, -1))}
+
     base = str(tmp_path / "models")
-    export_model(model, base, "m", 1, warmup_max_candidates=0)
-    sv = SavedModelServable("m", 1, os.path.join(base, "m", "1"))
-    cache = sv.run("user_tower", {"records": np.array(synthetic_records(1, 30, 40, 0), object)})
-    feed = {k: v for k, v in cache.items() if k in sv.signatures["rank"].inputs}
-    feed["target_item_id"] = np.arange(3, 10, dtype=np.int64)
-    feed["target_cate_id"] = np.arange(3, 10, dtype=np.int64) % 50 + 2
-    want = sv.run("rank", feed)["ctr"]
-    sv.close()
+    module = Rank()
+    tf.saved_model.save(module, os.path.join(base, "m", "1"), signatures={"rank": module.rank})
+    items = np.arange(3, 10, dtype=np.int64)
+    pooled = np.array([[1.0, 2.0, -1.0, 4.0]], np.float32)
+    want = 1 / (1 + np.exp(-(0.01 * items[:, None] * pooled * w).sum(-1)))
     m = protos.messages()
     req = m.PredictRequest()
     req.model_spec.name, req.model_spec.signature_name = "m", "rank"
-    for k, v in feed.items():
-        protos.fill_tensor_proto(req.inputs[k], v)
+    protos.fill_tensor_proto(req.inputs["target_item_id"], items)
+    protos.fill_tensor_proto(req.inputs["pooled"], pooled)
 
     log = open(tmp_path / "serve.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "lifelong.bench.identity", "--base", base,
                              "--port", "0", "--poll_s", "0", "--processes", "2",
                              "--workers", "2"], stdout=log, stderr=subprocess.STDOUT)
-    sender = None
+    sender, pids = None, []
     try:
         address = None
         deadline = time.time() + 240
@@ -221,7 +224,7 @@ def test_processes_server_answers_from_two_processes_with_the_same_ctrs(tmp_path
         sender = RawSender(address, channels=16)
         for call in sender.calls:
             out = m.PredictResponse.FromString(call(req.SerializeToString(), timeout=60))
-            np.testing.assert_allclose(protos.to_ndarray(out.outputs["ctr"]), want, rtol=1e-6)
+            np.testing.assert_allclose(protos.to_ndarray(out.outputs["ctr"]), want, rtol=1e-5)
         pids = process_tree(proc.pid)
         assert len(pids) == 2                          # the parent and one child
         assert _socket_owners(int(address.rsplit(":", 1)[1]), pids) == set(pids)
@@ -260,3 +263,32 @@ def test_bad_load_and_processes_flags_are_one_line_errors(argv, message, tmp_pat
     err = capsys.readouterr().err
     assert err.startswith(f"lifelong {argv[0]}: error: {message}") and err.count("\n") == 1
     assert not out.exists()              # refused before any folder or export
+
+
+def test_aggregate_takes_medians_and_the_paired_ratio_per_round():
+    """Rounds -> one row: medians of req/s and latency, sums of requests and errors, and
+    rank / identity paired within each round (median 0.5 of 0.5, 0.25, 0.9; the ratio of
+    the medians, 90 / 200 = 0.45, would mix rounds run under different machine load)."""
+    from lifelong.bench.serving_load import aggregate, load_targets
+
+    def row(kind, rnd, rps, p50, errors=0):
+        return dict(mode="closed", kind=kind, model="m", processes=1, threads=8, rate=None,
+                    round=rnd, rps=rps, p50_ms=p50, p99_ms=3 * p50, seconds=2.0,
+                    requests=int(rps * 2) + errors, errors=errors,
+                    error_kinds={"UNAVAILABLE": errors} if errors else {},
+                    server_cpu_ms_per_req=1.0 + rnd, client_cpu_ms_per_req=0.3,
+                    server_cores=0.5, loadavg=4.0)
+
+    rows = [row("rank", 0, 100, 5.0), row("identity_sm", 0, 200, 2.0),
+            row("rank", 1, 50, 9.0, errors=2), row("identity_sm", 1, 200, 2.5),
+            row("rank", 2, 90, 6.0), row("identity_sm", 2, 100, 4.0)]
+    agg = {r["kind"]: r for r in aggregate(rows)}
+    rank = agg["rank"]
+    assert rank["rounds"] == 3 and rank["rps"] == 90 and rank["p50_ms"] == 6.0
+    assert rank["ratio"] == pytest.approx(0.5)
+    assert (rank["ratio_min"], rank["ratio_max"]) == (pytest.approx(0.25), pytest.approx(0.9))
+    assert rank["requests"] == 200 + 102 + 180 and rank["errors"] == 2
+    assert rank["error_kinds"] == {"UNAVAILABLE": 2} and rank["server_cpu_ms_per_req"] == 2.0
+    assert "ratio" not in agg["identity_sm"] and agg["identity_sm"]["rps"] == 200
+    t = load_targets({"rank_models": ["m"], "processes": [1], "load_rows": list(agg.values())})
+    assert [x["value"] for x in t] == [pytest.approx(0.5), pytest.approx(3.0)]

@@ -29,6 +29,11 @@ target ratios and the command line; writes ``results.json``
 (:mod:`lifelong.bench.record`) and a PNG. The users and untrained models are
 :mod:`lifelong.bench.workload`'s; ``lifelong bench precompute`` is
 :mod:`lifelong.bench.precompute`.
+
+``--load closed|open`` replaces the latency table by throughput under concurrent
+load (requests/s, p50, p99 and errors of ``rank`` against its identity SavedModel on
+the same server, per client-thread count and server ``--processes``):
+:mod:`lifelong.bench.serving_load`.
 """
 from __future__ import annotations
 
