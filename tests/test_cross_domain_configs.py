@@ -120,6 +120,43 @@ def test_cluster_record_split_domains(split_domains):
         assert mixed          # the grouping by engagement alone does mix them here
 
 
+def test_cluster_job_two_domain_data(tmp_path):
+    """The Beam job on two-domain data (meta num_domains 3): no output cluster mixes
+    domains (members file), the job records split_domains, every row is kept once."""
+    import glob
+    import json
+    from beam_jobs import cluster as CJ
+    from tfmodels import schema as S
+    from tfmodels.testing import write_tiny_dataset
+    data = write_tiny_dataset(str(tmp_path / "d"), num_users=4, max_history=80,
+                              impressions_per_user=2, domains=2, seed=1)
+    out = str(tmp_path / "c")
+    args = _cluster_args(data=data, output=out, keep_recent=0, gamma=8, num_shards=1,
+                         snapshot_ts="none", backend="numpy")
+    args.write_members = True
+    CJ.run(args, [])
+    assert json.load(open(os.path.join(out, S.META_FILE)))["clustering"]["settings"][
+        "split_domains"] is True
+    from beam_jobs.cluster_snapshot import parse_record
+    import tensorflow as tf
+    src = {}                            # (split, user_key) -> input record
+    for split in S.SPLITS:
+        for f in glob.glob(S.split_pattern(data, split)):
+            for r in tf.data.TFRecordDataset(f, compression_type="GZIP"):
+                rec = parse_record(r.numpy())
+                src[split, rec["user_key"]] = rec
+    virtual = 0
+    for f in glob.glob(os.path.join(out, "members", "*.jsonl")):
+        split = os.path.basename(f).split("-")[0]
+        for line in open(f):
+            m = json.loads(line)
+            dom = src[split, m["user_key"]]["hist_domain"]
+            for x in m["members"]:
+                virtual += len(x) > 1
+                assert len(set(dom[x].tolist())) == 1, (m["user_key"], x)
+    assert virtual > 0
+
+
 # ---- configs-cross-domain ------------------------------------------------------------------
 @pytest.mark.parametrize("dataset,long_len", [("synthetic", 500), ("movielens", 300),
                                               ("taobao_ad", 500)])
