@@ -276,7 +276,8 @@ def test_aggregate_takes_medians_and_the_paired_ratio_per_round():
                     round=rnd, rps=rps, p50_ms=p50, p99_ms=3 * p50, seconds=2.0,
                     requests=int(rps * 2) + errors, errors=errors,
                     error_kinds={"UNAVAILABLE": errors} if errors else {},
-                    server_cpu_ms_per_req=1.0 + rnd, client_cpu_ms_per_req=0.3,
+                    server_cpu_ms_per_req=(1.0 if kind == "rank" else 0.5) + rnd,
+                    client_cpu_ms_per_req=0.3,
                     server_cores=0.5, loadavg=4.0)
 
     rows = [row("rank", 0, 100, 5.0), row("identity_sm", 0, 200, 2.0),
@@ -291,4 +292,7 @@ def test_aggregate_takes_medians_and_the_paired_ratio_per_round():
     assert rank["error_kinds"] == {"UNAVAILABLE": 2} and rank["server_cpu_ms_per_req"] == 2.0
     assert "ratio" not in agg["identity_sm"] and agg["identity_sm"]["rps"] == 200
     t = load_targets({"rank_models": ["m"], "processes": [1], "load_rows": list(agg.values())})
-    assert [x["value"] for x in t] == [pytest.approx(0.5), pytest.approx(3.0)]
+    # the paired ratio; the CPU-bound estimate from the medians of CPU ms per request,
+    # server + client: identity (1.5 + 0.3) / rank (2.0 + 0.3); p99 / p50
+    assert [x["value"] for x in t] == [pytest.approx(0.5), pytest.approx(1.8 / 2.3),
+                                       pytest.approx(3.0)]

@@ -316,6 +316,18 @@ def load_targets(res: Dict, at_threads: int = 8) -> List[Dict]:
                                       f"{at_threads} threads, {p} process(es)",
                             "value": a["ratio"], "range": (a["ratio_min"], a["ratio_max"]),
                             "goal": ">= 70%", "unit": ""})
+            b = _find(res["load_rows"], "closed", "identity_sm", m, p, at_threads)
+            if a and b:
+                # what the req/s ratio tends to when the CPUs are the limit (every core busy,
+                # server and client on one machine): CPU per request, server + client
+                cost = lambda r: r["server_cpu_ms_per_req"] + r["client_cpu_ms_per_req"]  # noqa
+                if cost(a) > 0:
+                    out.append({"target": f"{m} rank / identity SavedModel expected when "
+                                          f"CPU-bound (CPU ms per request, server + client: "
+                                          f"{cost(b):.2f} / {cost(a):.2f}), {at_threads} "
+                                          f"threads, {p} process(es)",
+                                "value": cost(b) / cost(a), "range": None,
+                                "goal": "(>= 70%)", "unit": ""})
             if a and a["p50_ms"] > 0:
                 out.append({"target": f"{m} rank p99 / p50, {at_threads} threads, "
                                       f"{p} process(es)",
@@ -348,8 +360,13 @@ def print_load(res: Dict, command: str) -> None:
         print("\n| target | value | goal |")
         print("|---|---|---|")
         for t in res["targets"]:
-            v = (f"{t['value'] * 100:.0f}% (rounds {t['range'][0] * 100:.0f}-"
-                 f"{t['range'][1] * 100:.0f}%)" if t["unit"] == "" else f"{t['value']:.2f}x")
+            if t["unit"] == "x":
+                v = f"{t['value']:.2f}x"
+            elif t.get("range"):
+                v = (f"{t['value'] * 100:.0f}% (rounds {t['range'][0] * 100:.0f}-"
+                     f"{t['range'][1] * 100:.0f}%)")
+            else:
+                v = f"{t['value'] * 100:.0f}%"
             print(f"| {t['target']} | {v} | {t['goal']} |")
 
 
@@ -382,8 +399,12 @@ def plot_load(res: Dict, path: str) -> Optional[str]:
                     label=f"p99 {label}")
             a2.plot(xs, [r["p50_ms"] for _, r in pts], ls=ls, marker="x", color=c, alpha=0.45,
                     label=f"p50 {label}")
+    ticks = sorted({r["threads"] for r in rows})
     for ax in (a1, a2):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([str(t) for t in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("client threads (closed loop)")
         ax.grid(True, which="both", alpha=0.3)
     a1.set_ylabel("requests/s")
