@@ -139,3 +139,30 @@ def test_train_config_speed_fields_resolve_and_reject_bad_values():
     cfg = cli._train_config(args)
     assert (cfg.jit_compile, cfg.din_path, cfg.input_pipeline) == ("on", "per_candidate",
                                                                    "legacy")
+
+
+def test_bench_train_summary_ratios_by_hand():
+    """lifelong bench train's summary: speed-up = today's step time / the path's, L-ratio =
+    step time at the longest L / at the shortest (same batch), on hand-made rows; a failed
+    cell leaves its ratios out instead of failing the table."""
+    from lifelong.bench.train import summarise
+    rows = [
+        {"model": "m", "long_len": 500, "path": "today", "wall_s_per_step": 2.0,
+         "cpu_s_per_step": 4.0},
+        {"model": "m", "long_len": 500, "path": "new", "wall_s_per_step": 1.0,
+         "cpu_s_per_step": 1.0},
+        {"model": "m", "long_len": 2000, "path": "today", "wall_s_per_step": 16.0,
+         "cpu_s_per_step": 30.0},
+        {"model": "m", "long_len": 2000, "path": "new", "wall_s_per_step": 4.0,
+         "cpu_s_per_step": 5.0},
+        {"model": "x", "long_len": 500, "path": "new", "wall_s_per_step": 1.0,
+         "cpu_s_per_step": 1.0},
+        {"model": "x", "long_len": 2000, "path": "new", "error": "exit 1: boom"},
+    ]
+    s = {(r["model"], r["path"]): r for r in summarise(rows, [500, 2000])}
+    assert s["m", "today"]["l_ratio_wall"] == 8.0 and s["m", "today"]["l_ratio_cpu"] == 7.5
+    assert s["m", "new"]["l_ratio_wall"] == 4.0 and s["m", "new"]["l_ratio_cpu"] == 5.0
+    assert s["m", "new"]["speedup_wall_L500"] == 2.0 and s["m", "new"]["speedup_cpu_L500"] == 4.0
+    assert s["m", "new"]["speedup_wall_L2000"] == 4.0 and s["m", "new"]["speedup_cpu_L2000"] == 6.0
+    assert "speedup_wall_L500" not in s["m", "today"]
+    assert "l_ratio_wall" not in s["x", "new"]
