@@ -58,8 +58,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); defaults come from TrainConfig
     "verbose": (int, "Keras progress: 1 bar, 2 a line per epoch, 0 silent"),
     "jit_compile": (str, "XLA for the training step: auto (default; = off, measured "
                          "slower on CPU) | on | off"),
-    "din_path": (str, "DIN unit layout in training: rows (default) | per_candidate "
-                      "(the layout before issue 22; same function)"),
+    "din_path": (str, "DIN unit layout in training: folded (default) | rows | "
+                      "per_candidate (the layout before issue 22; same function)"),
     "input_pipeline": (str, "input pipeline: parallel (default) | legacy (the pipeline "
                             "before issue 22; same batches)"),
 }

@@ -68,8 +68,8 @@ def din_path_restored():
 @pytest.mark.parametrize("normalize", ["softmax", None])
 @pytest.mark.parametrize("keys_batch", [4, 1])
 def test_din_rows_path_equals_per_candidate_path(din_path_restored, normalize, keys_batch):
-    """Outputs and gradients of the DIN unit on fixed weights: the "rows" layout equals
-    the "per_candidate" one (before issue 22) and the explicit concatenation
+    """Outputs and gradients of the DIN unit on fixed weights: the "folded" and "rows"
+    layouts equal the "per_candidate" one (before issue 22) and the explicit concatenation
     [e_l, e_t, e_l - e_t, e_l * e_t] W + b (G2) computed here by hand."""
     layers = din_path_restored
     rng = np.random.default_rng(0)
@@ -90,12 +90,15 @@ def test_din_rows_path_equals_per_candidate_path(din_path_restored, normalize, k
             loss = tf.reduce_sum(out * tf.range(1.0, d + 1.0))
         return out.numpy(), tape.gradient(loss, [keys, query] + din.trainable_variables)
 
-    rows, g_rows = run("rows")
     old, g_old = run("per_candidate")
-    np.testing.assert_allclose(rows, old, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g_rows, g_old):
-        np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(),
-                                   tf.convert_to_tensor(b).numpy(), rtol=1e-4, atol=1e-5)
+    for path in ("folded", "rows"):
+        out, g_out = run(path)
+        np.testing.assert_allclose(out, old, rtol=1e-5, atol=1e-5, err_msg=path)
+        for a, b in zip(g_out, g_old):
+            np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(),
+                                       tf.convert_to_tensor(b).numpy(), rtol=1e-4, atol=1e-5,
+                                       err_msg=path)
+    rows = out
     # hand reference: the 4d concatenation through the first layer, then the MLP
     k = np.broadcast_to(keys.numpy(), (B, L, d))
     q = np.broadcast_to(query.numpy()[:, None, :], (B, L, d))
@@ -129,7 +132,7 @@ def test_train_config_speed_fields_resolve_and_reject_bad_values():
     assert T.resolve_jit_compile("auto") is (T.JIT_AUTO == "on")
     assert T.resolve_jit_compile("on") is True and T.resolve_jit_compile("off") is False
     for field, bad, msg in [("jit_compile", "yes", "jit_compile must be one of auto, on, off"),
-                            ("din_path", "fused", "din_path must be one of rows"),
+                            ("din_path", "fused", "din_path must be one of folded, rows, per_candidate"),
                             ("input_pipeline", "fast", "input_pipeline must be one of")]:
         with pytest.raises(T.ConfigError, match=msg):
             T.TrainConfig(data="d", **{field: bad}).validate()
@@ -137,6 +140,7 @@ def test_train_config_speed_fields_resolve_and_reject_bad_values():
         ["train", "--data", "d", "--jit_compile", "on", "--din_path", "per_candidate",
          "--input_pipeline", "legacy", "--config_dir", "none"])
     cfg = cli._train_config(args)
+    assert T.TrainConfig().din_path == "folded"
     assert (cfg.jit_compile, cfg.din_path, cfg.input_pipeline) == ("on", "per_candidate",
                                                                    "legacy")
 

@@ -18,15 +18,25 @@ NEG_INF = -1e9
 PACKAGE = "lifelong"
 
 #: How :class:`DinAttention` lays out its batched (one candidate per row) computation:
-#: "rows" (default) runs the attention MLP as plain 2-D GEMMs over the B*L behavior rows
-#: (the key half e_l (W_a + W_c) once per behavior row, the cross term as
-#: (e_l * e_t) W_d, one [B*L, d] x [d, h0] GEMM); "per_candidate" is the layout before
-#: issue 22 item 6 (B batched [L, d] x [d, h0] matmuls against diag(e_t) W_d and the
-#: rest of the MLP on [B, L, h0]). Same function up to float reassociation
-#: (tests/test_train_speed_paths.py). Read when a function is traced: set it with
-#: :func:`set_din_path` before building/training (``TrainConfig.din_path``).
-DIN_PATHS = ("rows", "per_candidate")
-_din_path = "rows"
+#:
+#: * "folded" (default): the first layer as ONE matmul per example, e_l M_t with
+#:   M_t = (W_a + W_c) + diag(e_t) W_d ([d, h0], built once per candidate), so each
+#:   behavior row costs one d x h0 product forward (and two backward) instead of two
+#:   (four); the rest of the attention MLP runs on 2-D [B*L, h0] rows. In training every
+#:   window has ONE candidate, so the candidate-independent half e_l (W_a + W_c) has
+#:   nobody to be shared with: folding it into M_t halves the first layer's work. (With
+#:   many candidates per user -- serving, :func:`tfmodels.model.din_one_user` -- the split
+#:   is the cheaper form and stays there.)
+#: * "rows": the key half e_l (W_a + W_c) once per behavior row (one [B*L, d] x [d, h0]
+#:   GEMM), the cross term (e_l * e_t) W_d another, the rest on 2-D rows;
+#: * "per_candidate": the layout before issue 22 item 6 (key half GEMM plus B batched
+#:   [L, d] x [d, h0] matmuls against diag(e_t) W_d, the rest of the MLP on [B, L, h0]).
+#:
+#: Same function up to float reassociation (tests/test_train_speed_paths.py). Read when a
+#: function is traced: set it with :func:`set_din_path` before building/training
+#: (``TrainConfig.din_path``). A caller that passes ``key_proj`` gets "rows".
+DIN_PATHS = ("folded", "rows", "per_candidate")
+_din_path = "folded"
 
 
 def set_din_path(path: str) -> None:
@@ -269,9 +279,26 @@ class DinAttention(tf.keras.layers.Layer):
         logits = self.rest(self.act1(tf.reshape(pre, [-1, h0])))      # [B*L, 1]
         return tf.reshape(logits, shape[:2])
 
+    def _logits_folded(self, keys, query):
+        """Attention logits [B, L], the "folded" path of :data:`DIN_PATHS`:
+        pre = e_l ((W_a + W_c) + diag(e_t) W_d) + e_t (W_b - W_c) + b1, one batched
+        [L, d] x [d, h0] matmul per candidate (keys [1, L, d] broadcast against B), then
+        the rest of the MLP on [B*L, h0] rows. keys [B or 1, L, d], query [B, d]."""
+        d = int(keys.shape[-1])
+        self._build_for_dim(d)
+        h0 = self.hidden[0]
+        w_key, w_query, w_cross = self._blocks()
+        m = w_key[None] + query[:, :, None] * w_cross[None]              # [B, d, h0]
+        pre = tf.matmul(keys, m) + (tf.matmul(query, w_query) + self.b1)[:, None, :]
+        shape = tf.shape(pre)                                             # [B, L, h0]
+        logits = self.rest(self.act1(tf.reshape(pre, [-1, h0])))          # [B*L, 1]
+        return tf.reshape(logits, shape[:2])
+
     def attention_weights(self, keys, mask, query, key_proj=None):
         """Per-position weights w_l [B, L] (masked, unnormalised unless softmax)."""
-        if _din_path == "rows":
+        if _din_path == "folded" and key_proj is None:
+            logits = self._logits_folded(keys, query)
+        elif _din_path in ("folded", "rows"):
             logits = self._logits_rows(keys, query, key_proj)
         else:
             h = self.act1(self.first_layer(keys, query, key_proj))

@@ -102,11 +102,11 @@ class TrainConfig:
     verbose: int = 1                     # Keras progress bar: 1 bar, 2 one line/epoch, 0 off
     # Speed only (issue 22 item 6; same function up to float rounding, docs/benchmarks.md
     # "Training speed paths"): XLA for the training step, "auto" = off (measured slower
-    # on CPU, see JIT_AUTO); the DIN unit's layout (tfmodels.layers.DIN_PATHS; "rows" =
-    # 2-D GEMMs over behavior rows, "per_candidate" = the layout before); the input
+    # on CPU, see JIT_AUTO); the DIN unit's layout (tfmodels.layers.DIN_PATHS; "folded" =
+    # one d x h0 product per behavior row, "per_candidate" = the layout before); the input
     # pipeline (tfmodels.data.PIPELINES; "legacy" = the pipeline before).
     jit_compile: str = "auto"
-    din_path: str = "rows"
+    din_path: str = "folded"
     input_pipeline: str = "parallel"
 
     def validate(self) -> "TrainConfig":

@@ -23,9 +23,11 @@ Paths (:data:`PATHS`):
   (``TF_CPU_ALLOCATOR_USE_BFC=false``), the DIN unit's per-candidate layout, the legacy
   input pipeline, no XLA;
 * ``new`` -- TensorFlow's BFC allocator for CPU memory (``tfmodels/_env.py`` makes it the
-  default), the DIN unit's "rows" layout, the parallel input pipeline, ``--jit_compile``
+  default), the DIN unit's "folded" layout, the parallel input pipeline, ``--jit_compile``
   (auto = :data:`tfmodels.train.JIT_AUTO`);
-* ``new_xla`` -- ``new`` with XLA on (how ``auto`` was decided).
+* ``new_xla`` -- ``new`` with XLA on (how ``auto`` was decided);
+* ``today_bfc`` (today + the BFC allocator) and ``new_rows`` (new with the DIN unit's
+  "rows" layout): one change at a time, to see what each gives.
 
 The table reports examples/s, the speed-up of each path over ``today`` and the L-ratio
 time per example at the longest / shortest L (linear cost in L: ratio = length ratio;
@@ -45,10 +47,15 @@ from typing import Dict, List
 PATHS: Dict[str, Dict] = {
     "today": {"env": {"TF_CPU_ALLOCATOR_USE_BFC": "false"}, "din_path": "per_candidate",
               "input_pipeline": "legacy", "jit_compile": "off"},
-    "new": {"env": {"TF_CPU_ALLOCATOR_USE_BFC": "true"}, "din_path": "rows",
+    "new": {"env": {"TF_CPU_ALLOCATOR_USE_BFC": "true"}, "din_path": "folded",
             "input_pipeline": "parallel", "jit_compile": None},   # None: --jit_compile
-    "new_xla": {"env": {"TF_CPU_ALLOCATOR_USE_BFC": "true"}, "din_path": "rows",
+    "new_xla": {"env": {"TF_CPU_ALLOCATOR_USE_BFC": "true"}, "din_path": "folded",
                 "input_pipeline": "parallel", "jit_compile": "on"},
+    # single changes against today, to see what each one gives
+    "today_bfc": {"env": {"TF_CPU_ALLOCATOR_USE_BFC": "true"}, "din_path": "per_candidate",
+                  "input_pipeline": "legacy", "jit_compile": "off"},
+    "new_rows": {"env": {"TF_CPU_ALLOCATOR_USE_BFC": "true"}, "din_path": "rows",
+                 "input_pipeline": "parallel", "jit_compile": None},
 }
 INPUTS = ("materialised", "pipeline", "both")
 
