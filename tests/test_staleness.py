@@ -38,6 +38,17 @@ def test_truncate_history_hand_values():
     assert ST.truncate_history(np.array([], np.int64), 450, 10) == 0
 
 
+def test_paired_auc_deltas_hand_values():
+    labels = np.array([1, 0, 1, 0], np.float32)
+    groups = np.array([7, 7, 8, 8])
+    fresh = np.array([0.9, 0.1, 0.8, 0.2])          # AUC 1
+    stale = np.array([0.1, 0.9, 0.8, 0.2])          # 1 of 4 pairs ordered: AUC 0.25
+    (d0, s0), (d1, s1) = ST.paired_auc_deltas(labels, groups, [fresh, stale], resamples=50)
+    assert (d0, s0) == (0.0, 0.0)
+    assert d1 == pytest.approx(-0.75)
+    assert s1 > 0                      # resamples of one user or both users differ
+
+
 def _user(uid=5, n=20, short_len=4):
     items = np.arange(S.FIRST_ID, S.FIRST_ID + n)          # item id i+2 <-> hour i
     ts = 1_600_000_000 + np.arange(n) * HOUR
@@ -101,6 +112,8 @@ def test_age_zero_equals_one_shot(name, data_dir, tmp_path):
     assert rows[0]["gauc"] == res["one_shot"]["gauc"]
     assert rows[0]["max_abs_diff_vs_one_shot"] <= 1e-5
     assert rows[0]["behaviors_excluded_mean"] == 0.0
+    assert rows[0]["auc_delta_vs_youngest"] == 0.0
+    assert rows[7]["auc_delta_vs_youngest"] == pytest.approx(rows[7]["auc"] - rows[0]["auc"])
     # the behaviors each older cache lost, counted here from the raw histories
     for age in (1, 7):
         lost = []

@@ -18,7 +18,9 @@ with ``--models``). For each trained run:
    time -- the signature functions :class:`serving.export.ServingSignatures`
    builds and ``lifelong export`` saves, called in process (no gRPC: the network
    changes no CTR, tests/test_precompute.py shows the two agree to 1e-5);
-4. AUC, GAUC and logloss of the served CTRs per age.
+4. AUC, GAUC and logloss of the served CTRs per age, and each age's AUC minus the
+   youngest cache's with its paired bootstrap std over requests
+   (:func:`paired_auc_deltas`: the ages score the same impressions).
 
 The short window comes from the cache as well (``--short cached``, the default: what
 ``RankingClient.rank`` sends when the caller passes no fresher one). ``--short fresh``
@@ -170,9 +172,37 @@ def _metrics(labels, ctrs, groups) -> Dict:
     return out
 
 
+def paired_auc_deltas(labels: np.ndarray, groups: np.ndarray, ctrs: Sequence[np.ndarray],
+                      resamples: int = 200, seed: int = 0) -> List[Tuple[float, float]]:
+    """``(AUC(ctrs[k]) - AUC(ctrs[0]), bootstrap std of that difference)`` per k.
+
+    The ages score the SAME impressions, so their AUCs are compared paired: each
+    resample draws requests (users) with replacement and takes the difference of the
+    two AUCs on it; the std over ``resamples`` draws is the noise of the difference
+    (much smaller than that of each AUC alone). The resampling is hand-written for
+    the per-request grouping; the AUC is :func:`tfmodels.metrics.auc`."""
+    from tfmodels import metrics as M
+    base = M.auc(labels, ctrs[0])
+    uniq, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == i) for i in range(uniq.size)]
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples if uniq.size > 1 else 0):
+        idx = np.concatenate([members[i] for i in rng.integers(0, uniq.size, uniq.size)])
+        draws.append(idx)
+    out = []
+    for c in ctrs:
+        diffs = [M.auc(labels[i], c[i]) - M.auc(labels[i], ctrs[0][i]) for i in draws]
+        diffs = [d for d in diffs if np.isfinite(d)]
+        out.append((M.auc(labels, c) - base, float(np.std(diffs, ddof=1)) if len(diffs) > 1
+                    else float("nan")))
+    return out
+
+
 def staleness_of_model(model, records: Sequence[bytes], requests: Sequence[Dict],
                        ages: Sequence[float], age_unit: float, work: str,
-                       batch_size: int = 64, short: str = "cached") -> Dict:
+                       batch_size: int = 64, short: str = "cached",
+                       bootstrap: int = 200) -> Dict:
     """One model's rows (one per age) and the one-shot reference; see the module doc."""
     from serving.export import ServingSignatures
     sigs = ServingSignatures(model)
@@ -186,7 +216,7 @@ def staleness_of_model(model, records: Sequence[bytes], requests: Sequence[Dict]
     if short == "fresh":
         now = user_caches(sigs, truncated_records(records, requests, 0.0)[0], batch_size)
         fresh = {k: v for k, v in now.items() if k in sigs.short_names}
-    rows = []
+    rows, served = [], []
     for age in ages:
         recs, lost = truncated_records(records, requests, age * age_unit)
         caches = user_caches(sigs, recs, batch_size)
@@ -198,9 +228,13 @@ def staleness_of_model(model, records: Sequence[bytes], requests: Sequence[Dict]
                "max_abs_diff_vs_one_shot": float(np.abs(ctr - one_shot).max())
                if ctr.size else 0.0}
         rows.append(row)
+        served.append(ctr)
         print(f"[staleness] {model.model_name} age {age:g}: AUC {row['auc']}, "
               f"{row['behaviors_excluded_mean']:.1f} behaviors excluded per request",
               file=sys.stderr, flush=True)
+    # differences to the youngest cache, paired over the same impressions
+    for row, (delta, std) in zip(rows, paired_auc_deltas(labels, groups, served, bootstrap)):
+        row["auc_delta_vs_youngest"], row["auc_delta_std"] = delta, std
     return {"rows": rows, "one_shot": _metrics(labels, one_shot, groups),
             "ctrs_one_shot": one_shot}
 
@@ -226,6 +260,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="short window from the cache (default; as served) or from the "
                    "request time [interp] (only the long cache is stale)")
     p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--bootstrap", type=int, default=200,
+                   help="resamples of requests for the paired AUC-difference std (default 200)")
     p.add_argument("--out", help="output folder (default <work_dir>/staleness or ./staleness)")
 
 
@@ -251,17 +287,19 @@ def format_table(result: Dict) -> str:
     from tfmodels import metrics as M
     lines = [f"command: {result['command']}", "",
              f"cache age unit: {result['age_unit']:g} s; short window: {result['short']}", "",
-             "| model | cache age | AUC | GAUC | logloss | behaviors excluded / request | "
-             "requests with a stale cache | max abs diff vs one-shot |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| model | cache age | AUC | AUC - youngest cache's (paired bootstrap std) | GAUC | "
+             "logloss | behaviors excluded / request | requests with a stale cache | "
+             "max abs diff vs one-shot |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for m in result["models"]:
         o = m["one_shot"]
         lines.append(f"| {m['model']} | one-shot | {M.format_metric(o['auc'], o.get('auc_undefined'))}"
-                     f" | {M.format_metric(o['gauc'], o.get('gauc_undefined'))} | "
+                     f" | - | {M.format_metric(o['gauc'], o.get('gauc_undefined'))} | "
                      f"{M.format_metric(o['logloss'], o.get('logloss_undefined'))} | 0 | 0 | - |")
         for r in m["rows"]:
             lines.append(
                 f"| {m['model']} | {r['age']:g} | {M.format_metric(r['auc'], r.get('auc_undefined'))}"
+                f" | {r['auc_delta_vs_youngest']:+.4f} ({r['auc_delta_std']:.4f})"
                 f" | {M.format_metric(r['gauc'], r.get('gauc_undefined'))} | "
                 f"{M.format_metric(r['logloss'], r.get('logloss_undefined'))} | "
                 f"{r['behaviors_excluded_mean']:.1f} | {r['requests_with_excluded']} / "
@@ -320,7 +358,7 @@ def run(args, extra: Sequence[str] = ()) -> int:
               flush=True)
         res = staleness_of_model(model, records, requests, ages, args.age_unit,
                                  os.path.join(out, f"work-{name}"), args.batch_size,
-                                 args.short)
+                                 args.short, args.bootstrap)
         res.pop("ctrs_one_shot")
         result["models"].append({"model": name, "run_dir": run_dir, "data": cfg.data, **res})
         result["requests"] = len(requests)
