@@ -342,7 +342,8 @@ def test_registry_declarations_match_the_modules():
 ALL_COMMANDS = [["prepare"], ["train"], ["evaluate"], ["compare"], ["bench"],
                 ["bench", "serving"], ["bench", "precompute"], ["bench", "accuracy"],
                 ["export"], ["precompute"],
-                ["serve"], ["cluster"], ["cluster-bench"], ["replay"], ["lrea-grid"],
+                ["serve"], ["cluster"], ["cluster-bench"], ["replay"], ["staleness"],
+                ["lrea-grid"],
                 ["encode-report"], ["cluster-quality"], ["lcn-consistency"]]
 
 
