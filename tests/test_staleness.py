@@ -126,6 +126,33 @@ def test_age_zero_equals_one_shot(name, data_dir, tmp_path):
     assert rows[7]["behaviors_excluded_mean"] > rows[1]["behaviors_excluded_mean"] > 0
 
 
+def test_all_requests_cover_the_split(data_dir, tmp_path):
+    raw = _records(data_dir)
+    records, requests = ST.all_requests(raw)
+    total = 0
+    for r in raw:
+        idx = tf.train.Example.FromString(r).features.feature["imp_hist_index"].int64_list.value
+        total += len(idx)
+    assert sum(q["items"].size for q in requests) == total
+    assert len(requests) > len(last_requests(raw)[1])      # several requests per user
+    for rec, req in zip(records, requests):
+        f = tf.train.Example.FromString(rec).features.feature
+        p = len(f["hist_ts"].int64_list.value)
+        assert set(f["imp_hist_index"].int64_list.value) == {p}
+        assert all(t <= req["ts"] for t in f["hist_ts"].int64_list.value)
+    sub_records, sub = ST.all_requests(raw, max_requests=7)
+    assert len(sub) == 7 and len(sub_records) == 7
+    # age 0 over these requests is the one-shot path too
+    with open(os.path.join(data_dir, "meta.json")) as f:
+        fs = S.FeatureSchema(S.Vocab.from_meta(json.load(f)), 5, 24)
+    tf.keras.utils.set_random_seed(2)
+    model = build_model(fs, "din_l", emb_dim=4, mlp_hidden=[8], din_hidden=[8, 4])
+    res = ST.staleness_of_model(model, records, requests, [0], 86400, str(tmp_path), 32,
+                                bootstrap=5)
+    assert res["rows"][0]["auc"] == res["one_shot"]["auc"]
+    assert res["rows"][0]["max_abs_diff_vs_one_shot"] <= 1e-5
+
+
 def test_cli_staleness_on_a_trained_run(data_dir, tmp_path, capsys):
     run = str(tmp_path / "din_l")
     assert cli.main(["train", "--data", data_dir, "--model", "din_l", "--out_dir", run,

@@ -5,7 +5,9 @@ with ``--models``). For each trained run:
 
 1. the requests: each test user's last request (the impressions sharing the largest
    ``imp_hist_index``) with the history strictly before it -- exactly
-   :func:`lifelong.replay.last_requests`, so no behavior after the request is seen;
+   :func:`lifelong.replay.last_requests`, so no behavior after the request is seen
+   (``--requests all``: every request of the split, :func:`all_requests`, at most
+   ``--max_requests`` drawn uniformly);
 2. the **one-shot** CTRs: the model's ``serving_default`` signature over the
    request's windows from the training pipeline (:func:`tfmodels.data.make_dataset`);
 3. for each cache age ``a`` in ``--ages`` (default 0, 1, 3, 7, 14) x ``--age_unit``
@@ -101,6 +103,46 @@ def truncated_records(records: Sequence[bytes], requests: Sequence[Dict],
         out.append(S.encode_user_record(uid, key, history, {k: [] for k in S.IMPRESSION_FIELDS}))
         lost.append(ts.size - cut)
     return out, np.asarray(lost, np.int64)
+
+
+def all_requests(records, max_requests: int = 0, seed: int = 0
+                 ) -> Tuple[List[bytes], List[Dict]]:
+    """Every request of the split (``--requests all``): per user, each group of
+    impressions sharing an ``imp_hist_index`` p, with the history before it
+    (``history[:p]``), as :func:`lifelong.replay.last_requests` builds the last one.
+    ``max_requests`` > 0: that many, drawn uniformly without replacement (``seed``),
+    in split order. Returns (records, requests) like ``last_requests``."""
+    import tensorflow as tf
+    from lifelong.replay import _values
+    from tfmodels import schema as S
+    parsed, pairs = [], []
+    for raw in records:
+        f = tf.train.Example.FromString(raw).features.feature
+        idx = np.asarray(_values(f["imp_hist_index"], tf.int64), np.int64)
+        if idx.size == 0:
+            continue
+        parsed.append(f)
+        pairs += [(len(parsed) - 1, int(p)) for p in np.unique(idx)]
+    if max_requests and len(pairs) > max_requests:
+        keep = np.sort(np.random.default_rng(seed).choice(len(pairs), max_requests,
+                                                          replace=False))
+        pairs = [pairs[i] for i in keep]
+    out, requests = [], []
+    for u, p in pairs:
+        f = parsed[u]
+        sel = np.asarray(_values(f["imp_hist_index"], tf.int64), np.int64) == p
+        history = {k: _values(f[k], d)[:p] for k, d in S.HISTORY_FIELDS.items()
+                   if k in f or k not in S.OPTIONAL_HISTORY_DEFAULTS}
+        imps = {k: np.asarray(_values(f[k], d))[sel].tolist()
+                for k, d in S.IMPRESSION_FIELDS.items()}
+        uid = int(f["user_id"].int64_list.value[0])
+        key = f["user_key"].bytes_list.value[0].decode("utf-8") if "user_key" in f else str(uid)
+        out.append(S.encode_user_record(uid, key, history, imps))
+        requests.append({"user_id": uid, "items": np.asarray(imps["imp_item_id"], np.int64),
+                         "cates": np.asarray(imps["imp_cate_id"], np.int64),
+                         "labels": np.asarray(imps["imp_label"], np.float32),
+                         "ts": int(imps["imp_ts"][0])})
+    return out, requests
 
 
 # ---- served and one-shot CTRs --------------------------------------------------------------
@@ -250,7 +292,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="the prepared dataset (default: each run's own)")
     p.add_argument("--split", default="test", help="train | valid | test (default test)")
     p.add_argument("--users", type=int, default=500,
-                   help="requests, one per user (default 500; 0 = all)")
+                   help="--requests last: requests, one per user (default 500; 0 = all)")
+    p.add_argument("--requests", choices=["last", "all"], default="last",
+                   help="each user's last request (default) or every request of the split "
+                   "(per-event data such as MovieLens has one impression per request)")
+    p.add_argument("--max_requests", type=int, default=2000,
+                   help="--requests all: at most this many, drawn uniformly (default 2000; "
+                   "0 = all)")
     p.add_argument("--ages", default=DEFAULT_AGES,
                    help=f"cache ages in --age_unit (default {DEFAULT_AGES})")
     p.add_argument("--age_unit", type=float, default=86400.0,
@@ -336,8 +384,8 @@ def run(args, extra: Sequence[str] = ()) -> int:
         raise UsageError(f"--age_unit must be > 0 seconds, got {args.age_unit}")
     if args.split not in S.SPLITS:
         raise StalenessError(f"--split must be one of {', '.join(S.SPLITS)}, got {args.split!r}")
-    if args.users < 0 or args.batch_size < 1:
-        raise StalenessError("--users must be >= 0 and --batch_size >= 1")
+    if args.users < 0 or args.max_requests < 0 or args.batch_size < 1:
+        raise StalenessError("--users and --max_requests must be >= 0, --batch_size >= 1")
     runs = _run_dirs(args)
     out = args.out or (os.path.join(args.work_dir, "staleness") if args.work_dir
                        else "staleness")
@@ -347,11 +395,15 @@ def run(args, extra: Sequence[str] = ()) -> int:
     command = "lifelong " + " ".join(shlex.quote(a) for a in sys.argv[1:]) \
         if sys.argv[1:2] == ["staleness"] else "lifelong staleness ..."
     result = {"command": command, "ages": ages, "age_unit": args.age_unit,
-              "short": args.short, "models": []}
+              "short": args.short, "requests_kind": args.requests, "models": []}
     for name, run_dir in runs:
         cfg, model = load_run(run_dir, args.data)
-        records, requests = last_requests(
-            _read_records(S.split_pattern(cfg.data, args.split)), args.users)
+        if args.requests == "all":
+            records, requests = all_requests(
+                _read_records(S.split_pattern(cfg.data, args.split)), args.max_requests)
+        else:
+            records, requests = last_requests(
+                _read_records(S.split_pattern(cfg.data, args.split)), args.users)
         if not requests:
             raise StalenessError(f"no impressions in the {args.split} records of {cfg.data!r}")
         print(f"[staleness] {name} ({run_dir}): {len(requests)} requests", file=sys.stderr,
