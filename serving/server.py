@@ -40,7 +40,8 @@ version and its session callables), :mod:`serving.model_manager` (versions,
 :class:`Limits`), :mod:`serving.services` (the gRPC handlers) and this module (the
 server process: :class:`LocalServer`, ``lifelong serve``), with :mod:`serving.rest`
 (TF Serving's REST API and the Prometheus page on a second port, ``--rest_api_port``)
-and :mod:`serving.metrics` (the server's own metrics registry).
+and :mod:`serving.metrics` (the server's own metrics registry); ``--processes N``
+runs N such processes on one port with ``SO_REUSEPORT`` (:mod:`serving.server_procs`).
 """
 from __future__ import annotations
 
