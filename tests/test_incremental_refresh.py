@@ -87,7 +87,7 @@ def setup(tmp_path_factory):
 
     rep_old = run(old_path, "cache_old")
     rep_full = run(new_path, "cache_full")
-    return {"root": root, "run": run, "old_path": old_path, "new_path": new_path,
+    return {"root": root, "run": run, "old_path": old_path, "new_path": new_path, "base": base,
             "rep_old": rep_old, "rep_full": rep_full}
 
 
@@ -198,6 +198,25 @@ def test_old_cache_without_fingerprints_recomputes_everyone(setup, tmp_path):
     assert rep["users_to_model"] == len(UNCHANGED) + len(CHANGED) + len(NEW)
     _assert_same_cache(_by_user(setup["root"] / "cache_full"),
                        _by_user(setup["root"] / "cache_from_old_format"))
+
+
+def test_cli_previous_cache(setup, capsys):
+    from lifelong import cli
+    import json
+    db = str(setup["root"] / "cli.db")
+    capsys.readouterr()
+    assert cli.main(["precompute", "--records", setup["new_path"], "--model", "din_l",
+                     "--base", setup["base"], "--output", str(setup["root"] / "cache_cli"),
+                     "--previous_cache", str(setup["root"] / "cache_old"),
+                     "--store", f"sqlite:{db}"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert (rep["users_carried"], rep["users_to_model"], rep["removed_user_ids"]) == (
+        len(UNCHANGED), len(CHANGED) + len(NEW), REMOVED)
+    assert rep["loaded"] == len(UNCHANGED + CHANGED + NEW)
+    assert cli.main(["precompute", "--records", setup["new_path"], "--model", "din_l",
+                     "--base", setup["base"], "--output", str(setup["root"] / "cache_cli"),
+                     "--previous_cache", str(setup["root"] / "none")]) == 2
+    assert "holds no cache records" in capsys.readouterr().err
 
 
 def test_previous_cache_errors(setup):
