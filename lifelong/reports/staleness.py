@@ -74,8 +74,9 @@ def truncate_history(hist_ts: np.ndarray, request_ts: int, age_s: float) -> int:
     hist_ts = np.asarray(hist_ts, np.int64)
     if age_s <= 0:
         return int(hist_ts.size)
-    # ts is non-decreasing in a record (prepare sorts by time); a count, not a
-    # searchsorted, so an unsorted record still keeps only old-enough rows' prefix
+    # ts is non-decreasing in a record (prepare sorts by time); the prefix up to the
+    # first row newer than the cutoff, so even an unsorted record never lets a newer
+    # row into the cache
     cutoff = request_ts - age_s
     keep = hist_ts <= cutoff
     return int(np.argmin(keep)) if not keep.all() else int(hist_ts.size)
