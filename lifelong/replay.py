@@ -52,6 +52,28 @@ def _values(feature, dtype) -> list:
     return list(feature.float_list.value if dtype == tf.float32 else feature.int64_list.value)
 
 
+def request_at(f, p: int) -> Tuple[bytes, Dict]:
+    """One request of a parsed per-user record ``f`` (its feature map): the impressions
+    whose ``imp_hist_index`` is ``p``. Returns (a record holding only the history before
+    them, ``history[:p]``, and those impressions; the request ``user_id``, ``items``,
+    ``cates``, ``labels``, ``ts``). Shared by :func:`last_requests` and the staleness
+    report's every-request mode."""
+    import tensorflow as tf
+    from tfmodels import schema as S
+    sel = np.asarray(_values(f["imp_hist_index"], tf.int64), np.int64) == p
+    history = {k: _values(f[k], d)[:p] for k, d in S.HISTORY_FIELDS.items()
+               if k in f or k not in S.OPTIONAL_HISTORY_DEFAULTS}
+    imps = {k: np.asarray(_values(f[k], d))[sel].tolist()
+            for k, d in S.IMPRESSION_FIELDS.items()}
+    uid = int(f["user_id"].int64_list.value[0])
+    key = f["user_key"].bytes_list.value[0].decode("utf-8") if "user_key" in f else str(uid)
+    record = S.encode_user_record(uid, key, history, imps)
+    return record, {"user_id": uid, "items": np.asarray(imps["imp_item_id"], np.int64),
+                    "cates": np.asarray(imps["imp_cate_id"], np.int64),
+                    "labels": np.asarray(imps["imp_label"], np.float32),
+                    "ts": int(imps["imp_ts"][0])}
+
+
 def last_requests(records: Iterable[bytes], max_users: int = 0) -> Tuple[List[bytes], List[Dict]]:
     """Per user with impressions: a record holding only the history before the user's
     last request and that request's impressions, and the request itself
@@ -64,19 +86,9 @@ def last_requests(records: Iterable[bytes], max_users: int = 0) -> Tuple[List[by
         idx = np.asarray(_values(f["imp_hist_index"], tf.int64), np.int64)
         if idx.size == 0:
             continue
-        p = int(idx.max())
-        sel = idx == p
-        history = {k: _values(f[k], d)[:p] for k, d in S.HISTORY_FIELDS.items()
-                   if k in f or k not in S.OPTIONAL_HISTORY_DEFAULTS}
-        imps = {k: np.asarray(_values(f[k], d))[sel].tolist()
-                for k, d in S.IMPRESSION_FIELDS.items()}
-        uid = int(f["user_id"].int64_list.value[0])
-        key = f["user_key"].bytes_list.value[0].decode("utf-8") if "user_key" in f else str(uid)
-        out.append(S.encode_user_record(uid, key, history, imps))
-        requests.append({"user_id": uid, "items": np.asarray(imps["imp_item_id"], np.int64),
-                         "cates": np.asarray(imps["imp_cate_id"], np.int64),
-                         "labels": np.asarray(imps["imp_label"], np.float32),
-                         "ts": int(imps["imp_ts"][0])})
+        record, request = request_at(f, int(idx.max()))
+        out.append(record)
+        requests.append(request)
         if max_users and len(requests) >= max_users:
             break
     return out, requests

@@ -114,8 +114,7 @@ def all_requests(records, max_requests: int = 0, seed: int = 0
     ``max_requests`` > 0: that many, drawn uniformly without replacement (``seed``),
     in split order. Returns (records, requests) like ``last_requests``."""
     import tensorflow as tf
-    from lifelong.replay import _values
-    from tfmodels import schema as S
+    from lifelong.replay import _values, request_at
     parsed, pairs = [], []
     for raw in records:
         f = tf.train.Example.FromString(raw).features.feature
@@ -130,19 +129,9 @@ def all_requests(records, max_requests: int = 0, seed: int = 0
         pairs = [pairs[i] for i in keep]
     out, requests = [], []
     for u, p in pairs:
-        f = parsed[u]
-        sel = np.asarray(_values(f["imp_hist_index"], tf.int64), np.int64) == p
-        history = {k: _values(f[k], d)[:p] for k, d in S.HISTORY_FIELDS.items()
-                   if k in f or k not in S.OPTIONAL_HISTORY_DEFAULTS}
-        imps = {k: np.asarray(_values(f[k], d))[sel].tolist()
-                for k, d in S.IMPRESSION_FIELDS.items()}
-        uid = int(f["user_id"].int64_list.value[0])
-        key = f["user_key"].bytes_list.value[0].decode("utf-8") if "user_key" in f else str(uid)
-        out.append(S.encode_user_record(uid, key, history, imps))
-        requests.append({"user_id": uid, "items": np.asarray(imps["imp_item_id"], np.int64),
-                         "cates": np.asarray(imps["imp_cate_id"], np.int64),
-                         "labels": np.asarray(imps["imp_label"], np.float32),
-                         "ts": int(imps["imp_ts"][0])})
+        record, request = request_at(parsed[u], p)
+        out.append(record)
+        requests.append(request)
     return out, requests
 
 
