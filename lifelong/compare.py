@@ -239,14 +239,17 @@ def finished_run(cfg) -> Optional[Tuple[Dict, Dict]]:
 
 def _same_training(a: Optional[Dict], b: Dict) -> bool:
     """Equal configs up to ``out_dir``: where a run lives is not what was trained, so a
-    finished run copied or moved into another work directory is still reused."""
+    finished run copied or moved into another work directory is still reused. The
+    speed-only fields (``TrainConfig.SPEED_ONLY``: XLA, the DIN unit's layout, the input
+    pipeline) are not compared either: they change how fast the same function trains."""
     if a is None:
         return False
+    from tfmodels.train import TrainConfig
     # A field added to TrainConfig after a run was recorded is missing from its config;
     # at its default value it is the same training (the code before the field did that).
     defaults = json.loads(json.dumps(model_configs.train_defaults(), default=str))
     missing = object()
-    for k in (set(a) | set(b)) - {"out_dir"}:
+    for k in (set(a) | set(b)) - {"out_dir", *TrainConfig.SPEED_ONLY}:
         va, vb = a.get(k, defaults.get(k, missing)), b.get(k, defaults.get(k, missing))
         if va is missing or vb is missing or va != vb:
             return False

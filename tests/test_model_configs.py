@@ -118,6 +118,12 @@ def test_running_comparison_keeps_its_finished_runs(tmp_path, source):
         assert C._same_training(older, C._config_dict(cfg))
         assert not C._same_training(older, {**C._config_dict(cfg), "crp_weight": 0.1})
         assert not C._same_training(recorded, {**C._config_dict(cfg), "epochs": 3})
+        # speed-only fields never force a retrain (same function, tested equal elsewhere)
+        fast = {**C._config_dict(cfg), "din_path": "per_candidate", "jit_compile": "on",
+                "input_pipeline": "legacy"}
+        assert C._same_training(recorded, fast)
+        assert C._same_training({**recorded, "din_path": "rows"}, C._config_dict(cfg))
+        assert not C._same_training(recorded, {**fast, "learning_rate": 0.123})
 
 
 # ---- precedence ----------------------------------------------------------------------------

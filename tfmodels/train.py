@@ -109,6 +109,12 @@ class TrainConfig:
     din_path: str = "folded"
     input_pipeline: str = "parallel"
 
+
+    #: the fields above that change how fast a run trains, not what it trains (tested equal
+    #: up to float rounding in tests/test_train_speed_paths.py): ``compare --resume``
+    #: reuses a finished run whatever its values were
+    SPEED_ONLY = ("jit_compile", "din_path", "input_pipeline")
+
     def validate(self) -> "TrainConfig":
         if not self.data:
             raise ConfigError("--data is required (a directory written by `lifelong prepare`)")
