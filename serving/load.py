@@ -52,6 +52,29 @@ def _kind(e: BaseException) -> str:
     return type(e).__name__
 
 
+class _Tally:
+    """Latencies and error kinds of calls made from several threads (one lock): what
+    the closed and the open loop both record per request."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.lat: List[float] = []
+        self.kinds: Dict[str, int] = {}
+
+    def call(self, call: Callable[[int], object], i: int, since: float) -> None:
+        """``call(i)``; its latency from ``since`` (perf_counter seconds) on success,
+        its error kind counted otherwise (never fatal)."""
+        try:
+            call(i)
+        except Exception as e:  # counted, never fatal
+            with self.lock:
+                self.kinds[_kind(e)] = self.kinds.get(_kind(e), 0) + 1
+            return
+        dt = time.perf_counter() - since
+        with self.lock:
+            self.lat.append(dt)
+
+
 def _result(mode, threads, rate, lat: List[float], kinds: Dict[str, int], seconds: float):
     errors = sum(kinds.values())
     arr = np.asarray(lat) * 1e3
@@ -66,36 +89,25 @@ def closed_loop(call: Callable[[int], object], threads: int, seconds: float,
     ``max_requests`` in all)."""
     if threads < 1 or seconds <= 0:
         raise ValueError(f"threads must be >= 1 and seconds > 0, got {threads}, {seconds}")
-    lock = threading.Lock()
-    lat: List[float] = []
-    kinds: Dict[str, int] = {}
+    tally = _Tally()
     counter = iter(range(max_requests))
     t0 = time.perf_counter()
     stop = t0 + seconds
 
     def worker():
         while time.perf_counter() < stop:
-            with lock:
+            with tally.lock:
                 i = next(counter, None)
             if i is None:
                 return
-            t = time.perf_counter()
-            try:
-                call(i)
-            except Exception as e:  # counted, never fatal
-                with lock:
-                    kinds[_kind(e)] = kinds.get(_kind(e), 0) + 1
-                continue
-            dt = time.perf_counter() - t
-            with lock:
-                lat.append(dt)
+            tally.call(call, i, time.perf_counter())
 
     ths = [threading.Thread(target=worker, name=f"load-{k}") for k in range(threads)]
     for th in ths:
         th.start()
     for th in ths:
         th.join()
-    return _result("closed", threads, None, lat, kinds, time.perf_counter() - t0)
+    return _result("closed", threads, None, tally.lat, tally.kinds, time.perf_counter() - t0)
 
 
 def open_loop(call: Callable[[int], object], rate: float, seconds: float,
@@ -106,20 +118,7 @@ def open_loop(call: Callable[[int], object], rate: float, seconds: float,
         raise ValueError(f"rate, seconds and max_in_flight must be positive, got {rate}, "
                          f"{seconds}, {max_in_flight}")
     n = int(rate * seconds)
-    lock = threading.Lock()
-    lat: List[float] = []
-    kinds: Dict[str, int] = {}
-
-    def one(i: int, scheduled: float):
-        try:
-            call(i)
-        except Exception as e:  # counted, never fatal
-            with lock:
-                kinds[_kind(e)] = kinds.get(_kind(e), 0) + 1
-            return
-        dt = time.perf_counter() - scheduled
-        with lock:
-            lat.append(dt)
+    tally = _Tally()
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="open-load") as pool:
@@ -128,5 +127,6 @@ def open_loop(call: Callable[[int], object], rate: float, seconds: float,
             delay = scheduled - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            pool.submit(one, i, scheduled)     # queued when every thread is busy
-    return _result("open", max_in_flight, float(rate), lat, kinds, time.perf_counter() - t0)
+            pool.submit(tally.call, call, i, scheduled)  # queued when every thread is busy
+    return _result("open", max_in_flight, float(rate), tally.lat, tally.kinds,
+                   time.perf_counter() - t0)
