@@ -28,6 +28,15 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                         "an existing one is an error: stale shards would mix in)")
     g.add_argument("--num_shards", type=int, default=4,
                    help="TFRecord shards per split (default 4)")
+    g.add_argument("--record_format", default="full", choices=["full", "compact"],
+                   help="per-user record layout: full (default; per_user_record, every field "
+                        "per behavior) | compact (per_user_record_compact_v1: item-side fields "
+                        "in vocab/item_table.tsv, timestamp deltas, engagement quantised to "
+                        "--engage_step; see docs/data.md)")
+    g.add_argument("--engage_step", type=float, default=None,
+                   help="compact: engagement quantisation step, a power of two (default per "
+                        "source: movielens 0.5 (half stars, exact), taobao / taobao_ad 1 "
+                        "(behavior codes, exact), synthetic 1/16 (|error| <= 1/32))")
 
     g = parser.add_argument_group("protocol")
     g.add_argument("--protocol", default=None,
@@ -170,6 +179,16 @@ def add_precompute_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_shards", type=int, default=0, help="output shards (0 = runner decides)")
     p.add_argument("--no_reshuffle", action="store_true",
                    help="skip the Reshuffle before inference (single process runs)")
+    p.add_argument("--engine", choices=("batched", "runinference"), default="batched",
+                   help="batched (default): users in chunks and batches, records keyed from "
+                   "their raw bytes, cache rows encoded per batch (beam_jobs/"
+                   "precompute_batched.py); runinference: the earlier tfx-bsl RunInference "
+                   "pipeline, one Beam element per user, gzip output")
+    p.add_argument("--batch_size", type=int, default=64,
+                   help="batched engine: users per user_tower call (default 64)")
+    p.add_argument("--cache_compression", choices=("none", "gzip"), default="none",
+                   help="batched engine: cache file compression (default none: float cache "
+                   "rows barely compress and gzip costs more CPU than the model)")
     p.add_argument("--store", help="also load the cache into a store: sqlite:PATH or "
                    "redis://host:port/db")
     p.add_argument("--previous_cache",

@@ -22,7 +22,8 @@ from beam_jobs import adapters as A
 from beam_jobs.prepare_protocols import split_index
 from beam_jobs.prepare_transforms import (ApplyProtocol, EncodeRecords, ExactCuts, GenerateUsers,
                                           ParseRows, _hour, _hour_of_key)
-from beam_jobs.prepare_vocab import (CategoryOfItem, build_vocab, vocab_counts,
+from beam_jobs.prepare_vocab import (CategoryOfItem, build_item_table, build_vocab,
+                                     item_domain_rows, item_table_tsv, vocab_counts,
                                      vocab_item_rows, vocab_tsv)
 from beam_jobs.sharded_io import (WriteCounts, join, read_text_file, write_split,
                                   write_text_file)
@@ -166,8 +167,23 @@ def build_pipeline(p: beam.Pipeline, settings: Mapping[str, Any], args: argparse
     counts_parts.append(user_vocab | "usersCounts" >> beam.Map(vocab_counts, "users"))
 
     # ---- 6. encode and write sharded TFRecords ----------------------------------------------
-    encoded = records | "Encode" >> beam.ParDo(
-        EncodeRecords(), beam.pvalue.AsSingleton(user_vocab)).with_outputs("counts", main="records")
+    if settings.get("record_format", "full") == "compact":
+        # the item table (item id -> category, domain) of the compact records
+        item_domains = (users
+                        | "ItemDomainRows" >> beam.FlatMap(item_domain_rows)
+                        | "DomainOfItem" >> beam.CombinePerKey(CategoryOfItem())
+                        | "ItemDomainList" >> beam.combiners.ToList())
+        item_table = (item_vocab | "ItemTable" >> beam.Map(
+            build_item_table, cate_si, beam.pvalue.AsSingleton(item_domains)))
+        _ = (item_table | "ItemTableTsv" >> beam.Map(item_table_tsv)
+             | "Write_item_table" >> beam.Map(write_text_file, join(out, S.ITEM_TABLE_FILE)))
+        encoded = records | "Encode" >> beam.ParDo(
+            EncodeRecords(settings["engage_step"]), beam.pvalue.AsSingleton(user_vocab),
+            beam.pvalue.AsSingleton(item_table)).with_outputs("counts", main="records")
+    else:
+        encoded = records | "Encode" >> beam.ParDo(
+            EncodeRecords(), beam.pvalue.AsSingleton(user_vocab)).with_outputs(
+            "counts", main="records")
     counts_parts.append(encoded.counts)
     encoded = encoded.records
     by_split = encoded | "BySplit" >> beam.Partition(_split_of, len(S.SPLITS))

@@ -249,7 +249,12 @@ def split_index(key, cuts: Sequence[Any]) -> int:
     return len(cuts)
 
 
-def encode_record(rec: Mapping[str, Any], user_ids: Mapping[str, int]) -> bytes:
-    """Record -> serialized per-user tf.Example (validated, deterministic bytes)."""
+def encode_record(rec: Mapping[str, Any], user_ids: Mapping[str, int],
+                  item_table: Optional["S.ItemTable"] = None, engage_step: float = 1.0) -> bytes:
+    """Record -> serialized per-user tf.Example (validated, deterministic bytes); with an
+    ``item_table``, in the compact format (:func:`tfmodels.schema.encode_compact_user_record`)."""
+    if item_table is not None:
+        return S.encode_compact_user_record(user_ids[rec["user_key"]], rec["user_key"],
+                                            rec["hist"], rec["imps"], item_table, engage_step)
     return S.encode_user_record(user_ids[rec["user_key"]], rec["user_key"], rec["hist"],
                                 rec["imps"])

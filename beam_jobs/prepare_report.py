@@ -50,7 +50,7 @@ def build_report(counts: Mapping[str, Any], settings: Mapping[str, Any],
     records = {s: int(counts.get("records", {}).get(s, 0)) for s in S.SPLITS}
     history_rows = {s: int(counts.get("history_rows", {}).get(s, 0)) for s in S.SPLITS}
     report: Dict[str, Any] = {
-        "format": "per_user_record",
+        "format": S.RECORD_FORMATS[settings.get("record_format", "full")],
         "vocab": {"num_items": n_items + S.FIRST_ID, "num_categories": n_cates + S.FIRST_ID,
                   "num_users": n_users + S.FIRST_ID, "num_domains": num_domains,
                   "pad_id": S.PAD_ID, "oov_id": S.OOV_ID, "first_id": S.FIRST_ID,
@@ -79,6 +79,13 @@ def build_report(counts: Mapping[str, Any], settings: Mapping[str, Any],
         "max_history": int(args.max_history),
         "min_item_count": int(args.min_item_count),
     }
+    if settings.get("record_format", "full") == "compact":
+        step = float(settings["engage_step"])
+        report["record"] = {
+            "item_table": S.ITEM_TABLE_FILE, "engage_step": step,
+            "engage_max_abs_error": step / 2,
+            "layout": "per behavior: item id, timestamp delta, round(engage / engage_step); "
+                      "category and domain from the item table (exceptions stored per row)"}
     if settings.get("time_window") is not None:
         report["valid_time_window"] = {
             **A.TimeWindow(*settings["time_window"]).to_dict(),

@@ -284,8 +284,23 @@ class ApplyProtocol(_CountingDoFn):
 
 
 class EncodeRecords(_CountingDoFn):
-    """Record -> ``(split, bytes)``; tagged ``counts`` per split."""
+    """Record -> ``(split, bytes)``; tagged ``counts`` per split. With ``engage_step``
+    and the item table side input (a dict of ``cate`` / ``domain`` lists): the compact
+    format."""
 
-    def process(self, rec, user_vocab):
+    def __init__(self, engage_step: Optional[float] = None):
+        super().__init__()
+        self._step = engage_step
+
+    def process(self, rec, user_vocab, item_table=None):
         self._count(_record_counts(rec))
-        yield rec["split"], encode_record(rec, user_vocab["ids"])
+        table = None
+        if item_table is not None:
+            table = getattr(self, "_table", None)
+            if table is None or self._table_src is not item_table:   # once per side input
+                from tfmodels import schema as S
+                import numpy as np
+                table = S.ItemTable(np.asarray(item_table["cate"], np.int64),
+                                    np.asarray(item_table["domain"], np.int64))
+                self._table, self._table_src = table, item_table
+        yield rec["split"], encode_record(rec, user_vocab["ids"], table, self._step or 1.0)

@@ -80,3 +80,33 @@ def vocab_counts(vocab, name: str) -> Dict[str, Any]:
     """A vocabulary -> its contribution to the report (entries, OOV keys and rows)."""
     return {"vocab_entries": {name: len(vocab["keys"]), f"oov_{name}": vocab["oov_keys"],
                               f"oov_{name}_rows": vocab["oov_rows"]}}
+
+
+def item_domain_rows(user):
+    """A user -> ``(item_key, domain)`` of every event (impressions carry no domain)."""
+    for e in user[1]:
+        yield (e[0], int(e[4]))
+
+
+def build_item_table(item_vocab: Mapping[str, Any], cate_vocab: Mapping[str, Any],
+                     item_domains: Iterable[Tuple[str, Tuple[int, int]]]) -> Dict[str, list]:
+    """The compact format's item table: ``cate[i]`` / ``domain[i]`` by dense item id.
+
+    An item's category is its vocabulary category (the most frequent one,
+    :class:`CategoryOfItem`), its domain the most frequent domain of its events (the
+    target domain for an item seen only in impressions). Row 0 = padding (0, 0), row 1
+    = the OOV item (OOV category, default domain): rows that differ are stored in the
+    record itself.
+    """
+    domain_of = {k: d for k, (_, d) in item_domains}
+    cate_ids = cate_vocab["ids"]
+    cate = [S.PAD_ID, S.OOV_ID] + [cate_ids.get(c, S.OOV_ID) for c in item_vocab["cates"]]
+    domain = [S.PAD_ID, S.DEFAULT_DOMAIN] + [int(domain_of.get(k, S.TARGET_DOMAIN))
+                                             for k in item_vocab["keys"]]
+    return {"cate": cate, "domain": domain}
+
+
+def item_table_tsv(table: Mapping[str, list]) -> str:
+    import numpy as np
+    return S.ItemTable(np.asarray(table["cate"], np.int64),
+                       np.asarray(table["domain"], np.int64)).to_tsv()

@@ -23,6 +23,7 @@ impression, most recent first, as above (:func:`domain_history`).
 """
 from __future__ import annotations
 
+import os
 from typing import Dict, Optional, Tuple
 
 import tfmodels  # noqa: F401
@@ -35,12 +36,37 @@ from tfmodels import schema as S
 IMPRESSION_CHUNK = 64
 
 
-def parse_user_records(serialized: tf.Tensor, with_impressions: bool = True) -> Dict[str, tf.Tensor]:
-    """Parse ONE serialized per-user record into dense 1-D tensors."""
-    parsed = tf.io.parse_single_example(serialized, S.user_record_parse_spec(with_impressions))
-    out = {}
-    for name, value in parsed.items():
-        out[name] = tf.sparse.to_dense(value) if isinstance(value, tf.SparseTensor) else value
+def _dense(parsed: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
+    return {name: tf.sparse.to_dense(value) if isinstance(value, tf.SparseTensor) else value
+            for name, value in parsed.items()}
+
+
+def parse_user_records(serialized: tf.Tensor, with_impressions: bool = True,
+                       item_table: Optional[S.ItemTable] = None) -> Dict[str, tf.Tensor]:
+    """Parse ONE serialized per-user record into dense 1-D tensors (the full layout).
+
+    ``item_table`` (:func:`schema.load_item_table`): the records are in the compact
+    format (``per_user_record_compact_v1``) and are decoded with it
+    (:func:`schema.decode_compact_tensors`); None = the full format, and a compact
+    record met there fails with a message saying its item table is missing.
+    """
+    if item_table is not None:
+        parsed = _dense(tf.io.parse_single_example(
+            serialized, S.compact_parse_spec(with_impressions)))
+        out = S.decode_compact_tensors(parsed, tf.constant(item_table.cate, tf.int64),
+                                       tf.constant(item_table.domain, tf.int64))
+    else:
+        spec = dict(S.user_record_parse_spec(with_impressions))
+        spec["record_format"] = tf.io.FixedLenFeature([], tf.string, default_value=b"")
+        out = _dense(tf.io.parse_single_example(serialized, spec))
+        marker = out.pop("record_format")
+        with tf.control_dependencies([tf.debugging.Assert(
+                tf.not_equal(marker, S.COMPACT_MARKER),
+                [f"a compact per-user record ({S.FORMAT_COMPACT}) was read without its item "
+                 f"table: read the prepared dataset through make_dataset (which loads "
+                 f"{S.ITEM_TABLE_FILE} when meta.json says compact) or pass item_table="
+                 "tfmodels.schema.load_item_table(data_dir)"])]):
+            out["user_id"] = tf.identity(out["user_id"])
     # Optional history fields a record does not store get their default per row
     # (hist_cluster_size: 1 = every row is one real behavior).
     n_hist = tf.shape(out["hist_item_id"])[0]
@@ -195,8 +221,9 @@ def widen_windows(batch: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
 
 
 def _expand_user(serialized: tf.Tensor, short_len: int, long_len: int,
-                 cross_domain: bool = False, pipeline: str = "legacy") -> tf.data.Dataset:
-    record = parse_user_records(serialized)
+                 cross_domain: bool = False, pipeline: str = "legacy",
+                 item_table: Optional[S.ItemTable] = None) -> tf.data.Dataset:
+    record = parse_user_records(serialized, item_table=item_table)
     history = {k: record[k] for k in S.HISTORY_FIELDS if k in record}
     scalars = {"user_id": record["user_id"]}
     imps = {k: record[k] for k in S.IMPRESSION_FIELDS}
@@ -216,6 +243,16 @@ def _expand_user(serialized: tf.Tensor, short_len: int, long_len: int,
     return chunks.unbatch()
 
 
+def item_table_for(pattern: str):
+    """The item table of the prepared dataset a file pattern points into: None when its
+    folder's meta.json says full format or there is no meta.json (bare TFRecords are
+    read as full; a compact record among them then fails with a clear message)."""
+    data_dir = os.path.dirname(pattern)
+    if not tf.io.gfile.exists(os.path.join(data_dir, S.META_FILE)):
+        return None
+    return S.load_item_table(data_dir)
+
+
 def list_files(pattern: str) -> list:
     files = sorted(tf.io.gfile.glob(pattern))
     if not files:
@@ -227,8 +264,14 @@ def make_dataset(pattern: str, short_len: int, long_len: int, batch_size: int,
                  shuffle: bool = False, seed: Optional[int] = None,
                  shuffle_buffer: int = 20000, repeat: bool = False,
                  drop_remainder: bool = False, cycle_length: int = 4,
-                 cross_domain: bool = False, pipeline: str = "parallel") -> tf.data.Dataset:
+                 cross_domain: bool = False, pipeline: str = "parallel",
+                 item_table="auto") -> tf.data.Dataset:
     """Batched window examples from sharded per-user TFRecords.
+
+    ``item_table``: ``"auto"`` (default) reads the record format from the meta.json
+    beside the files (:func:`item_table_for`: compact records are decoded with the
+    dataset's item table); an :class:`~tfmodels.schema.ItemTable` or None (full) says
+    it explicitly.
 
     Each element is a dict of the schema's window features plus ``label``
     (``cross_domain``: the per-domain windows, see the module docstring).
@@ -244,6 +287,10 @@ def make_dataset(pattern: str, short_len: int, long_len: int, batch_size: int,
     if pipeline not in PIPELINES:
         raise ValueError(f"pipeline must be one of {PIPELINES}, got {pipeline!r}")
     files = list_files(pattern)
+    if isinstance(item_table, str):
+        if item_table != "auto":
+            raise ValueError(f"item_table must be 'auto', None or an ItemTable, got {item_table!r}")
+        item_table = item_table_for(pattern)
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
@@ -251,7 +298,8 @@ def make_dataset(pattern: str, short_len: int, long_len: int, batch_size: int,
                        cycle_length=min(cycle_length, len(files)), block_length=16,
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # Interleave users so a heavy user's impressions are spread out before the shuffle.
-    ds = ds.interleave(lambda x: _expand_user(x, short_len, long_len, cross_domain, pipeline),
+    ds = ds.interleave(lambda x: _expand_user(x, short_len, long_len, cross_domain, pipeline,
+                                              item_table),
                        cycle_length=16 if shuffle else 1, block_length=1,
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if shuffle:
@@ -265,17 +313,19 @@ def make_dataset(pattern: str, short_len: int, long_len: int, batch_size: int,
 
 
 def user_history_features(serialized: tf.Tensor, schema: S.FeatureSchema,
-                          snapshot_ts: Optional[tf.Tensor] = None) -> Dict[str, tf.Tensor]:
+                          snapshot_ts: Optional[tf.Tensor] = None,
+                          item_table: Optional[S.ItemTable] = None) -> Dict[str, tf.Tensor]:
     """Long and short windows over a user's WHOLE stored history (or before ``snapshot_ts``).
 
     This is what the user tower sees offline: ``serialized`` is a batch [B] of
     per-user records (impressions ignored); windows end at the last behavior
     (``ref_ts`` = the last behavior's timestamp, or ``snapshot_ts``). The windows are
     the schema's (cross-domain ones with ``schema.cross_domain``), built by the same
-    code as the training pipeline's.
+    code as the training pipeline's. ``item_table``: the records are compact (see
+    :func:`parse_user_records`).
     """
     def one(x):
-        rec = parse_user_records(x, with_impressions=False)
+        rec = parse_user_records(x, with_impressions=False, item_table=item_table)
         history = {k: rec[k] for k in S.HISTORY_FIELDS if k in rec}
         h = tf.shape(rec["hist_ts"], out_type=tf.int64)[0]
         if snapshot_ts is None:

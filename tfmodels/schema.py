@@ -127,6 +127,20 @@ def encode_user_record(user_id: int, user_key: str, history: Mapping[str, Sequen
     """
     feats = {"user_id": _int_feature([int(user_id)]),
              "user_key": _bytes_feature([str(user_key).encode("utf-8")])}
+    for name, dtype, values in _checked_fields(history, impressions):
+        if dtype == tf.float32:
+            feats[name] = _float_feature(float(v) for v in values)
+        else:
+            feats[name] = _int_feature(int(v) for v in values)
+    # deterministic: map order in the bytes must not depend on the process (Beam workers)
+    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(
+        deterministic=True)
+
+
+def _checked_fields(history: Mapping[str, Sequence], impressions: Mapping[str, Sequence]):
+    """Validate a record against the schema; returns ``[(name, dtype, values)]`` of the
+    fields to store (both formats share these checks)."""
+    out = []
     for group, fields in (("history", HISTORY_FIELDS), ("impressions", IMPRESSION_FIELDS)):
         values = history if group == "history" else impressions
         if group == "history":
@@ -139,10 +153,7 @@ def encode_user_record(user_id: int, user_key: str, history: Mapping[str, Sequen
         if len(set(lengths.values())) > 1:
             raise RecordError(f"{group} fields differ in length: {lengths}")
         for name, dtype in fields.items():
-            if dtype == tf.float32:
-                feats[name] = _float_feature(float(v) for v in values[name])
-            else:
-                feats[name] = _int_feature(int(v) for v in values[name])
+            out.append((name, dtype, values[name]))
     ts = list(history["hist_ts"])
     if any(b < a for a, b in zip(ts, ts[1:])):
         raise RecordError("history timestamps must be non-decreasing (oldest first)")
@@ -156,9 +167,7 @@ def encode_user_record(user_id: int, user_key: str, history: Mapping[str, Sequen
             raise RecordError(f"{name} holds padding/negative ids; real ids start at {OOV_ID}")
     if "hist_cluster_size" in history and any(int(v) < 1 for v in history["hist_cluster_size"]):
         raise RecordError("hist_cluster_size must be >= 1 (a row stands for n >= 1 behaviors)")
-    # deterministic: map order in the bytes must not depend on the process (Beam workers)
-    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(
-        deterministic=True)
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -331,3 +340,315 @@ def gap_bucket_np(gap_seconds: np.ndarray) -> np.ndarray:
 
 def names_with_prefix(prefix: str) -> List[str]:
     return [seq_name(prefix, f) for f in SEQUENCE_FIELDS] + [f"{prefix}_len"]
+
+
+# --------------------------------------------------------------------------------------
+# 3. Compact per-user record (issue 19 item 5; docs/data.md "Record formats")
+# --------------------------------------------------------------------------------------
+# Still ONE tf.train.Example per user (plain int64/float/bytes lists, readable by TFX
+# tools), but the item-side fields live once in an ITEM TABLE (vocab/item_table.tsv:
+# item id -> category id, domain) written by prepare next to the vocabularies and
+# looked up when the record is read; per behavior only the item id, the timestamp as a
+# delta to the previous behavior (small varints) and the engagement quantised to an
+# integer multiple of ``engage_step`` remain. Rows whose category / domain differ from
+# the table's (an out-of-vocabulary item: id 1 stands for many raw items; an item seen
+# under several categories) are kept exactly as sparse exceptions (row, value), so every
+# field decodes to the full format's value, engagement up to the stated quantisation.
+FORMAT_FULL = "per_user_record"
+FORMAT_COMPACT = "per_user_record_compact_v1"
+RECORD_FORMATS = {"full": FORMAT_FULL, "compact": FORMAT_COMPACT}
+COMPACT_MARKER = b"compact_v1"   # the record's own "record_format" feature
+ITEM_TABLE_FILE = "vocab/item_table.tsv"   # relative to the prepared dataset
+ITEM_TABLE_HEADER = "item_id\tcate_id\tdomain"
+# Fields of a compact record (int64 lists unless said otherwise):
+#   record_format (bytes) COMPACT_MARKER; user_id; user_key (bytes);
+#   hist_item_id; hist_ts_delta (ts[0], then ts[i] - ts[i-1] >= 0); hist_engage_q
+#   (round(engage / step)); engage_step (float, one value, a power of two);
+#   hist_cate_exc_pos / hist_cate_exc_id and hist_domain_exc_pos / hist_domain_exc_val
+#   (rows that differ from the item table); hist_cluster_size (optional, as full);
+#   imp_item_id; imp_cate_exc_pos / imp_cate_exc_id; imp_ts_delta (as hist_ts_delta,
+#   signed); imp_label_q (integer labels); imp_hist_index_delta (signed deltas).
+_COMPACT_INT_LISTS = ("hist_item_id", "hist_ts_delta", "hist_engage_q", "hist_cate_exc_pos",
+                      "hist_cate_exc_id", "hist_domain_exc_pos", "hist_domain_exc_val",
+                      "hist_cluster_size")
+_COMPACT_IMP_LISTS = ("imp_item_id", "imp_cate_exc_pos", "imp_cate_exc_id", "imp_ts_delta",
+                      "imp_label_q", "imp_hist_index_delta")
+
+
+class CompactRecordError(RecordError, LifelongError):
+    """A compact per-user record cannot be written or decoded (an item id outside the
+    item table, an engagement step that is not a power of two, non-integer labels)."""
+
+
+class MissingItemTableError(FileNotFoundError, LifelongError):
+    """A compact per-user record dataset is read without its item table."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ItemTable:
+    """Item-side fields by dense item id: ``cate[i]``, ``domain[i]`` (row 0 = padding,
+    row 1 = the out-of-vocabulary item: category OOV, the default domain)."""
+    cate: np.ndarray
+    domain: np.ndarray
+    source: str = "an item table"
+
+    def __post_init__(self):
+        if self.cate.shape != self.domain.shape or self.cate.ndim != 1:
+            raise ValueError(f"item table columns must be 1-D and equally long, got "
+                             f"{self.cate.shape} and {self.domain.shape}")
+
+    def __len__(self) -> int:
+        return int(self.cate.shape[0])
+
+    def check_ids(self, ids: np.ndarray, what: str) -> None:
+        """Raise :class:`CompactRecordError` unless every id is a row of the table."""
+        ids = np.asarray(ids)
+        if ids.size and (ids.min() < OOV_ID or ids.max() >= len(self)):
+            bad = ids[(ids < OOV_ID) | (ids >= len(self))][0]
+            raise CompactRecordError(
+                f"{what} holds item id {int(bad)} outside the item table ({self.source}: "
+                f"ids {OOV_ID}..{len(self) - 1}); the records and the item table come from "
+                f"different prepare runs")
+
+    def to_tsv(self) -> str:
+        rows = "".join(f"{i}\t{c}\t{d}\n" for i, (c, d) in
+                       enumerate(zip(self.cate.tolist(), self.domain.tolist())))
+        return f"{ITEM_TABLE_HEADER}\n{rows}"
+
+    @classmethod
+    def from_tsv(cls, text: str, source: str = "an item table") -> "ItemTable":
+        lines = text.split("\n", 1)
+        if lines[0].strip() != ITEM_TABLE_HEADER:
+            raise CompactRecordError(f"{source} must start with the header "
+                                     f"{ITEM_TABLE_HEADER!r}, found {lines[0][:60]!r}")
+        body = np.array((lines[1] if len(lines) > 1 else "").split(), dtype=np.int64)
+        if body.size % 3:
+            raise CompactRecordError(f"{source}: every row needs 3 columns")
+        body = body.reshape(-1, 3)
+        if not np.array_equal(body[:, 0], np.arange(len(body))):
+            raise CompactRecordError(f"{source}: item ids must run 0, 1, 2, ... in order")
+        return cls(body[:, 1].copy(), body[:, 2].copy(), source)
+
+
+def record_format(data_dir: str) -> str:
+    """The per-user record format of a prepared dataset (meta.json ``format``)."""
+    fmt = read_meta(data_dir).get("format", FORMAT_FULL)
+    if fmt not in RECORD_FORMATS.values():
+        raise CompactRecordError(f"{data_dir}: unknown record format {fmt!r} in meta.json "
+                                 f"(known: {sorted(RECORD_FORMATS.values())})")
+    return fmt
+
+
+def load_item_table(data_dir: str) -> Optional[ItemTable]:
+    """The item table of a compact dataset (None for a full-format one).
+
+    Raises :class:`MissingItemTableError` when meta.json says compact but the table
+    file is not there (records copied without ``vocab/``).
+    """
+    meta = read_meta(data_dir)
+    if record_format(data_dir) != FORMAT_COMPACT:
+        return None
+    rel = meta.get("record", {}).get("item_table", ITEM_TABLE_FILE)
+    path = os.path.join(data_dir, rel)
+    if not tf.io.gfile.exists(path):
+        raise MissingItemTableError(
+            f"{data_dir} holds compact per-user records ({FORMAT_COMPACT}) but their item "
+            f"table {path} is missing: copy {rel} with the records, or prepare the data "
+            f"again with --record_format full")
+    with tf.io.gfile.GFile(path) as f:
+        table = ItemTable.from_tsv(f.read(), path)
+    n_items = int(meta.get("vocab", {}).get("num_items", len(table)))
+    if len(table) != n_items:
+        raise CompactRecordError(f"{path} has {len(table)} rows but meta.json says "
+                                 f"num_items = {n_items}")
+    return table
+
+
+def check_engage_step(step: float) -> float:
+    """``step`` must be a power of two (2**-20 .. 2**20): q * step is then exact in
+    float32 as in float64, so the graph and NumPy decoders agree bit for bit."""
+    step = float(step)
+    if not (step > 0 and np.isfinite(step)) or np.frexp(step)[0] != 0.5 \
+            or not 2.0 ** -20 <= step <= 2.0 ** 20:
+        raise CompactRecordError(f"engage step must be a power of two between 2**-20 and "
+                                 f"2**20 (e.g. 0.5, 1, 0.0625), got {step}")
+    return step
+
+
+def _exceptions(values: np.ndarray, table_values: np.ndarray):
+    pos = np.nonzero(values != table_values)[0]
+    return pos, values[pos]
+
+
+def encode_compact_user_record(user_id: int, user_key: str, history: Mapping[str, Sequence],
+                               impressions: Mapping[str, Sequence], item_table: ItemTable,
+                               engage_step: float) -> bytes:
+    """Serialize one per-user record in the compact format (validated as the full one).
+
+    Decoding (:func:`decode_user_record`, or the tf.data pipeline) gives the full
+    record back exactly, except ``hist_engage`` = ``round(engage / engage_step) *
+    engage_step`` (|error| <= engage_step / 2; 0 for engagements on the step's grid:
+    half-star ratings with step 0.5, behavior-type codes with step 1). Labels must be
+    integers (they are stored as such).
+    """
+    step = check_engage_step(engage_step)
+    _checked_fields(history, impressions)
+    item = np.asarray(history["hist_item_id"], np.int64)
+    imp_item = np.asarray(impressions["imp_item_id"], np.int64)
+    item_table.check_ids(item, f"the history of user {user_key!r}")
+    item_table.check_ids(imp_item, f"the impressions of user {user_key!r}")
+    ts = np.asarray(history["hist_ts"], np.int64)
+    engage = np.asarray(history["hist_engage"], np.float64)
+    q = np.rint(engage / step)
+    if q.size and np.abs(q).max() >= 2 ** 24:
+        raise CompactRecordError(f"engagement {engage[np.abs(q).argmax()]} / step {step} is "
+                                 f"too large for an exact float32 decode; use a larger step")
+    labels = np.asarray(impressions["imp_label"], np.float64)
+    if labels.size and not np.array_equal(labels, np.rint(labels)):
+        raise CompactRecordError(f"user {user_key!r}: the compact format stores integer "
+                                 f"labels, got {labels[labels != np.rint(labels)][0]}")
+    hc, hce = _exceptions(np.asarray(history["hist_cate_id"], np.int64), item_table.cate[item])
+    hd, hdv = _exceptions(np.asarray(history["hist_domain"], np.int64), item_table.domain[item])
+    ic, ice = _exceptions(np.asarray(impressions["imp_cate_id"], np.int64),
+                          item_table.cate[imp_item])
+    imp_ts = np.asarray(impressions["imp_ts"], np.int64)
+    idx = np.asarray(impressions["imp_hist_index"], np.int64)
+    feats = {
+        "record_format": _bytes_feature([COMPACT_MARKER]),
+        "user_id": _int_feature([int(user_id)]),
+        "user_key": _bytes_feature([str(user_key).encode("utf-8")]),
+        "engage_step": _float_feature([step]),
+        "hist_item_id": _int_feature(item.tolist()),
+        "hist_ts_delta": _int_feature(np.diff(ts, prepend=0).tolist()),
+        "hist_engage_q": _int_feature(q.astype(np.int64).tolist()),
+        "hist_cate_exc_pos": _int_feature(hc.tolist()),
+        "hist_cate_exc_id": _int_feature(hce.tolist()),
+        "hist_domain_exc_pos": _int_feature(hd.tolist()),
+        "hist_domain_exc_val": _int_feature(hdv.tolist()),
+        "imp_item_id": _int_feature(imp_item.tolist()),
+        "imp_cate_exc_pos": _int_feature(ic.tolist()),
+        "imp_cate_exc_id": _int_feature(ice.tolist()),
+        "imp_ts_delta": _int_feature(np.diff(imp_ts, prepend=0).tolist()),
+        "imp_label_q": _int_feature(np.rint(labels).astype(np.int64).tolist()),
+        "imp_hist_index_delta": _int_feature(np.diff(idx, prepend=0).tolist()),
+    }
+    if "hist_cluster_size" in history:
+        feats["hist_cluster_size"] = _int_feature(int(v) for v in history["hist_cluster_size"])
+    return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString(
+        deterministic=True)
+
+
+def _values(feature: tf.train.Feature):
+    kind = feature.WhichOneof("kind")
+    return [] if kind is None else list(getattr(feature, kind).value)
+
+
+def is_compact_record(raw: bytes) -> bool:
+    f = tf.train.Example.FromString(raw).features.feature
+    return "record_format" in f and _values(f["record_format"]) == [COMPACT_MARKER]
+
+
+def decode_user_record(raw: bytes, item_table: Optional[ItemTable] = None
+                       ) -> Dict[str, np.ndarray]:
+    """ONE serialized per-user record, full or compact, -> the full layout as NumPy.
+
+    Returns ``user_id`` (int64 scalar), ``user_key`` (bytes), every ``hist_*`` field
+    of :data:`HISTORY_FIELDS` stored (``hist_cluster_size`` only when stored) and every
+    ``imp_*`` field, with the schema's dtypes (int64 / float32). A compact record needs
+    the dataset's ``item_table`` (:func:`load_item_table`); without it, or with an item
+    id outside it, this raises :class:`CompactRecordError`.
+    """
+    f = tf.train.Example.FromString(raw).features.feature
+    get = lambda k: _values(f[k]) if k in f else []  # noqa: E731
+    out: Dict[str, np.ndarray] = {"user_id": np.int64(get("user_id")[0]),
+                                  "user_key": (get("user_key") or [b""])[0]}
+    if get("record_format") != [COMPACT_MARKER]:
+        for name, dtype in {**HISTORY_FIELDS, **IMPRESSION_FIELDS}.items():
+            if name in OPTIONAL_HISTORY_DEFAULTS and name not in f:
+                continue
+            out[name] = np.asarray(get(name), dtype.as_numpy_dtype)
+        return out
+    if item_table is None:
+        raise CompactRecordError(
+            f"user {out['user_key']!r}: a compact per-user record ({FORMAT_COMPACT}) needs "
+            f"the dataset's item table (tfmodels.schema.load_item_table(data_dir), "
+            f"{ITEM_TABLE_FILE}) to be decoded")
+    i64 = lambda k: np.asarray(get(k), np.int64)  # noqa: E731
+    item, imp_item = i64("hist_item_id"), i64("imp_item_id")
+    item_table.check_ids(item, f"the history of user {out['user_key']!r}")
+    item_table.check_ids(imp_item, f"the impressions of user {out['user_key']!r}")
+    cate, domain = item_table.cate[item], item_table.domain[item]
+    cate[i64("hist_cate_exc_pos")] = i64("hist_cate_exc_id")
+    domain[i64("hist_domain_exc_pos")] = i64("hist_domain_exc_val")
+    imp_cate = item_table.cate[imp_item]
+    imp_cate[i64("imp_cate_exc_pos")] = i64("imp_cate_exc_id")
+    step = np.float32((get("engage_step") or [1.0])[0])
+    out.update({
+        "hist_item_id": item, "hist_cate_id": cate, "hist_ts": np.cumsum(i64("hist_ts_delta")),
+        "hist_engage": i64("hist_engage_q").astype(np.float32) * step, "hist_domain": domain,
+        "imp_item_id": imp_item, "imp_cate_id": imp_cate, "imp_ts": np.cumsum(i64("imp_ts_delta")),
+        "imp_label": i64("imp_label_q").astype(np.float32),
+        "imp_hist_index": np.cumsum(i64("imp_hist_index_delta"))})
+    if "hist_cluster_size" in f:
+        out["hist_cluster_size"] = i64("hist_cluster_size")
+    return out
+
+
+def full_record_bytes(raw: bytes, item_table: Optional[ItemTable] = None) -> bytes:
+    """A record in either format -> the full format's bytes (a full record is returned
+    unchanged): for readers that parse ``tf.train.Example`` fields themselves."""
+    f = tf.train.Example.FromString(raw).features.feature
+    if "record_format" not in f or _values(f["record_format"]) != [COMPACT_MARKER]:
+        return raw
+    d = decode_user_record(raw, item_table)
+    hist = {k: d[k] for k in HISTORY_FIELDS if k in d}
+    imps = {k: d[k] for k in IMPRESSION_FIELDS}
+    return encode_user_record(int(d["user_id"]), d["user_key"].decode("utf-8"), hist, imps)
+
+
+def compact_parse_spec(with_impressions: bool = True) -> Dict[str, object]:
+    """``tf.io.parse_example`` spec of the compact per-user record."""
+    spec: Dict[str, object] = {
+        "user_id": tf.io.FixedLenFeature([], tf.int64),
+        "user_key": tf.io.FixedLenFeature([], tf.string, default_value=b""),
+        "engage_step": tf.io.FixedLenFeature([], tf.float32, default_value=1.0)}
+    for name in _COMPACT_INT_LISTS + (_COMPACT_IMP_LISTS if with_impressions else ()):
+        spec[name] = tf.io.VarLenFeature(tf.int64)
+    return spec
+
+
+def decode_compact_tensors(parsed: Mapping[str, tf.Tensor], cate_table: tf.Tensor,
+                           domain_table: tf.Tensor) -> Dict[str, tf.Tensor]:
+    """In-graph twin of :func:`decode_user_record` for one parsed compact record (dense
+    1-D tensors from :func:`compact_parse_spec`): the full layout's tensors. An item id
+    outside the table fails the run with an InvalidArgumentError naming the problem."""
+    n_table = tf.shape(cate_table, out_type=tf.int64)[0]
+
+    def lookup(ids, table, pos, vals, what):
+        ok = tf.reduce_all((ids >= OOV_ID) & (ids < n_table))
+        with tf.control_dependencies([tf.debugging.Assert(ok, [
+                f"compact per-user record: {what} holds item ids outside the item table "
+                f"(ids {OOV_ID}..n-1); the records and {ITEM_TABLE_FILE} come from "
+                "different prepare runs. n, ids:", n_table, ids], summarize=8)]):
+            got = tf.gather(table, tf.clip_by_value(ids, 0, n_table - 1))
+        return tf.tensor_scatter_nd_update(got, pos[:, None], vals)
+
+    item = parsed["hist_item_id"]
+    out = {"user_id": parsed["user_id"], "user_key": parsed["user_key"],
+           "hist_item_id": item,
+           "hist_cate_id": lookup(item, cate_table, parsed["hist_cate_exc_pos"],
+                                  parsed["hist_cate_exc_id"], "the history"),
+           "hist_ts": tf.cumsum(parsed["hist_ts_delta"]),
+           "hist_engage": tf.cast(parsed["hist_engage_q"], tf.float32) * parsed["engage_step"],
+           "hist_domain": lookup(item, domain_table, parsed["hist_domain_exc_pos"],
+                                 parsed["hist_domain_exc_val"], "the history"),
+           "hist_cluster_size": parsed["hist_cluster_size"]}
+    if "imp_item_id" in parsed:
+        imp = parsed["imp_item_id"]
+        out.update({"imp_item_id": imp,
+                    "imp_cate_id": lookup(imp, cate_table, parsed["imp_cate_exc_pos"],
+                                          parsed["imp_cate_exc_id"], "the impressions"),
+                    "imp_ts": tf.cumsum(parsed["imp_ts_delta"]),
+                    "imp_label": tf.cast(parsed["imp_label_q"], tf.float32),
+                    "imp_hist_index": tf.cumsum(parsed["imp_hist_index_delta"])})
+    return out
