@@ -70,6 +70,12 @@ FINGERPRINT = "history_fingerprint"    # cache record features (module doc)
 LAST_TS = "last_behavior_ts"
 
 
+#: ``--engine``: ``batched`` (:mod:`beam_jobs.precompute_batched`, the default) or
+#: ``runinference`` (this module's tfx-bsl RunInference pipeline, one Beam element per
+#: user; kept to measure the batched engine against and for its per-user Beam graph)
+ENGINES = ("batched", "runinference")
+
+
 class PrecomputeError(ValueError, LifelongError):
     """Bad arguments (one line for the CLI)."""
 
@@ -154,6 +160,17 @@ HISTORY_FIELD_NAMES = ("hist_item_id", "hist_cate_id", "hist_ts", "hist_engage",
 _FINGERPRINT_VERSION = b"lifelong-history-fingerprint-v1"
 
 
+def extra_history_fields(names) -> List[str]:
+    """The present fields, beyond :data:`HISTORY_FIELD_NAMES`, that the fingerprint also
+    hashes (sorted, each only when present, so a record without them hashes as before):
+    any other ``hist_*`` field and ``record_format`` (a compact per-user record stores
+    its history as ``hist_ts_delta``, ``hist_engage_q``, ...). Not covered: an item
+    table a compact record's history is read through; a changed item table needs a full
+    refresh, as a new model version does."""
+    return sorted(n for n in names if n not in HISTORY_FIELD_NAMES
+                  and (n.startswith("hist_") or n == "record_format"))
+
+
 def history_fingerprint(feature_map) -> Tuple[bytes, Optional[int]]:
     """``(16-byte BLAKE2b, last behavior ts or None)`` of a parsed per-user record's
     ``features.feature`` map.
@@ -176,6 +193,10 @@ def history_fingerprint(feature_map) -> Tuple[bytes, Optional[int]]:
             h.update(data)
         else:
             h.update(b"\xff" * 8)
+    for name in extra_history_fields(feature_map):
+        data = feature_map[name].SerializeToString()
+        h.update(name.encode("utf-8") + len(data).to_bytes(8, "little"))
+        h.update(data)
     ts = feature_map["hist_ts"].int64_list.value if "hist_ts" in feature_map else []
     return h.digest(), (int(ts[-1]) if len(ts) else None)
 
@@ -291,10 +312,18 @@ def build_pipeline(p: beam.Pipeline, records: str, model_path: str, model_name: 
 
 
 # ---- reading / loading ---------------------------------------------------------------------
+#: the cache file names of both engines: gzip (RunInference engine, ``--cache_compression
+#: gzip``) and uncompressed (the batched engine's default)
+SUFFIXES = (SUFFIX, ".tfrecord")
+
+
 def cache_files(output_or_pattern: str) -> List[str]:
-    pattern = (os.path.join(output_or_pattern, f"{OUTPUT_PREFIX}-*{SUFFIX}")
-               if os.path.isdir(output_or_pattern) else output_or_pattern)
-    files = sorted(glob.glob(pattern))
+    if os.path.isdir(output_or_pattern):
+        pattern = os.path.join(output_or_pattern, f"{OUTPUT_PREFIX}-*.tfrecord*")
+        files = sorted(f for f in glob.glob(pattern) if f.endswith(SUFFIXES))
+    else:
+        pattern = output_or_pattern
+        files = sorted(glob.glob(pattern))
     if not files:
         raise FileNotFoundError(f"no cache records match {pattern!r}")
     return files
@@ -383,8 +412,20 @@ def run(args, beam_args: Sequence[str] = (), store=None) -> Dict:
         if any(os.path.dirname(os.path.abspath(f)) == out_abs for f in previous_files):
             raise PrecomputeError("--previous_cache must not be the --output folder (the "
                                   "output's old cache files are deleted before the run)")
+    engine = getattr(args, "engine", "batched") or "batched"
+    if engine not in ENGINES:
+        raise PrecomputeError(f"--engine must be one of {ENGINES}, got {engine!r}")
+    compression = getattr(args, "cache_compression", None) or "none"
+    batch_size = int(getattr(args, "batch_size", None) or 64)
+    if engine == "batched":
+        from beam_jobs import precompute_batched as B
+        if compression not in B.COMPRESSIONS or batch_size < 1:
+            raise PrecomputeError(f"--cache_compression must be one of {B.COMPRESSIONS} "
+                                  f"(got {compression!r}) and --batch_size >= 1 "
+                                  f"(got {batch_size})")
     os.makedirs(args.output, exist_ok=True)
-    stale = glob.glob(os.path.join(args.output, f"{OUTPUT_PREFIX}-*{SUFFIX}"))
+    stale = [f for f in glob.glob(os.path.join(args.output, f"{OUTPUT_PREFIX}-*.tfrecord*"))
+             if f.endswith(SUFFIXES)]
     if previous:
         from beam_jobs import precompute_incremental as INC
         stale += glob.glob(os.path.join(args.output, f"{INC.REMOVED_PREFIX}-*"))
@@ -396,7 +437,11 @@ def run(args, beam_args: Sequence[str] = (), store=None) -> Dict:
           file=sys.stderr, flush=True)
     t0, c0 = time.perf_counter(), time.process_time()
     p = beam.Pipeline(options=options)
-    if previous:
+    if engine == "batched":
+        B.build_pipeline(p, sorted(glob.glob(args.records)), previous_files,
+                         os.path.abspath(model_path), model_name, version, args.output,
+                         args.num_shards, batch_size, compression)
+    elif previous:
         INC.build_incremental_pipeline(
             p, args.records, previous_files, os.path.abspath(model_path), model_name, version,
             args.output, args.num_shards, reshuffle=not args.no_reshuffle)
@@ -413,7 +458,8 @@ def run(args, beam_args: Sequence[str] = (), store=None) -> Dict:
     # users written = model outputs + carried rows, from the job's counters (reading the
     # output back through tf.data cost ~0.6 ms per user, 1.7 s of 3,000, timed or not)
     users = counters.get("cache_records", 0) + counters.get("users_carried", 0)
-    report = {"model": model_name, "version": version, "users": users, "wall_s": wall,
+    report = {"model": model_name, "version": version, "engine": engine,
+              "users": users, "wall_s": wall,
               "cpu_s": cpu,
               "users_per_s": users / wall if wall > 0 else 0.0, "output": args.output,
               "users_to_model": counters.get("users_to_model", 0)}

@@ -119,8 +119,8 @@ def test_precompute_model_without_cache_tensors(data_dir, base, tmp_path):
     args = argparse.Namespace(records=S.split_pattern(data_dir, "test"), model="din",
                                 base=base, version=None, model_dir=None,
                                 output=str(tmp_path / "cache"), num_shards=2,
-                                no_reshuffle=True, store=None)
-    report = P.run(args, [], store=store)
+                                no_reshuffle=True, store=None, engine="runinference")
+    report = P.run(args, [], store=store)   # the earlier engine: gzip, one element per user
     assert report["users"] == 30 and report["loaded"] == 30 and report["version"] == 1
     assert len(glob.glob(str(tmp_path / "cache" / "cache-*.tfrecord.gz"))) == 2
     entry = store.get("din", 2)

@@ -118,6 +118,11 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
                    help="precompute: users (default 1000)")
     p.add_argument("--precompute_long_len", type=int, default=1000,
                    help="precompute: L (default 1000)")
+    p.add_argument("--precompute_engines", default="",
+                   help="precompute: engines timed, comma separated, of runinference,batched "
+                   "(default both; with --incremental: batched)")
+    p.add_argument("--precompute_batch_size", type=int, default=64,
+                   help="precompute: the batched engine's users per user_tower call (default 64)")
     p.add_argument("--incremental", action="store_true",
                    help="precompute: time an incremental refresh (--previous_cache) at each "
                    "--changed share of users next to a full refresh, start-up excluded "

@@ -25,43 +25,129 @@ from lifelong.bench.flags import check_serving_flags
 from lifelong.bench.workload import synthetic_records, untrained_model
 
 
-def bench_precompute(args) -> Dict:
-    import tfmodels  # noqa: F401
+ENGINES = ("runinference", "batched")
+
+
+def _engines(args):
+    from tfmodels.errors import UsageError
+    default = "batched" if getattr(args, "incremental", False) else ",".join(ENGINES)
+    engines = [e for e in str(getattr(args, "precompute_engines", "") or default).split(",")
+               if e]
+    bad = [e for e in engines if e not in ENGINES]
+    if bad or not engines:
+        raise UsageError(f"--precompute_engines must be a comma separated subset of "
+                         f"{','.join(ENGINES)}, got {bad or engines}")
+    return engines
+
+
+def _records_file(work: str, n: int, L: int, seed: int, name: str = "users") -> str:
+    """``synthetic_records(n, L, L + 200, seed)`` as one gzip TFRecord file, reused when
+    a previous bench wrote it to the same work folder (20,000 users take minutes to
+    generate; the file name holds n, L and the seed)."""
     import tensorflow as tf
+    path = os.path.join(work, f"{name}-n{n}-L{L}-s{seed}-00000-of-00001.tfrecord.gz")
+    if not os.path.exists(path):
+        tmp = path + ".tmp"
+        with tf.io.TFRecordWriter(tmp, options="GZIP") as w:
+            for r in synthetic_records(n, L, L + 200, seed):
+                w.write(r)
+        os.replace(tmp, path)
+    return path
+
+
+def _first_records(path: str, k: int, out: str) -> str:
+    """The first ``k`` records of ``path`` in their own file (the start-up runs)."""
+    import tensorflow as tf
+    if not os.path.exists(out):
+        with tf.io.TFRecordWriter(out, options="GZIP") as w:
+            for r in tf.data.TFRecordDataset(path, compression_type="GZIP").take(k):
+                w.write(r.numpy())
+    return out
+
+
+def _output_bytes(folder: str) -> int:
+    from beam_jobs import precompute as P
+    return sum(os.path.getsize(f) for f in P.cache_files(folder))
+
+
+def _tower_cost(model_path: str, records_path: str, batch_size: int, n: int = 512) -> Dict:
+    """CPU and wall ms per user of the ``user_tower`` signature alone (batches of
+    ``batch_size`` over the first ``n`` records, after one untimed batch): the
+    TensorFlow-compute part of a precompute's per-user cost."""
+    import time
+    import tensorflow as tf
+    recs = [r.numpy() for r in tf.data.TFRecordDataset(records_path, compression_type="GZIP")
+            .take(n)]
+    fn = tf.saved_model.load(model_path).signatures["user_tower"]
+    fn(records=tf.constant(recs[:batch_size]))
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(0, len(recs), batch_size):
+        fn(records=tf.constant(recs[i:i + batch_size]))
+    return {"tower_ms_per_user": (time.perf_counter() - t0) / len(recs) * 1e3,
+            "tower_cpu_ms_per_user": (time.process_time() - c0) / len(recs) * 1e3}
+
+
+def bench_precompute(args) -> Dict:
+    """Before/after: each model through both engines (``--precompute_engines``), full
+    refresh over ``--precompute_users`` users and over ONE user (start-up); steady
+    users/s = (users - 1) / (wall - start-up wall)."""
+    import tfmodels  # noqa: F401
     from tfmodels import registry
     from beam_jobs import precompute as P
-    from serving.cache_store import SQLiteCacheStore
     from serving.export import export_model
 
-    L = args.precompute_long_len
+    L, n = args.precompute_long_len, args.precompute_users
+    engines = _engines(args)
     models = [m for m in args.models.split(",") if m] or registry.names()
     work = os.path.join(args.out, "work")
     base = os.path.join(work, "saved_models")
     os.makedirs(base, exist_ok=True)
-    rec_path = os.path.join(work, "users-00000-of-00001.tfrecord.gz")
-    records = synthetic_records(args.precompute_users, L, L + 200, args.seed)
-    with tf.io.TFRecordWriter(rec_path, options="GZIP") as w:
-        for r in records:
-            w.write(r)
+    rec_path = _records_file(work, n, L, args.seed)
+    one = _first_records(rec_path, 1, os.path.join(work, f"one-L{L}-s{args.seed}.tfrecord.gz"))
+    batch_size = getattr(args, "precompute_batch_size", 64)
     rows = []
     for m in models:
         out = export_model(untrained_model(args, m, L), base, m, 1)
-        ns = argparse.Namespace(records=rec_path, model=m, base=base, version=1, model_dir=None,
-                                output=os.path.join(work, f"cache_{m}"), num_shards=1,
-                                no_reshuffle=False, store=None)
-        store = SQLiteCacheStore(os.path.join(work, f"cache_{m}.db"))
-        rep = P.run(ns, ["--direct_num_workers=1"], store=store)
-        entry = store.get(m, 2)
-        store.close()
-        rows.append({"model": m, "L": L, "users": rep["users"], "wall_s": rep["wall_s"],
-                     "users_per_s": rep["users_per_s"],
-                     "store_bytes_per_user": entry.nbytes if entry else None,
-                     "record_bytes_per_user": rep.get("record_bytes_per_user"),
-                     "cache_tensors": {k: list(v.shape) for k, v in entry.tensors.items()}
-                     if entry else {}, "export_s": out["wall_s"]})
-        print(f"[bench] precompute {m}: {rep['users_per_s']:.0f} users/s, "
-              f"{rows[-1]['store_bytes_per_user']} B/user", file=sys.stderr, flush=True)
-    return {"rows": rows, "L": L, "users": args.precompute_users}
+
+        def run(recs, output, engine):
+            ns = argparse.Namespace(records=recs, model=m, base=base, version=1,
+                                    model_dir=None, output=os.path.join(work, f"{m}-{output}"),
+                                    num_shards=1, no_reshuffle=False, store=None,
+                                    engine=engine, batch_size=batch_size,
+                                    cache_compression="none")
+            return P.run(ns, ["--direct_num_workers=1"])
+
+        run(one, "warmup", engines[0])    # the process's first pipeline pays imports on top
+        tower = _tower_cost(os.path.join(base, m, "1"), rec_path, batch_size)
+        for engine in engines:
+            start = run(one, f"{engine}-one", engine)
+            full = run(rec_path, f"{engine}-full", engine)
+            net = full["wall_s"] - start["wall_s"]
+            net_cpu = full["cpu_s"] - start["cpu_s"]
+            folder = os.path.join(work, f"{m}-{engine}-full")
+            first = next(P.read_cache_records(folder))
+            _, _, _, tensors = P.decode_cache_record(first)
+            rows.append({
+                "model": m, "L": L, "engine": engine, "users": full["users"],
+                "wall_s": full["wall_s"], "cpu_s": full["cpu_s"],
+                "startup_s": start["wall_s"], "startup_cpu_s": start["cpu_s"],
+                "users_per_s": full["users_per_s"],
+                "steady_users_per_s": (full["users"] - 1) / net if net > 0 else None,
+                "steady_cpu_ms_per_user": net_cpu / max(full["users"] - 1, 1) * 1e3,
+                "record_bytes_per_user": _output_bytes(folder) / max(full["users"], 1),
+                "store_bytes_per_user": int(sum(v.nbytes for v in tensors.values())),
+                "cache_tensors": {k: list(v.shape) for k, v in tensors.items()},
+                "export_s": out["wall_s"], **tower})
+            r = rows[-1]
+            print(f"[bench] precompute {m} {engine}: {_num(r['steady_users_per_s'])} users/s "
+                  f"steady ({r['steady_cpu_ms_per_user']:.2f} ms CPU/user, user_tower "
+                  f"{tower['tower_cpu_ms_per_user']:.2f}), start-up {start['wall_s']:.1f} s, "
+                  f"{r['record_bytes_per_user']:,.0f} B/user", file=sys.stderr, flush=True)
+    return {"rows": rows, "L": L, "users": n, "engines": engines}
+
+
+def _num(x, fmt="{:,.0f}") -> str:
+    return "n/a" if x is None else fmt.format(x)
 
 
 def _parse_shares(text: str):
@@ -108,9 +194,11 @@ def bench_incremental(args) -> Dict:
     work = os.path.join(args.out, "work")
     base = os.path.join(work, "saved_models")
     os.makedirs(base, exist_ok=True)
-    records = synthetic_records(n, L, L + 200, args.seed)
-    old = _write(os.path.join(work, "old-00000-of-00001.tfrecord.gz"), records)
-    one = _write(os.path.join(work, "one-00000-of-00001.tfrecord.gz"), records[:1])
+    import tensorflow as tf
+    engines = _engines(args)
+    old = _records_file(work, n, L, args.seed)
+    one = _first_records(old, 1, os.path.join(work, f"one-L{L}-s{args.seed}.tfrecord.gz"))
+    records = [r.numpy() for r in tf.data.TFRecordDataset(old, compression_type="GZIP")]
     rng = np.random.default_rng(args.seed + 7)
     new_files = {}
     for share in shares:
@@ -120,14 +208,17 @@ def bench_incremental(args) -> Dict:
             os.path.join(work, f"new{share:g}-00000-of-00001.tfrecord.gz"),
             [grow_history(r) if i in grow else r for i, r in enumerate(records)]))
     rows = []
-    for m in models:
+    batch_size = getattr(args, "precompute_batch_size", 64)
+    for m, engine in [(m, e) for m in models for e in engines]:
         export_model(untrained_model(args, m, L), base, m, 1)
 
         def run(recs, output, previous=None):
             ns = argparse.Namespace(records=recs, model=m, base=base, version=1,
-                                    model_dir=None, output=os.path.join(work, f"{m}-{output}"),
+                                    model_dir=None,
+                                    output=os.path.join(work, f"{m}-{engine}-{output}"),
                                     num_shards=1, no_reshuffle=False, store=None,
-                                    previous_cache=previous)
+                                    previous_cache=previous, engine=engine,
+                                    batch_size=batch_size, cache_compression="none")
             return P.run(ns, ["--direct_num_workers=1"])
 
         # start-up: the same pipelines over one user (model load, Beam graph, files),
@@ -135,12 +226,12 @@ def bench_incremental(args) -> Dict:
         # TensorFlow's first session on top)
         run(one, "warmup")
         s_full = run(one, "one")
-        s_incr = run(one, "one-incr", os.path.join(work, f"{m}-one"))
+        s_incr = run(one, "one-incr", os.path.join(work, f"{m}-{engine}-one"))
         full = run(old, "full")
-        prev = os.path.join(work, f"{m}-full")
+        prev = os.path.join(work, f"{m}-{engine}-full")
         full_net = full["wall_s"] - s_full["wall_s"]
         full_cpu = full["cpu_s"] - s_full["cpu_s"]
-        rows.append({"model": m, "mode": "full", "changed_share": 1.0, "changed_users": n,
+        rows.append({"model": m, "engine": engine, "mode": "full", "changed_share": 1.0, "changed_users": n,
                      "users": full["users"], "users_to_model": full["users_to_model"],
                      "wall_s": full["wall_s"], "startup_s": s_full["wall_s"], "net_s": full_net,
                      "net_vs_full": 1.0, "cpu_s": full["cpu_s"],
@@ -155,7 +246,7 @@ def bench_incremental(args) -> Dict:
                                    f"expected {k} and {n - k}")
             net = rep["wall_s"] - s_incr["wall_s"]
             net_cpu = rep["cpu_s"] - s_incr["cpu_s"]
-            rows.append({"model": m, "mode": "incremental", "changed_share": share,
+            rows.append({"model": m, "engine": engine, "mode": "incremental", "changed_share": share,
                          "changed_users": k, "users": rep["users"],
                          "users_to_model": rep["users_to_model"], "wall_s": rep["wall_s"],
                          "startup_s": s_incr["wall_s"], "net_s": net,
@@ -163,7 +254,7 @@ def bench_incremental(args) -> Dict:
                          "cpu_s": rep["cpu_s"], "startup_cpu_s": s_incr["cpu_s"],
                          "net_cpu_s": net_cpu, "net_cpu_vs_full":
                          net_cpu / full_cpu if full_cpu > 0 and net_cpu >= 0 else None})
-            print(f"[bench] precompute {m} incremental {share:.0%}: {rep['wall_s']:.1f} s "
+            print(f"[bench] precompute {m} {engine} incremental {share:.0%}: {rep['wall_s']:.1f} s "
                   f"({net:.1f} s net, {_pct(rows[-1]['net_vs_full'])} of full; CPU "
                   f"{net_cpu:.1f} s net, {_pct(rows[-1]['net_cpu_vs_full'])})",
                   file=sys.stderr, flush=True)
@@ -176,13 +267,13 @@ def _pct(x) -> str:
 
 def print_incremental(res: Dict, command: str) -> None:
     print(f"command: {command}\n")
-    print("| model | refresh | changed users | users to model | wall s | start-up s | "
+    print("| model | engine | refresh | changed users | users to model | wall s | start-up s | "
           "wall - start-up s | vs full (wall, start-up excluded) | CPU s | start-up CPU s | "
           "CPU - start-up s | vs full (CPU, start-up excluded) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
         what = "full" if r["mode"] == "full" else f"incremental, {r['changed_share']:.0%} changed"
-        print(f"| {r['model']} | {what} | {r['changed_users']:,} | {r['users_to_model']:,} | "
+        print(f"| {r['model']} | {r.get('engine', 'runinference')} | {what} | {r['changed_users']:,} | {r['users_to_model']:,} | "
               f"{r['wall_s']:.1f} | {r['startup_s']:.1f} | {r['net_s']:.1f} | "
               f"{_pct(r['net_vs_full'])} | {r['cpu_s']:.1f} | {r['startup_cpu_s']:.1f} | "
               f"{r['net_cpu_s']:.1f} | {_pct(r['net_cpu_vs_full'])} |")
@@ -192,19 +283,28 @@ def print_precompute(res: Dict, command: str) -> None:
     if res.get("incremental"):
         return print_incremental(res, command)
     print(f"command: {command}\n")
-    print("| model | L | users | wall s | users/s | stored bytes/user | record bytes/user | "
-          "cache tensors (per user) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | engine | users | steady users/s | vs runinference | start-up s | "
+          "steady CPU ms/user | user_tower CPU ms/user | other CPU ms/user | "
+          "file bytes/user | stored bytes/user | cache tensors (per user) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    before = {r["model"]: r for r in res["rows"] if r["engine"] == "runinference"}
     for r in res["rows"]:
         tensors = ", ".join(f"{k} {v}" for k, v in r["cache_tensors"].items())
-        print(f"| {r['model']} | {r['L']:,} | {r['users']} | {r['wall_s']:.1f} | "
-              f"{r['users_per_s']:.0f} | {r['store_bytes_per_user']:,} | "
-              f"{r['record_bytes_per_user']:,.0f} | {tensors} |")
+        b = before.get(r["model"])
+        ratio = (r["steady_users_per_s"] / b["steady_users_per_s"]
+                 if b and r["steady_users_per_s"] and b["steady_users_per_s"] else None)
+        other = r["steady_cpu_ms_per_user"] - r["tower_cpu_ms_per_user"]
+        print(f"| {r['model']} | {r['engine']} | {r['users']:,} | "
+              f"{_num(r['steady_users_per_s'])} | {_num(ratio, '{:.2f}x')} | "
+              f"{r['startup_s']:.1f} | {r['steady_cpu_ms_per_user']:.2f} | "
+              f"{r['tower_cpu_ms_per_user']:.2f} | {other:.2f} | "
+              f"{r['record_bytes_per_user']:,.0f} | {r['store_bytes_per_user']:,} | {tensors} |")
 
 
 def run(args) -> int:
     check_serving_flags(args)
+    _engines(args)                           # a typo is one line before any folder exists
     if getattr(args, "incremental", False):
-        _parse_shares(args.changed)          # a typo is one line before any folder exists
+        _parse_shares(args.changed)
         return record.run_in_folder(args, bench_incremental, print_precompute)
     return record.run_in_folder(args, bench_precompute, print_precompute)

@@ -1,0 +1,451 @@
+"""Batched user-cache precompute and incremental refresh (``--engine batched``, the default).
+
+Issue 19 items 1 and 2. The RunInference engine (``--engine runinference``,
+:mod:`beam_jobs.precompute` and :mod:`beam_jobs.precompute_incremental`) moves every
+user through Beam one element at a time: it parses the whole record in Python to
+key and fingerprint it, sends it through tfx-bsl ``RunInference`` (which builds a
+``PredictionLog`` with one ``TensorProto`` per output per user), rebuilds a
+``tf.train.Example`` from Python lists per user, and gzips every row. A profile at
+L = 1,000 (docs/benchmarks.md, "User-cache precompute throughput") found those
+per-user Python steps, not the model, to dominate. This engine keeps the same
+cache record format and the same results, with users handled in batches:
+
+1. ``ScanFile`` (one element per input file): ``tf.data`` reads the file (gunzip
+   in C++) and each record is keyed by **scanning its protobuf wire format**
+   (:func:`scan_features`): the user id and the history fingerprint come from the
+   raw bytes of the history fields, no ``tf.train.Example`` is built. Users are
+   grouped into ``num_shards`` buckets (``user_id % num_shards``) and sent on as
+   chunks of up to :data:`CHUNK` users: the Beam elements are chunks, not users.
+   With ``--previous_cache`` the previous cache files are scanned the same way
+   (their tensors are skipped, not decoded).
+2. ``GroupByKey`` on the bucket (the shuffle a distributed runner spreads over
+   workers; a bucket must fit one worker's memory: raise ``--num_shards`` for more
+   users).
+3. ``RefreshBucket``: per bucket, the same per-user decision as the RunInference
+   engine's ``Classify`` (same counters); carried rows are written as read, byte
+   for byte; the others go through the SavedModel's ``user_tower`` signature in
+   batches of ``--batch_size`` (loaded once per worker) and are encoded as cache
+   records by tfx-bsl's C++ ``RecordBatchToExamples`` (one call per batch); the
+   bucket's rows are written to ``cache-BBBBB-of-NNNNN.tfrecord[.gz]`` (a temporary
+   name, renamed when complete, so a retried bundle rewrites it whole).
+
+Output compression (``--cache_compression``): ``none`` by default for this engine.
+A cache row is mostly float32 values (DIN-L: 68.7 KB per user at L = 1,000), which
+zlib shrinks little and slowly (measured: ~2.6 ms of CPU per DIN-L row at level 1,
+more than the model's user_tower), and an incremental refresh would have to
+gunzip and re-gzip every carried row. ``gzip`` is kept as an option.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from beam_jobs import precompute as P
+
+NEW, PREV = "new", "prev"
+#: users per element between the scan and the per-bucket step
+CHUNK = 2048
+REMOVED = "removed"
+COMPRESSIONS = ("none", "gzip")
+
+
+def suffix(compression: str) -> str:
+    return ".tfrecord.gz" if compression == "gzip" else ".tfrecord"
+
+
+# ---- protobuf wire-format scanning ---------------------------------------------------------
+# Hand-written instead of tf.train.Example.FromString: a per-user record at L = 1,000
+# is ~14.5 KB and a DIN-L cache row ~68.7 KB; parsing the whole message in Python to
+# read a handful of small fields cost ~0.3 ms per record (the fingerprint re-serialized
+# every history field too). The scan only walks the top-level map entries of
+# Example.features (a dozen per record) and returns byte ranges; anything it does not
+# recognise as a plain, canonical encoding makes it return None, and the caller falls
+# back to the protobuf parser (so the scan can only be slower, never differently right).
+
+def _varint(buf, pos: int) -> Tuple[int, int]:
+    result, shift = 0, 0
+    while True:
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _skip(buf, pos: int, wire: int) -> int:
+    if wire == 0:
+        return _varint(buf, pos)[1]
+    if wire == 1:
+        return pos + 8
+    if wire == 2:
+        n, pos = _varint(buf, pos)
+        return pos + n
+    if wire == 5:
+        return pos + 4
+    raise ValueError(f"wire type {wire}")
+
+
+def scan_features(buf: bytes) -> Optional[Dict[str, Tuple[int, int]]]:
+    """``{feature name: (start, end)}`` of each ``tf.train.Feature`` value's bytes in a
+    serialized ``tf.train.Example``; None when the encoding is not the plain one this
+    scan reads (``features`` twice, a name twice, an unknown field inside a map entry,
+    truncation): the caller then parses the message."""
+    try:
+        n = len(buf)
+        pos, feats_at = 0, None
+        while pos < n:
+            tag, pos = _varint(buf, pos)
+            if tag == 0x0A:                     # Example.features (1, length-delimited)
+                if feats_at is not None:
+                    return None                 # protobuf would merge the two
+                size, pos = _varint(buf, pos)
+                feats_at = (pos, pos + size)
+                pos += size
+            else:
+                pos = _skip(buf, pos, tag & 7)
+        if pos != n or feats_at is None:
+            return None if pos != n else {}
+        out: Dict[str, Tuple[int, int]] = {}
+        pos, end = feats_at
+        while pos < end:
+            tag = buf[pos]
+            if tag != 0x0A:                     # Features.feature map entry (1)
+                tag, pos = _varint(buf, pos)
+                pos = _skip(buf, pos, tag & 7)
+                continue
+            size, pos = _varint(buf, pos + 1)
+            entry_end = pos + size
+            # the canonical entry: key (0x0A, short length), then value (0x12)
+            if buf[pos] == 0x0A and buf[pos + 1] < 0x80:
+                ln = buf[pos + 1]
+                key = buf[pos + 2:pos + 2 + ln].decode("utf-8")
+                pos += 2 + ln
+                if pos == entry_end:
+                    value = (pos, pos)
+                elif buf[pos] == 0x12:
+                    ln, vpos = _varint(buf, pos + 1)
+                    value = (vpos, vpos + ln)
+                    pos = vpos + ln
+                else:
+                    return None
+            else:
+                return None
+            if pos != entry_end or key in out:
+                return None
+            out[key] = value
+        return out if pos == end else None
+    except (IndexError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _feature(buf, span):
+    import tensorflow as tf
+    return tf.train.Feature.FromString(bytes(buf[span[0]:span[1]]))
+
+
+def record_key(serialized: bytes) -> Optional[Tuple[int, bytes, Optional[int]]]:
+    """``(user_id, history fingerprint, last behavior ts)`` of a per-user record, from
+    its raw bytes; None for a record without exactly one user id.
+
+    The fingerprint equals :func:`beam_jobs.precompute.history_fingerprint` (tested):
+    each history field's raw ``Feature`` bytes are what ``SerializeToString`` of the
+    parsed field gives for a record written by protobuf or TensorFlow (packed lists).
+    A record encoded otherwise (unpacked lists) gets another fingerprint than its
+    parsed values would: a needless recompute, never a wrong carry-over, since equal
+    bytes still mean equal values."""
+    spans = scan_features(serialized)
+    if spans is None:                                   # fall back to the parser
+        import tensorflow as tf
+        try:
+            feat = tf.train.Example.FromString(serialized).features.feature
+            ids = feat["user_id"].int64_list.value if "user_id" in feat else []
+        except Exception:
+            return None
+        if len(ids) != 1:
+            return None
+        return (int(ids[0]), *P.history_fingerprint(feat))
+    if "user_id" not in spans:
+        return None
+    ids = _feature(serialized, spans["user_id"]).int64_list.value
+    if len(ids) != 1:
+        return None
+    h = hashlib.blake2b(P._FINGERPRINT_VERSION, digest_size=16)
+    for name in P.HISTORY_FIELD_NAMES:
+        h.update(name.encode("ascii"))
+        if name in spans:
+            a, b = spans[name]
+            h.update((b - a).to_bytes(8, "little"))
+            h.update(memoryview(serialized)[a:b])
+        else:
+            h.update(b"\xff" * 8)
+    for name in P.extra_history_fields(spans):
+        a, b = spans[name]
+        h.update(name.encode("utf-8") + (b - a).to_bytes(8, "little"))
+        h.update(memoryview(serialized)[a:b])
+    last = None
+    if "hist_ts" in spans:
+        ts = _feature(serialized, spans["hist_ts"]).int64_list.value
+        last = int(ts[-1]) if len(ts) else None
+    return int(ids[0]), h.digest(), last
+
+
+def cache_row_meta(serialized: bytes) -> P.CacheMeta:
+    """:func:`beam_jobs.precompute.cache_record_meta` without decoding the tensors."""
+    spans = scan_features(serialized)
+    if spans is None or not {"user_id", "model_name", "model_version"} <= set(spans):
+        return P.cache_record_meta(serialized)
+    f = lambda k: _feature(serialized, spans[k])
+    fp = f(P.FINGERPRINT).bytes_list.value if P.FINGERPRINT in spans else []
+    last = f(P.LAST_TS).int64_list.value if P.LAST_TS in spans else []
+    return P.CacheMeta(int(f("user_id").int64_list.value[0]),
+                       f("model_name").bytes_list.value[0].decode("utf-8"),
+                       int(f("model_version").int64_list.value[0]),
+                       bytes(fp[0]) if fp else None, int(last[0]) if last else None)
+
+
+# ---- batch encoding of cache records -------------------------------------------------------
+def _list_column(flat: np.ndarray, rows: int):
+    import pyarrow as pa
+    per = flat.size // rows if rows else 0
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int64) * per)
+    return pa.LargeListArray.from_arrays(offsets, pa.array(flat))
+
+
+def _const_column(values: Sequence, rows: int, typ):
+    import pyarrow as pa
+    return pa.array([list(values)] * rows, type=pa.large_list(typ))
+
+
+def encode_cache_batch(model_name: str, model_version: int, outputs: Dict[str, np.ndarray],
+                       fingerprints: Sequence[Optional[bytes]],
+                       last_ts: Sequence[Optional[int]]) -> List[bytes]:
+    """A ``user_tower`` batch's outputs (with ``user_id`` [B]) -> B serialized cache
+    records, each decoding (:func:`beam_jobs.precompute.decode_cache_record`,
+    ``cache_record_meta``) to what :func:`beam_jobs.precompute.encode_cache_record`
+    gives for the same user (tested). Encoded by tfx-bsl's C++
+    ``RecordBatchToExamples`` over Arrow list columns: the per-user Python
+    ``FloatList(value=...)`` of the RunInference engine cost ~17 ms per DIN-L row."""
+    import pyarrow as pa
+    from tfx_bsl.coders import example_coder
+    uid = np.asarray(outputs["user_id"]).reshape(-1).astype(np.int64)
+    rows = uid.size
+    if rows == 0:
+        return []
+    has_last = np.array([t is not None for t in last_ts] if last_ts is not None
+                        else [False] * rows, bool)
+    if last_ts is not None and not has_last.all():   # absent, as the row encoder, when empty
+        out: List[Optional[bytes]] = [None] * rows
+        for keep in (has_last, ~has_last):
+            idx = np.flatnonzero(keep)
+            if idx.size:
+                part = encode_cache_batch(
+                    model_name, model_version, {k: np.asarray(v)[idx] for k, v in outputs.items()},
+                    [fingerprints[i] for i in idx],
+                    [last_ts[i] for i in idx] if keep is has_last else None)
+                for i, rec in zip(idx, part):
+                    out[i] = rec
+        return out
+    names = [k for k in outputs if k != "user_id"]
+    cols = {"user_id": _list_column(uid, rows),
+            "model_name": _const_column([model_name.encode("utf-8")], rows, pa.large_binary()),
+            "model_version": _const_column([int(model_version)], rows, pa.int64()),
+            "tensor_names": _const_column([n.encode("utf-8") for n in names], rows,
+                                          pa.large_binary())}
+    if any(fp is None for fp in fingerprints):
+        raise ValueError("encode_cache_batch needs every user's history fingerprint")
+    cols[P.FINGERPRINT] = pa.LargeListArray.from_arrays(
+        pa.array(np.arange(rows + 1, dtype=np.int64)),
+        pa.array([bytes(fp) for fp in fingerprints], pa.large_binary()))
+    if last_ts is not None:
+        cols[P.LAST_TS] = _list_column(np.asarray(last_ts, np.int64), rows)
+    for name in names:
+        arr = np.asarray(outputs[name])
+        if arr.shape[:1] != (rows,):
+            raise ValueError(f"user_tower output {name!r} has shape {arr.shape}, "
+                             f"not [{rows}, ...]")
+        if arr.dtype.kind == "f":
+            flat = arr.reshape(-1).astype(np.float32, copy=False)
+        elif arr.dtype.kind in "iub":
+            flat = arr.reshape(-1).astype(np.int64, copy=False)
+        else:
+            raise ValueError(f"cache tensor {name!r} has unsupported dtype {arr.dtype}")
+        cols[f"t/{name}"] = _list_column(flat, rows)
+        cols[f"t/{name}/shape"] = _const_column([1, *arr.shape[1:]], rows, pa.int64())
+        dt = arr.dtype.newbyteorder("<").str if arr.dtype.itemsize > 1 else arr.dtype.str
+        cols[f"t/{name}/dtype"] = _const_column([dt.encode("ascii")], rows, pa.large_binary())
+    batch = pa.RecordBatch.from_arrays(list(cols.values()), list(cols))
+    return list(example_coder.RecordBatchToExamples(batch))
+
+
+# ---- pipeline ------------------------------------------------------------------------------
+def _tfrecords(path: str) -> Iterator[bytes]:
+    """The records of one TFRecord file (gzip by name), read by tf.data in C++."""
+    import tensorflow as tf
+    comp = "GZIP" if path.endswith(".gz") else ""
+    ds = tf.data.TFRecordDataset(path, compression_type=comp, buffer_size=1 << 22)
+    for chunk in ds.batch(256).prefetch(2).as_numpy_iterator():
+        yield from chunk
+
+
+class ScanFile(beam.DoFn):
+    """A file path -> ``(bucket, (side, [row, ...]))`` chunks. New side rows:
+    ``(user_id, fingerprint, last_ts, record)``; previous side rows:
+    ``(user_id, model_name, model_version, fingerprint, last_ts, row)``."""
+
+    def __init__(self, side: str, num_buckets: int):
+        self.side, self.num_buckets = side, int(num_buckets)
+
+    def process(self, path: str):
+        buckets: Dict[int, List] = {}
+        for rec in _tfrecords(path):
+            if self.side == NEW:
+                key = record_key(rec)
+                if key is None:
+                    Metrics.counter(P.NAMESPACE, "records_without_user_id").inc()
+                    continue
+                Metrics.counter(P.NAMESPACE, "records_read").inc()
+                row = (*key, rec)
+            else:
+                try:
+                    meta = cache_row_meta(rec)
+                except Exception:   # a corrupt row: its user is recomputed, the job goes on
+                    Metrics.counter(P.NAMESPACE, "previous_rows_unreadable").inc()
+                    continue
+                row = (meta.user_id, meta.model_name, meta.model_version, meta.fingerprint,
+                       meta.last_behavior_ts, rec)
+            b = row[0] % self.num_buckets
+            lst = buckets.setdefault(b, [])
+            lst.append(row)
+            if len(lst) >= CHUNK:
+                yield b, (self.side, buckets.pop(b))
+        for b, lst in buckets.items():
+            yield b, (self.side, lst)
+
+
+class RefreshBucket(beam.DoFn):
+    """One bucket's chunks -> its cache shard written (yields the shard path) and the
+    removed users' ids (``removed`` output). ``incremental``: classify against the
+    previous rows as :class:`beam_jobs.precompute_incremental.Classify` does."""
+
+    def __init__(self, model_path: str, model_name: str, model_version: int, output: str,
+                 num_buckets: int, batch_size: int, compression: str, incremental: bool):
+        self.model_path, self.model_name = model_path, model_name
+        self.model_version, self.output = int(model_version), output
+        self.num_buckets, self.batch_size = int(num_buckets), int(batch_size)
+        self.compression, self.incremental = compression, incremental
+        self._fn = None
+
+    def setup(self):
+        import tfmodels  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+        import tensorflow as tf
+        self._loaded = tf.saved_model.load(self.model_path)
+        self._fn = self._loaded.signatures[P.SIGNATURE]
+
+    def _classify(self, new: Dict, prev: Dict, out: List[bytes], compute: List):
+        counter = lambda name: Metrics.counter(P.NAMESPACE, name).inc()
+        for uid in prev:
+            if uid not in new:
+                counter("users_removed")
+                yield uid
+        for uid, recs in new.items():
+            old = prev.get(uid, [])
+            if len(recs) == 1 and len(old) == 1:
+                (_, fp, last, _), (_, name, version, old_fp, old_last, row) = recs[0], old[0]
+                if name != self.model_name or version != self.model_version:
+                    counter("users_other_model_or_version")
+                elif old_fp is None:
+                    counter("users_without_fingerprint")
+                elif old_fp == fp and old_last == last:
+                    counter("users_carried")
+                    out.append(row)                     # byte for byte
+                    continue
+                else:
+                    counter("users_changed")
+            elif not old:
+                if self.incremental:
+                    counter("users_new")
+            else:
+                counter("duplicate_users")
+            compute.extend(recs)
+
+    def process(self, element):
+        import tensorflow as tf
+        bucket, chunks = element
+        new: Dict[int, List] = {}
+        prev: Dict[int, List] = {}
+        for side, rows in chunks:
+            target = new if side == NEW else prev
+            for row in rows:
+                target.setdefault(row[0], []).append(row)
+        out: List[bytes] = []
+        compute: List = []
+        for uid in self._classify(new, prev, out, compute):
+            yield beam.pvalue.TaggedOutput(REMOVED, str(uid))
+        bs = self.batch_size
+        for i in range(0, len(compute), bs):
+            part = compute[i:i + bs]
+            Metrics.counter(P.NAMESPACE, "users_to_model").inc(len(part))
+            res = self._fn(records=tf.constant([r[3] for r in part]))
+            outputs = {k: v.numpy() for k, v in res.items()}
+            got = outputs["user_id"].reshape(-1)
+            want = np.array([r[0] for r in part], np.int64)
+            if not np.array_equal(got, want):
+                raise RuntimeError(f"user_tower returned user ids {got[:5]}... for the records "
+                                   f"of users {want[:5]}...")
+            out.extend(encode_cache_batch(self.model_name, self.model_version, outputs,
+                                          [r[1] for r in part], [r[2] for r in part]))
+            Metrics.counter(P.NAMESPACE, "cache_records").inc(len(part))
+        if not out:
+            return
+        name = f"{P.OUTPUT_PREFIX}-{bucket:05d}-of-{self.num_buckets:05d}{suffix(self.compression)}"
+        path = os.path.join(self.output, name)
+        tmp = os.path.join(self.output, f".tmp-{name}")
+        opts = tf.io.TFRecordOptions(compression_type="GZIP" if self.compression == "gzip"
+                                     else "")
+        with tf.io.TFRecordWriter(tmp, options=opts) as w:
+            for rec in out:
+                w.write(rec)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+        yield path
+
+
+def build_pipeline(p: beam.Pipeline, record_files: Sequence[str],
+                   previous_files: Sequence[str], model_path: str, model_name: str,
+                   model_version: int, output: str, num_shards: int = 0, batch_size: int = 64,
+                   compression: str = "none") -> None:
+    """Full precompute (no ``previous_files``) or incremental refresh, batched."""
+    if compression not in COMPRESSIONS:
+        raise P.PrecomputeError(f"--cache_compression must be one of {COMPRESSIONS}, "
+                                f"got {compression!r}")
+    if batch_size < 1:
+        raise P.PrecomputeError(f"--batch_size must be >= 1, got {batch_size}")
+    n = int(num_shards) or max(1, len(record_files))
+    sides = [p
+             | "NewFiles" >> beam.Create(sorted(record_files))
+             | "SpreadNew" >> beam.Reshuffle()
+             | "ScanNew" >> beam.ParDo(ScanFile(NEW, n))]
+    if previous_files:
+        sides.append(p
+                     | "PreviousFiles" >> beam.Create(sorted(previous_files))
+                     | "SpreadPrevious" >> beam.Reshuffle()
+                     | "ScanPrevious" >> beam.ParDo(ScanFile(PREV, n)))
+    res = (sides
+           | "Sides" >> beam.Flatten()
+           | "ByBucket" >> beam.GroupByKey()
+           | "RefreshBucket" >> beam.ParDo(RefreshBucket(
+               model_path, model_name, model_version, output, n, batch_size, compression,
+               bool(previous_files))).with_outputs(REMOVED, main="written"))
+    if previous_files:
+        from beam_jobs import precompute_incremental as INC
+        (res[REMOVED]
+         | "WriteRemoved" >> beam.io.WriteToText(os.path.join(output, INC.REMOVED_PREFIX),
+                                                 file_name_suffix=".txt", num_shards=1))
