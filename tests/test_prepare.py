@@ -10,6 +10,7 @@ import os
 import random
 import time
 
+import numpy as np
 import pytest
 
 import tfmodels  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
@@ -718,3 +719,57 @@ def test_real_movielens(movielens_dir, tmp_path):
     assert rows["input"] == rows["used"] + rows["filtered"] + rows["dead_lettered"]
     assert report["stats"]["users"] == 610
     assert sum(report["stats"]["impressions"].values()) == rows["used"]
+
+
+# --------------------------------------------------------------------------------------
+# compact per-user records (issue 19 item 5): the same data as the full format
+# --------------------------------------------------------------------------------------
+
+
+def _decoded(out):
+    table = S.load_item_table(out)
+    return {s: {d["user_key"]: d for d in (S.decode_user_record(r, table)
+                                            for r in read_records(out, s))} for s in S.SPLITS}
+
+
+def _assert_same_records(full_out, compact_out):
+    a, b = _decoded(full_out), _decoded(compact_out)
+    n = 0
+    for s in S.SPLITS:
+        assert a[s].keys() == b[s].keys(), s
+        for key, rec in a[s].items():
+            assert set(rec) == set(b[s][key])
+            for k in rec:   # exact, engagement included (half stars, behavior codes)
+                np.testing.assert_array_equal(rec[k], b[s][key][k], err_msg=f"{s} {key} {k}")
+            n += 1
+    assert n > 0
+
+
+def test_movielens_compact_records_equal_full(ml_run, ml_input, tmp_path):
+    out = str(tmp_path / "compact")
+    report = run_prepare(["--source", "movielens", "--input", ml_input, "--output", out,
+                          "--num_shards", "2", "--record_format", "compact", *ML_TOY_WINDOW])
+    assert report["format"] == S.FORMAT_COMPACT and ml_run[1]["format"] == S.FORMAT_FULL
+    assert report["record"]["engage_step"] == 0.5
+    assert report["record"]["engage_max_abs_error"] == 0.25
+    table = S.load_item_table(out)
+    items = read_vocab(out, "items")
+    assert len(table) == len(items) + S.FIRST_ID == report["vocab"]["num_items"]
+    _assert_same_records(ml_run[0], out)
+    raw = read_records(out, "train")[0]
+    assert "hist_cate_id" not in tf.train.Example.FromString(raw).features.feature
+
+
+def test_taobao_compact_records_equal_full(tb_run, tb_input, tmp_path):
+    out = str(tmp_path / "compact")
+    run_prepare(["--source", "taobao", "--input", tb_input, "--output", out, "--seed", "0",
+                 "--taobao_keep_behaviors", "pv,fav,buy", "--record_format", "compact"])
+    _assert_same_records(tb_run[0], out)
+
+
+def test_engage_step_flag_is_checked(tmp_path):
+    with pytest.raises(P.PrepareError, match="power of two"):
+        run_prepare(["--output", str(tmp_path / "a"), "--record_format", "compact",
+                     "--engage_step", "0.3"])
+    with pytest.raises(P.PrepareError, match="--record_format compact only"):
+        run_prepare(["--output", str(tmp_path / "b"), "--engage_step", "0.5"])

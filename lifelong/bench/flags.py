@@ -86,6 +86,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shuffle_buffer", type=int, default=20000,
                    help="train: the pipeline's shuffle buffer (default 20000, TrainConfig's)")
     p.add_argument("--split", default="test", help="storage: which split")
+    p.add_argument("--record_formats", action="store_true",
+                   help="storage: compare the full and compact per-user record formats on the "
+                   "train split (bytes per behavior, training examples/s of --models' first "
+                   "model) instead of the materialised windows")
+    p.add_argument("--format_long_len", type=int, default=1000,
+                   help="storage --record_formats: L of the training cells (default 1000)")
+    p.add_argument("--format_repeats", type=int, default=2,
+                   help="storage --record_formats: training cells per format, ABBA order "
+                   "(default 2; 0 = bytes only)")
     p.add_argument("--out", help="write results JSON (and a PNG for train) with this prefix")
 
 

@@ -6,10 +6,22 @@ costs about L times more. For the same impressions of a split this prints both a
 each ``--long_lens`` L, gzip and raw (gzip hides the duplication: a user's windows
 repeat the same history), with the command line that produced the table; ``--out``
 writes JSON. Numbers, not timed tests.
+
+``--record_formats`` instead compares the two per-user record formats (issue 19 item
+5, docs/data.md "Record formats") on the SAME records of the train split: every record
+is decoded and written again as ``full`` (``per_user_record``) and as ``compact``
+(``per_user_record_compact_v1``) by one writer (GZIP TFRecords), giving bytes per
+behavior (gzip and serialized) of each; then the training examples/s of one model
+(``--models``' first, din_l by default) at ``--format_long_len`` on each copy, measured
+by :func:`lifelong.bench.train.measure_cell` in its own process per cell, the cells in
+the order full, compact, compact, full (``--format_repeats`` 2: ABBA, so a drift of the
+machine's load hits both formats alike).
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import tempfile
 from typing import Dict, List
 
@@ -97,11 +109,219 @@ def print_storage(res: Dict, command: str) -> None:
               f"({r['materialised_over_per_user_raw']:.1f}x) |")
 
 
+# ---- full vs compact per-user records ------------------------------------------------------
+
+
+def derive_item_table(records: List[Dict[str, np.ndarray]], num_items: int) -> S.ItemTable:
+    """An item table from full records (the bench's copy of a full-format dataset has
+    none): each item's most frequent category / domain over the records' behaviors and
+    impressions (ties: the smaller id). Rows that disagree are kept exactly by the compact
+    record's exceptions, so any table gives the same decoded records; this one keeps the
+    exceptions few, like prepare's."""
+    def most_frequent(ids, vals, default):
+        out = np.full(num_items, default, np.int64)
+        out[0] = S.PAD_ID
+        if ids.size:
+            pairs, counts = np.unique(np.stack([ids, vals], 1), axis=0, return_counts=True)
+            # sort by (item, -count, value): the first row of each item wins
+            order = np.lexsort((pairs[:, 1], -counts, pairs[:, 0]))
+            pairs = pairs[order]
+            first = np.concatenate([[True], pairs[1:, 0] != pairs[:-1, 0]])
+            out[pairs[first, 0]] = pairs[first, 1]
+        return out
+    items = np.concatenate([r["hist_item_id"] for r in records] + [r["imp_item_id"] for r in records])
+    cates = np.concatenate([r["hist_cate_id"] for r in records] + [r["imp_cate_id"] for r in records])
+    h_items = np.concatenate([r["hist_item_id"] for r in records])
+    h_doms = np.concatenate([r["hist_domain"] for r in records])
+    cate = most_frequent(items, cates, S.OOV_ID)
+    domain = most_frequent(h_items, h_doms, S.DEFAULT_DOMAIN)
+    cate[S.OOV_ID], domain[S.OOV_ID] = S.OOV_ID, S.DEFAULT_DOMAIN
+    return S.ItemTable(cate, domain, "derived by lifelong bench storage")
+
+
+def _engage_step(meta: Dict) -> float:
+    if meta.get("record"):
+        return float(meta["record"]["engage_step"])
+    from beam_jobs.prepare import DEFAULT_ENGAGE_STEP   # lazy: Beam is heavy
+    return float(DEFAULT_ENGAGE_STEP.get(meta.get("source"), 1.0))
+
+
+def write_formats(data_dir: str, out_dir: str, split: str = "train") -> Dict:
+    """Decode every record of ``split`` and write it again as a full and as a compact
+    prepared dataset (``<out_dir>/full``, ``<out_dir>/compact``: one shard, meta.json,
+    the compact one with its item table). Returns the bytes of each."""
+    meta = S.read_meta(data_dir)
+    table = S.load_item_table(data_dir)
+    files = sorted(tf.io.gfile.glob(S.split_pattern(data_dir, split)))
+    if not files:
+        raise UsageError(f"{data_dir} has no {split} records")
+    recs = [S.decode_user_record(r.numpy(), table)
+            for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+    if table is None:
+        table = derive_item_table(recs, int(meta["vocab"]["num_items"]))
+    step = _engage_step(meta)
+    res = {"data": data_dir, "split": split, "records": len(recs),
+           "behaviors": int(sum(len(r["hist_item_id"]) for r in recs)),
+           "impressions": int(sum(len(r["imp_item_id"]) for r in recs)),
+           "prepared_bytes": sum(os.path.getsize(f) for f in files),
+           "prepared_format": meta.get("format", S.FORMAT_FULL), "engage_step": step,
+           "formats": {}}
+    max_err = 0.0
+    for fmt in ("full", "compact"):
+        d = os.path.join(out_dir, fmt)
+        os.makedirs(os.path.join(d, "vocab"), exist_ok=True)
+        m = dict(meta, format=S.RECORD_FORMATS[fmt])
+        m.pop("record", None)
+        if fmt == "compact":
+            m["record"] = {"item_table": S.ITEM_TABLE_FILE, "engage_step": step,
+                           "engage_max_abs_error": step / 2}
+            with open(os.path.join(d, S.ITEM_TABLE_FILE), "w") as f:
+                f.write(table.to_tsv())
+        with open(os.path.join(d, S.META_FILE), "w") as f:
+            json.dump(m, f)
+        raw = 0
+        path = os.path.join(d, f"{split}-00000-of-00001.tfrecord.gz")
+        with tf.io.TFRecordWriter(path, options="GZIP") as w:
+            for r in recs:
+                hist = {k: r[k] for k in S.HISTORY_FIELDS if k in r}
+                imps = {k: r[k] for k in S.IMPRESSION_FIELDS}
+                key = r["user_key"].decode("utf-8")
+                b = (S.encode_user_record(int(r["user_id"]), key, hist, imps) if fmt == "full"
+                     else S.encode_compact_user_record(int(r["user_id"]), key, hist, imps,
+                                                       table, step))
+                if fmt == "compact":
+                    back = S.decode_user_record(b, table)["hist_engage"]
+                    if back.size:
+                        max_err = max(max_err, float(np.abs(back - r["hist_engage"]).max()))
+                raw += len(b)
+                w.write(b)
+        size = os.path.getsize(path)
+        res["formats"][fmt] = {"dir": d, "gzip_bytes": size, "raw_bytes": raw,
+                               "gzip_bytes_per_behavior": size / max(res["behaviors"], 1),
+                               "raw_bytes_per_behavior": raw / max(res["behaviors"], 1)}
+    res["compact_field_cost"] = field_costs(os.path.join(out_dir, "compact"), split,
+                                            res["behaviors"])
+    f, c = res["formats"]["full"], res["formats"]["compact"]
+    res["compact_over_full_gzip"] = c["gzip_bytes"] / f["gzip_bytes"]
+    res["compact_over_full_raw"] = c["raw_bytes"] / f["raw_bytes"]
+    res["engage_max_abs_error_measured"] = max_err
+    res["item_table_rows"] = len(table)
+    return res
+
+
+def field_costs(data_dir: str, split: str, behaviors: int) -> Dict[str, float]:
+    """gzip bytes per behavior each field of the records costs: the split's records
+    gzipped in one stream (zlib level 6, as the TFRecord writer) minus the same without
+    that field. An estimate (deflate is not additive), to see where the bytes go."""
+    import zlib
+    raws = [r.numpy() for r in tf.data.TFRecordDataset(
+        tf.io.gfile.glob(S.split_pattern(data_dir, split)), compression_type="GZIP")]
+    exs = [tf.train.Example.FromString(r) for r in raws]
+
+    def size(rs):
+        return len(zlib.compress(b"".join(rs), 6))
+
+    total = size(raws)
+    names = sorted({k for e in exs for k in e.features.feature})
+    out = {"all": total / max(behaviors, 1)}
+    for name in names:
+        rs = []
+        for e in exs:
+            e2 = tf.train.Example()
+            e2.CopyFrom(e)
+            if name in e2.features.feature:
+                del e2.features.feature[name]
+            rs.append(e2.SerializeToString(deterministic=True))
+        out[name] = (total - size(rs)) / max(behaviors, 1)
+    return out
+
+
+def train_formats(res: Dict, model: str, long_len: int, args) -> List[Dict]:
+    """Training examples/s of ``model`` on the full and the compact copy (ABBA order)."""
+    from lifelong.bench.train import PATHS, _run_cell
+    spec = PATHS["new"]
+    order = (["full", "compact", "compact", "full"] * args.format_repeats)[:2 * args.format_repeats]
+    rows = []
+    for fmt in order:
+        cell = {"data": res["formats"][fmt]["dir"], "model": model, "long_len": long_len,
+                "path": "new", "batch_size": args.batch_size, "steps": args.steps,
+                "warmup": args.warmup, "short_len": args.short_len, "emb_dim": args.emb_dim,
+                "shuffle_buffer": args.shuffle_buffer, "input": "pipeline",
+                "din_path": spec["din_path"], "input_pipeline": spec["input_pipeline"],
+                "jit_compile": spec["jit_compile"] or args.jit_compile}
+        r = _run_cell(cell)
+        r["format"] = fmt
+        rows.append(r)
+    return rows
+
+
+def print_formats(res: Dict, train_rows: List[Dict], command: str) -> None:
+    print(f"command: {command}\n")
+    print(f"{res['data']} {res['split']}: {res['records']:,} records, {res['behaviors']:,} "
+          f"behaviors, {res['impressions']:,} impressions; as prepared "
+          f"({res['prepared_format']}): {res['prepared_bytes']:,} bytes gzip\n")
+    print("| format | gzip bytes | bytes / behavior gzip | serialized bytes | "
+          "bytes / behavior serialized |")
+    print("|---|---|---|---|---|")
+    for fmt, r in res["formats"].items():
+        print(f"| {S.RECORD_FORMATS[fmt]} | {r['gzip_bytes']:,} | "
+              f"{r['gzip_bytes_per_behavior']:.3f} | {r['raw_bytes']:,} | "
+              f"{r['raw_bytes_per_behavior']:.3f} |")
+    print(f"\ncompact / full: {res['compact_over_full_gzip']:.3f} gzip, "
+          f"{res['compact_over_full_raw']:.3f} serialized; engagement step "
+          f"{res['engage_step']:g} (max |error| measured {res['engage_max_abs_error_measured']:.4g}, "
+          f"bound {res['engage_step'] / 2:g}); item table {res['item_table_rows']:,} rows\n")
+    costs = res.get("compact_field_cost", {})
+    if costs:
+        print("gzip bytes per behavior that each field of the compact record costs (all "
+              "records in one stream minus the same without the field; deflate is not "
+              "additive):\n")
+        print("| field | bytes / behavior |")
+        print("|---|---|")
+        for k, v in sorted(costs.items(), key=lambda kv: -kv[1]):
+            print(f"| {k} | {v:.3f} |")
+        print()
+    if not train_rows:
+        return
+    print("| format | model | L | live-pipeline examples/s | held-batch examples/s | "
+          "input share (wall) |")
+    print("|---|---|---|---|---|---|")
+    for r in train_rows:
+        if "error" in r:
+            print(f"| {r['format']} | {r['model']} | {r['long_len']} | failed: {r['error']} | | |")
+            continue
+        print(f"| {r['format']} | {r['model']} | {r['long_len']} | "
+              f"{r['pipeline_examples_per_s']:.0f} | {r['examples_per_s']:.0f} | "
+              f"{r['input_share_wall']:.0%} |")
+    for fmt in ("full", "compact"):
+        ok = [r["pipeline_examples_per_s"] for r in train_rows
+              if r.get("format") == fmt and "error" not in r]
+        if ok:
+            print(f"\n{fmt}: mean live-pipeline examples/s {np.mean(ok):.1f} over {len(ok)} cells",
+                  end="")
+    print()
+
+
 def run(args) -> int:
     if not args.data:
         raise UsageError("--data is required (a prepared dataset directory)")
-    lens = parse_ints(args.long_lens, "long_lens")
     command = record.command_line()
+    if getattr(args, "record_formats", False):
+        tmp = tempfile.mkdtemp(prefix="bench_formats_")
+        try:
+            res = write_formats(args.data, tmp, "train")
+            rows = []
+            if args.format_repeats > 0:
+                model = args.models.split(",")[0].strip()
+                rows = train_formats(res, model, args.format_long_len, args)
+            res["train"] = rows
+            print_formats(res, rows, command)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if args.out:
+            record.write_prefixed(args.out, command, [res])
+        return 0
+    lens = parse_ints(args.long_lens, "long_lens")
     res = storage(args.data, lens, args.split, args.short_len)
     print_storage(res, command)
     if args.out:
