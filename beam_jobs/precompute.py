@@ -416,7 +416,8 @@ def run(args, beam_args: Sequence[str] = (), store=None) -> Dict:
     if engine not in ENGINES:
         raise PrecomputeError(f"--engine must be one of {ENGINES}, got {engine!r}")
     compression = getattr(args, "cache_compression", None) or "none"
-    batch_size = int(getattr(args, "batch_size", None) or 64)
+    batch_size = getattr(args, "batch_size", None)
+    batch_size = 64 if batch_size is None else int(batch_size)
     if engine == "batched":
         from beam_jobs import precompute_batched as B
         if compression not in B.COMPRESSIONS or batch_size < 1:

@@ -79,10 +79,10 @@ def setup(tmp_path_factory):
                                imp_item=S.FIRST_ID + 7 if u == 4 else S.FIRST_ID)
                        for u, h in new.items()])
 
-    def run(records, output, previous=None, store=None):
+    def run(records, output, previous=None, store=None, **engine):
         ns = argparse.Namespace(records=records, model="din_l", base=base, version=1,
                                 model_dir=None, output=str(root / output), num_shards=1,
-                                no_reshuffle=True, store=None, previous_cache=previous)
+                                no_reshuffle=True, store=None, previous_cache=previous, **engine)
         return P.run(ns, [], store=store)
 
     rep_old = run(old_path, "cache_old")
@@ -226,3 +226,44 @@ def test_previous_cache_errors(setup):
         setup["run"](setup["new_path"], "cache_old", previous=str(setup["root"] / "cache_old"))
     # the refused run deleted nothing
     assert len(_by_user(setup["root"] / "cache_old")) == 6
+
+
+def test_runinference_engine_equals_batched_engine(setup):
+    """``--engine runinference`` (one Beam element per user, gzip files) writes the same
+    cache as the default batched engine (uncompressed files), in a full run and in an
+    incremental run over the batched engine's previous cache."""
+    import glob
+    root = setup["root"]
+    rep = setup["run"](setup["new_path"], "cache_full_ri", engine="runinference")
+    assert rep["engine"] == "runinference" and setup["rep_full"]["engine"] == "batched"
+    assert glob.glob(str(root / "cache_full_ri" / "cache-*.tfrecord.gz"))
+    assert glob.glob(str(root / "cache_full" / "cache-*.tfrecord"))
+    full = _by_user(root / "cache_full")
+    _assert_same_cache(full, _by_user(root / "cache_full_ri"))
+    rep = setup["run"](setup["new_path"], "cache_incr_ri", previous=str(root / "cache_old"),
+                       engine="runinference")
+    assert (rep["users_to_model"], rep["users_carried"]) == (len(CHANGED) + len(NEW),
+                                                             len(UNCHANGED))
+    _assert_same_cache(full, _by_user(root / "cache_incr_ri"))
+
+
+def test_batched_engine_shards_by_user_and_rejects_bad_flags(setup):
+    import glob
+    root = setup["root"]
+    ns = argparse.Namespace(records=setup["new_path"], model="din_l", base=setup["base"],
+                            version=1, model_dir=None, output=str(root / "cache_3"),
+                            num_shards=3, no_reshuffle=True, store=None,
+                            previous_cache=str(root / "cache_old"), batch_size=2)
+    rep = P.run(ns, [])
+    assert rep["users_carried"] == len(UNCHANGED) and rep["users_to_model"] == 4
+    files = sorted(glob.glob(str(root / "cache_3" / "cache-*-of-00003.tfrecord")))
+    assert len(files) == 3
+    for f in files:          # bucket b of 3 holds the users with user_id % 3 == b
+        b = int(os.path.basename(f).split("-")[1])
+        assert {P.cache_record_meta(r).user_id % 3 for r in P.read_cache_records(f)} == {b}
+    _assert_same_cache(_by_user(root / "cache_full"), _by_user(root / "cache_3"))
+    for bad, match in ((dict(cache_compression="zip"), "--cache_compression"),
+                       (dict(batch_size=0), "--batch_size"),
+                       (dict(engine="fast"), "--engine must be one of")):
+        with pytest.raises(P.PrecomputeError, match=match):
+            setup["run"](setup["new_path"], "cache_bad", **bad)
