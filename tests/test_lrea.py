@@ -798,3 +798,28 @@ def test_head_batchnorm_flag_reaches_the_model(tiny_data):
         model = T.model_from_config(cfg, T.feature_schema_for(cfg))
         assert model.head.batchnorm is want and model.get_config()["head_batchnorm"] is want
         assert model.long_module.normalize == "count"
+
+
+@pytest.mark.parametrize("phi,normalize", [("leaky_relu", "none"), ("linear", "none"),
+                                           ("leaky_relu", "count")])
+def test_one_user_rank_path_matches_numpy_r7(phi, normalize):
+    """The serving path (a cache of batch 1 scored against N candidates: one [N, d] x
+    [d, r h] matmul, then [N, r] x [r, d]) equals the literal (R7) in float64, candidate
+    by candidate, eagerly and under XLA (the exported rank); so does the batched path
+    on the same window tiled N times."""
+    layer = _build(rank=5, phi=phi, normalize=normalize)
+    _randomize(layer, seed=3)
+    seq = random_sequence(1, L, D, [11], seed=4)
+    n = 6
+    tgt = random_target(n, D, seed=5)
+    _, want = reference(layer, np.repeat(seq["emb"].numpy(), n, 0),
+                        np.repeat(seq["mask"].numpy(), n, 0), tgt["emb"].numpy())
+    cache = layer.user_cache(seq)
+    assert cache["e_comp"].shape[0] == 1
+    got = layer.score(cache, tgt).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.abs(want).max() > 1e-2
+    jit = tf.function(lambda c, t: layer.score(c, t), jit_compile=True)
+    np.testing.assert_allclose(jit(cache, tgt).numpy(), want, rtol=1e-5, atol=1e-5)
+    tiled = {k: tf.repeat(v, n, 0) for k, v in cache.items()}
+    np.testing.assert_allclose(layer.score(tiled, tgt).numpy(), got, rtol=1e-5, atol=1e-5)

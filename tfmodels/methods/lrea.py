@@ -306,15 +306,42 @@ class LREA(LongSequenceModule):
         w1, w2, w3 = self._w()
         e_comp = cache["e_comp"]
         s_seq = tf.linalg.matvec(self._phi(tf.einsum("bdr,dh->brh", e_comp, w2)), self.w_o)
-        e_comp_b = broadcast_rows(e_comp, batch)
-        cross = tf.einsum("bdr,bdh->brh", e_comp_b, e_t[:, :, None] * w3[None])
-        s_r = s_seq + tf.linalg.matvec(self._phi(cross), self.w_o)              # [B, r]
         s_target = tf.linalg.matvec(self._phi(tf.matmul(e_t, w1)), self.w_o)    # [B]
-        v = tf.einsum("bdr,br->bd", broadcast_rows(cache["e_aux"], batch), s_r)
-        v = v + broadcast_rows(cache["sigma"], batch) * s_target[:, None]
+        if e_comp.shape[0] == 1:       # static: one user's cache, N candidates (``rank``)
+            v = self._one_user_terms(cache, e_t, s_seq, s_target)
+        else:
+            e_comp_b = broadcast_rows(e_comp, batch)
+            cross = tf.einsum("bdr,bdh->brh", e_comp_b, e_t[:, :, None] * w3[None])
+            s_r = s_seq + tf.linalg.matvec(self._phi(cross), self.w_o)          # [B, r]
+            v = tf.einsum("bdr,br->bd", broadcast_rows(cache["e_aux"], batch), s_r)
+            v = v + broadcast_rows(cache["sigma"], batch) * s_target[:, None]
         if self.normalize == "count":
             return self._normalized(v, broadcast_rows(cache["count"], batch))
         return v
+
+    def _one_user_terms(self, cache: Tensors, e_t: tf.Tensor, s_seq: tf.Tensor,
+                        s_target: tf.Tensor) -> tf.Tensor:
+        """v_inf before the count division for a cache of batch 1 and N candidates: the
+        same (R7) terms as the batched path, arranged as plain 2-D matmuls (issue 20
+        item 6; tests/test_lrea.py checks it against the batched formula):
+
+        (E_t * E_comp^T) W_3 for every candidate and slot = E_t P with
+        P[d, (r, h)] = E_comp[d, r] W_3[d, h] ([d, r h], once per request): one
+        [N, d] x [d, r h] matmul instead of N batched [r, d] x [d, h] products over a
+        broadcast copy of E_comp and an [N, d, h] copy of E_t * W_3. The multiply-adds
+        per candidate stay r d h (phi is applied to each of the r h sums, so no
+        factorisation over d is exact). E_aux s_r and sigma s_target are [N, r] x
+        [r, d] and a broadcast product. Only the order of float operations differs.
+        """
+        d, r, h = self.emb_dim, self.rank, self.hidden
+        _, _, w3 = self._w()
+        e_comp = cache["e_comp"][0]                                              # [d, r]
+        p = tf.reshape(e_comp[:, :, None] * w3[:, None, :], tf.stack([d, r * h]))   # P
+        cross = tf.reshape(tf.matmul(e_t, p), tf.stack([-1, h]))                 # [N r, h]
+        s_cross = tf.reshape(tf.linalg.matvec(self._phi(cross), self.w_o), tf.stack([-1, r]))
+        s_r = s_seq + s_cross                                                    # [N, r]
+        v = tf.matmul(s_r, cache["e_aux"][0], transpose_b=True)                  # [N, d]
+        return v + cache["sigma"] * s_target[:, None]
 
     def get_config(self):
         return {**super().get_config(), "rank": self.rank, "lam": self.lam,
