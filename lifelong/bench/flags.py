@@ -103,8 +103,10 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("what", choices=list(SERVING_BENCHES), help="which benchmark")
     p.add_argument("--long_lens", default="100,1000,10000", help="L values (default 100,1000,10000)")
     p.add_argument("--candidates", default="1,100,1000", help="N values (default 1,100,1000)")
-    p.add_argument("--rank_models", default="avg_pool",
-                   help="serving: models whose `rank` is timed (default avg_pool)")
+    p.add_argument("--rank_models", default="",
+                   help="serving: models whose `rank` is timed, or `all` (default: all = every "
+                   "registered method with a user cache, named variants left out; with "
+                   "--load: avg_pool)")
     p.add_argument("--one_shot_model", default="din_l",
                    help="serving: model whose serving_default is timed (default din_l)")
     p.add_argument("--models", default="",

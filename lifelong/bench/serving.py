@@ -441,6 +441,36 @@ def _show(res: Dict, command: str) -> None:
         print(f"\nplot: {res['plot']}")
 
 
+def cacheable_models() -> List[str]:
+    """Every registered method whose ``rank`` reads a user cache (it has a long-sequence
+    module), once: registry entries with a preset (named ablations and variants such as
+    ``din_l_none``, ``encode_no_loss``) run the same ``rank`` code as their method and
+    are left out; ``din`` (no long module, nothing cached) too."""
+    from tfmodels import registry
+    return [m for m in registry.names()
+            if registry.long_module_class(m) is not None and not registry.preset_config(m)]
+
+
+def resolve_rank_models(value: str, load: bool = False) -> str:
+    """``--rank_models``: empty (the default) = ``all`` for the latency table, ``avg_pool``
+    for ``--load`` (its documented default); ``all`` = :func:`cacheable_models`. Unknown
+    names are one :class:`UsageError` before anything is exported."""
+    from tfmodels import registry
+    names = [m for m in str(value or "").split(",") if m]
+    if not names:
+        names = ["avg_pool"] if load else ["all"]
+    if "all" in names:
+        names = [m for m in names if m != "all"] + cacheable_models()
+    names = list(dict.fromkeys(names))
+    unknown = [m for m in names if m not in registry.names()]
+    if unknown:
+        raise UsageError(f"--rank_models: unknown model(s) {unknown}; registered: "
+                         f"{', '.join(registry.names())} (or all)")
+    return ",".join(names)
+
+
 def run(args) -> int:
     check_serving_flags(args)
+    if getattr(args, "what", "serving") == "serving":
+        args.rank_models = resolve_rank_models(args.rank_models, bool(getattr(args, "load", "")))
     return record.run_in_folder(args, _measure, _show)
