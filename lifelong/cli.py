@@ -178,10 +178,11 @@ def cmd_train(args, extra: List[str]) -> int:
                                model_configs.config_root(args.config_dir)).files
     print(f"[train] config of {args.model or cfg.model}: "
           + (" <- ".join(reversed(files)) or "built-in (no config file)"), file=sys.stderr)
-    summary = T.train(cfg, resume=args.resume)
+    summary = T.train(cfg, resume=args.resume, distribute=args.distribute,
+                      shard_policy=args.shard_policy)
     print(f"[train] done in {summary['train_wall_s']:.1f}s; run dir {cfg.out_dir}",
           file=sys.stderr)
-    if not args.no_eval:
+    if not args.no_eval and summary["distribute"]["is_chief"]:   # one evaluation per run
         result = T.evaluate(cfg.out_dir, cfg.eval_split)
         _print_metrics(result)
     return 0
@@ -320,6 +321,14 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
     p.add_argument("--resume", action="store_true",
                    help="continue from the run directory's last checkpoint")
     p.add_argument("--no_eval", action="store_true", help="skip the test evaluation")
+    p.add_argument("--distribute", default="none", choices=("none", "mirrored", "multi_worker"),
+                   help="none (default) | mirrored (the devices of one machine) | "
+                   "multi_worker (MultiWorkerMirroredStrategy over the workers in TF_CONFIG; "
+                   "run the same command on every worker; needs --out_dir and "
+                   "--steps_per_epoch); --batch_size is the global batch (docs/distributed.md)")
+    p.add_argument("--shard_policy", default="file", choices=("file", "data"),
+                   help="multi_worker input sharding: file (default; each worker reads its "
+                   "own TFRecord files) | data (every worker reads all, keeps its share)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="AUC, GAUC and logloss of a trained run",

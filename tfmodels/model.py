@@ -124,8 +124,13 @@ class LifelongCTRModel(tfrs.models.Model):
                             if cls is not None else None)
         self.head = MLP(mlp_hidden, activation="prelu", output_units=1,
                         batchnorm=self.head_batchnorm, name="head")
+        # reduction NONE: labels and logits are [B], so the loss is already the batch
+        # mean (Keras means over the last axis) and the value is the same as AUTO's;
+        # AUTO raises under any tf.distribute strategy (tfmodels/distribute.py averages
+        # the replicas' gradients instead).
         self.task = tfrs.tasks.Ranking(
-            loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
+            loss=tf.keras.losses.BinaryCrossentropy(
+                from_logits=True, reduction=tf.keras.losses.Reduction.NONE),
             metrics=[tf.keras.metrics.AUC(from_logits=True, name="auc")])
 
     @property

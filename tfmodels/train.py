@@ -31,6 +31,7 @@ import tfmodels  # noqa: F401
 import tensorflow as tf
 
 from tfmodels import data as D
+from tfmodels import distribute as DIST
 from tfmodels import metrics as M
 from tfmodels import registry
 from tfmodels import schema as S
@@ -357,31 +358,43 @@ class _Throughput(tf.keras.callbacks.Callback):
             self.rates.append(self._steps * self.batch_size / (self._t_end - self._t))
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Dict:
-    """Fit a model; returns the run summary (also written to ``run.json``)."""
+def train(cfg: TrainConfig, resume: bool = False, distribute: str = "none",
+          shard_policy: str = "file") -> Dict:
+    """Fit a model; returns the run summary (also written to ``run.json``).
+
+    ``distribute`` (none | mirrored | multi_worker) and ``shard_policy`` (file | data):
+    :mod:`tfmodels.distribute`, docs/distributed.md; ``cfg.batch_size`` is the global
+    batch. Under multi_worker only the chief writes ``cfg.out_dir``; the other workers
+    write the same files to a temporary directory, removed at the end."""
+    dist = DIST.setup(distribute)   # first: MultiWorkerMirroredStrategy before any TF op
     cfg.validate()
+    DIST.check_config(dist, cfg.batch_size, cfg.steps_per_epoch, cfg.out_dir)
     if not cfg.out_dir:
         cfg.out_dir = os.path.join("runs", f"{cfg.model}-s{cfg.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    out_dir = dist.write_dir(cfg.out_dir)   # cfg.out_dir but on a non-chief worker
+    os.makedirs(out_dir, exist_ok=True)
     tf.keras.utils.set_random_seed(cfg.seed)
     fschema = feature_schema_for(cfg)
-    _write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
+    _write_json(os.path.join(out_dir, "config.json"), dataclasses.asdict(cfg))
 
     set_din_path(cfg.din_path)   # read when the train/eval functions are traced
-    model = model_from_config(cfg, fschema)
-    optimizer = _optimizer(cfg)
-    model.compile(optimizer=optimizer, jit_compile=resolve_jit_compile(cfg.jit_compile))
+    with dist.scope():
+        model = model_from_config(cfg, fschema)
+        optimizer = DIST.mean_aggregating(_optimizer(cfg), dist)
+        model.compile(optimizer=optimizer, jit_compile=resolve_jit_compile(cfg.jit_compile))
+    DIST.configure_model(model, dist)
     epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False)
-    best = _BestEpoch(os.path.join(cfg.out_dir, "ckpt", "best"), cfg.early_stopping_patience)
+    best = _BestEpoch(os.path.join(out_dir, "ckpt", "best"), cfg.early_stopping_patience)
     ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, epoch=epoch_var,
                                best=best.state)
-    manager = tf.train.CheckpointManager(ckpt, os.path.join(cfg.out_dir, "ckpt"), max_to_keep=2)
+    manager = tf.train.CheckpointManager(ckpt, os.path.join(out_dir, "ckpt"), max_to_keep=2)
     initial_epoch = 0
-    if resume and manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint)   # deferred: applied when variables are built
+    # every worker resumes from the chief's checkpoints (= manager's on the chief)
+    latest = tf.train.latest_checkpoint(os.path.join(cfg.out_dir, "ckpt"))
+    if resume and latest:
+        ckpt.restore(latest)   # deferred: applied when variables are built
         initial_epoch = int(epoch_var.numpy())
-        print(f"[train] resumed from {manager.latest_checkpoint} at epoch {initial_epoch}",
-              file=sys.stderr)
+        print(f"[train] resumed from {latest} at epoch {initial_epoch}", file=sys.stderr)
     elif resume:
         print("[train] --resume given but no checkpoint found; starting fresh", file=sys.stderr)
 
@@ -390,9 +403,12 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict:
         S.split_pattern(cfg.data, "valid")) else None
     if cfg.steps_per_epoch:
         train_ds = train_ds.repeat()
+    train_ds, valid_ds = DIST.shard_datasets(
+        dist, train_ds, valid_ds, len(D.list_files(S.split_pattern(cfg.data, "train"))),
+        shard_policy)
     throughput = _Throughput(cfg.batch_size)
     callbacks = [_EpochCheckpoint(manager, epoch_var), throughput,
-                 tf.keras.callbacks.TensorBoard(os.path.join(cfg.out_dir, "tb"),
+                 tf.keras.callbacks.TensorBoard(os.path.join(out_dir, "tb"),
                                                 update_freq="epoch", profile_batch=0)]
     early_stopping = bool(cfg.early_stopping_patience and valid_ds is not None)
     if early_stopping:
@@ -402,6 +418,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict:
                   f"for {best.wait} epochs); nothing left to train", file=sys.stderr)
     print(f"[train] model={cfg.model} data={cfg.data} S={cfg.short_len} L={cfg.long_len} "
           f"epochs={cfg.epochs} batch={cfg.batch_size} out={cfg.out_dir}", file=sys.stderr)
+    if dist.distributed:
+        print(f"[train] distribute={dist.name} shard_policy={shard_policy} "
+              f"replicas={dist.num_replicas} task={dist.task_type}:{dist.task_index} "
+              f"chief={dist.is_chief} (batch {cfg.batch_size} is the global batch)",
+              file=sys.stderr)
     # A progress bar redrawn with \r is unreadable in a log file: one line per epoch there.
     verbose = 2 if (cfg.verbose == 1 and not sys.stdout.isatty()) else cfg.verbose
     t0 = time.perf_counter()
@@ -417,11 +438,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict:
         # No epoch ran in this call (a resumed run that had finished): build the model so
         # the restore deferred above fills its variables before final/ is written.
         model(next(iter(valid_ds if valid_ds is not None else train_ds)), training=False)
-    if early_stopping and best.best_epoch:
+    if early_stopping and best.best_epoch and dist.is_chief:
         best.restore_best(model)   # final/ = the best epoch of the whole run
         best.sweep()
     final = tf.train.Checkpoint(model=model)
-    final.write(os.path.join(cfg.out_dir, "final", "weights"))
+    final.write(os.path.join(out_dir, "final", "weights"))   # every worker: see write_dir
     stopped_epoch = int(epoch_var.numpy())
     summary = {"config": dataclasses.asdict(cfg), "feature_schema": fschema.to_dict(),
                "seed": cfg.seed, "versions": package_versions(), "git_commit": git_commit(),
@@ -438,9 +459,14 @@ def train(cfg: TrainConfig, resume: bool = False) -> Dict:
                "final_epoch": (best.best_epoch if early_stopping and best.best_epoch
                                else stopped_epoch),
                "train_examples_per_s": throughput.rates,
+               "distribute": dict(dist.describe(), shard_policy=shard_policy,
+                                  global_batch=cfg.batch_size),
+               "train_examples_per_s_per_worker": [r / dist.num_workers
+                                                   for r in throughput.rates],
                "jit_compile_resolved": resolve_jit_compile(cfg.jit_compile),
                "num_params": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
-    _write_json(os.path.join(cfg.out_dir, "run.json"), summary)
+    _write_json(os.path.join(out_dir, "run.json"), summary)
+    dist.cleanup(cfg.out_dir)   # a non-chief worker's temporary directory
     return summary
 
 
