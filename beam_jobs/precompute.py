@@ -427,6 +427,7 @@ def run(args, beam_args: Sequence[str] = (), store=None) -> Dict:
     os.makedirs(args.output, exist_ok=True)
     stale = [f for f in glob.glob(os.path.join(args.output, f"{OUTPUT_PREFIX}-*.tfrecord*"))
              if f.endswith(SUFFIXES)]
+    stale += glob.glob(os.path.join(args.output, "index-*-of-*.npz"))  # the batched engine's
     if previous:
         from beam_jobs import precompute_incremental as INC
         stale += glob.glob(os.path.join(args.output, f"{INC.REMOVED_PREFIX}-*"))

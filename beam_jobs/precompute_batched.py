@@ -38,6 +38,7 @@ gunzip and re-gzip every carried row. ``gzip`` is kept as an option.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -286,6 +287,65 @@ def encode_cache_batch(model_name: str, model_version: int, outputs: Dict[str, n
     return list(example_coder.RecordBatchToExamples(batch))
 
 
+# ---- shard index ---------------------------------------------------------------------------
+INDEX_PREFIX = "index"
+#: the framing TFRecord adds to each record: length (8), its CRC (4), the data CRC (4)
+FRAME = 16
+
+
+def index_path(shard_path: str) -> str:
+    """``.../cache-BBBBB-of-NNNNN.tfrecord`` -> ``.../index-BBBBB-of-NNNNN.npz``."""
+    folder, name = os.path.split(shard_path)
+    stem = name[len(P.OUTPUT_PREFIX):].split(".tfrecord")[0]
+    return os.path.join(folder, f"{INDEX_PREFIX}{stem}.npz")
+
+
+def write_index(shard_path: str, model_name: str, model_version: int, entries: List) -> None:
+    """The shard's row index next to it: per row ``user_id``, history ``fingerprint``,
+    ``last_ts`` (``has_last``), and the ``offset`` / ``length`` of its framed TFRecord
+    bytes in the (uncompressed) shard, with the shard's model, version and size. An
+    incremental refresh reads this instead of every row, and copies carried rows as
+    byte ranges (:class:`RefreshBucket`)."""
+    import io
+    from apache_beam.io.filesystems import FileSystems
+    n = len(entries)
+    uid, fp, last, off, ln = (zip(*entries) if n else ([], [], [], [], []))
+    buf = io.BytesIO()
+    np.savez(buf, user_id=np.asarray(uid, np.int64).reshape(n),
+             fingerprint=np.frombuffer(b"".join(f or b"\0" * 16 for f in fp),
+                                       np.uint8).reshape(n, 16),
+             has_fingerprint=np.array([f is not None for f in fp], bool).reshape(n),
+             last_ts=np.array([0 if t is None else t for t in last], np.int64).reshape(n),
+             has_last=np.array([t is not None for t in last], bool).reshape(n),
+             offset=np.asarray(off, np.int64).reshape(n),
+             length=np.asarray(ln, np.int64).reshape(n),
+             model_name=np.array(model_name), model_version=np.array(int(model_version)),
+             shard_bytes=np.array(int(sum(ln))))
+    with FileSystems.create(index_path(shard_path)) as f:
+        f.write(buf.getvalue())
+
+
+def read_index(shard_path: str) -> Optional[Dict[str, np.ndarray]]:
+    """The index of an uncompressed shard if it has one that matches its size, else None
+    (a gzip shard, a shard of the RunInference engine, an edited shard)."""
+    import io
+    from apache_beam.io.filesystems import FileSystems
+    if shard_path.endswith(".gz"):
+        return None
+    ipath = index_path(shard_path)
+    try:
+        if not FileSystems.exists(ipath):
+            return None
+        with FileSystems.open(ipath) as f:
+            idx = dict(np.load(io.BytesIO(f.read()), allow_pickle=False))
+        size = FileSystems.match([shard_path])[0].metadata_list[0].size_in_bytes
+    except Exception:       # unreadable: read the rows instead
+        return None
+    if int(idx["shard_bytes"]) != size:
+        return None
+    return idx
+
+
 # ---- pipeline ------------------------------------------------------------------------------
 def _tfrecords(path: str) -> Iterator[bytes]:
     """The records of one TFRecord file (gzip by name), read by tf.data in C++."""
@@ -297,23 +357,37 @@ def _tfrecords(path: str) -> Iterator[bytes]:
 
 
 class ScanFile(beam.DoFn):
-    """A file path -> ``(bucket, (side, [row, ...]))`` chunks. New side rows:
-    ``(user_id, fingerprint, last_ts, record)``; previous side rows:
-    ``(user_id, model_name, model_version, fingerprint, last_ts, row)``."""
+    """``(file index, path)`` -> ``(bucket, (side, [row, ...]))`` chunks.
 
-    def __init__(self, side: str, num_buckets: int):
+    New side rows: ``(user_id, fingerprint, last_ts, payload)``; previous side rows:
+    ``(user_id, model_name, model_version, fingerprint, last_ts, payload)``. The payload
+    is the record itself for the new side of a full run (every record goes to the
+    model), else its locator ``(file index, record index)``: an incremental refresh
+    shuffles only these few bytes per user, and :class:`RefreshBucket` reads the rows it
+    carries over or recomputes from the files (moving 68.7 KB DIN-L rows through the
+    DirectRunner's shuffle cost more than the whole refresh)."""
+
+    def __init__(self, side: str, num_buckets: int, with_records: bool):
         self.side, self.num_buckets = side, int(num_buckets)
+        self.with_records = bool(with_records)
 
-    def process(self, path: str):
+    def process(self, element):
+        file_index, path = element
+        if self.side == PREV:
+            idx = read_index(path)
+            if idx is not None:
+                yield from self._from_index(file_index, idx)
+                return
         buckets: Dict[int, List] = {}
-        for rec in _tfrecords(path):
+        for i, rec in enumerate(_tfrecords(path)):
+            payload = rec if self.with_records else (file_index, i)
             if self.side == NEW:
                 key = record_key(rec)
                 if key is None:
                     Metrics.counter(P.NAMESPACE, "records_without_user_id").inc()
                     continue
                 Metrics.counter(P.NAMESPACE, "records_read").inc()
-                row = (*key, rec)
+                row = (*key, payload)
             else:
                 try:
                     meta = cache_row_meta(rec)
@@ -321,7 +395,7 @@ class ScanFile(beam.DoFn):
                     Metrics.counter(P.NAMESPACE, "previous_rows_unreadable").inc()
                     continue
                 row = (meta.user_id, meta.model_name, meta.model_version, meta.fingerprint,
-                       meta.last_behavior_ts, rec)
+                       meta.last_behavior_ts, payload)
             b = row[0] % self.num_buckets
             lst = buckets.setdefault(b, [])
             lst.append(row)
@@ -331,17 +405,79 @@ class ScanFile(beam.DoFn):
             yield b, (self.side, lst)
 
 
+    def _from_index(self, file_index: int, idx):
+        """Previous rows from a shard's index: the payload is ``(file, offset, length)``."""
+        name, version = str(idx["model_name"]), int(idx["model_version"])
+        uids = idx["user_id"].tolist()
+        fps = [bytes(f) if h else None for f, h in zip(idx["fingerprint"], idx["has_fingerprint"])]
+        lasts = [int(t) if h else None for t, h in zip(idx["last_ts"].tolist(), idx["has_last"])]
+        buckets: Dict[int, List] = {}
+        for u, fp, last, off, ln in zip(uids, fps, lasts, idx["offset"].tolist(),
+                                        idx["length"].tolist()):
+            buckets.setdefault(u % self.num_buckets, []).append(
+                (u, name, version, fp, last, (file_index, off, ln)))
+        Metrics.counter(P.NAMESPACE, "previous_rows_from_index").inc(len(uids))
+        for b, lst in buckets.items():
+            for i in range(0, len(lst), CHUNK):
+                yield b, (self.side, lst[i:i + CHUNK])
+
+
+def _copy_ranges(files: Sequence[str], ranges: Sequence[Tuple[int, int, int]], out,
+                 chunk: int = 1 << 24) -> None:
+    """Copy the framed records at ``(file, offset, length)`` (sorted) to ``out`` as raw
+    bytes; contiguous ranges are read as one (a 1% refresh copies near-whole shards)."""
+    from apache_beam.io.filesystems import FileSystems
+    i = 0
+    while i < len(ranges):
+        f = ranges[i][0]
+        with FileSystems.open(files[f], compression_type="uncompressed") as src:
+            while i < len(ranges) and ranges[i][0] == f:
+                start, end = ranges[i][1], ranges[i][1] + ranges[i][2]
+                i += 1
+                while i < len(ranges) and ranges[i][0] == f and ranges[i][1] == end:
+                    end += ranges[i][2]
+                    i += 1
+                src.seek(start)
+                left = end - start
+                while left:
+                    data = src.read(min(chunk, left))
+                    if not data:
+                        raise IOError(f"{files[f]} ends before byte {end} its index names")
+                    out.write(data)
+                    left -= len(data)
+
+
+def _fetch(files: Sequence[str], locators: Sequence[Tuple[int, int]]) -> Iterator[bytes]:
+    """The records at ``locators`` ``(file index, record index)``, file by file in
+    record order: each file that holds one is streamed once (tf.data)."""
+    by_file: Dict[int, set] = {}
+    for f, i in locators:
+        by_file.setdefault(f, set()).add(i)
+    for f in sorted(by_file):
+        want, left = by_file[f], len(by_file[f])
+        for i, rec in enumerate(_tfrecords(files[f])):
+            if i in want:
+                yield rec
+                left -= 1
+                if not left:
+                    break
+
+
 class RefreshBucket(beam.DoFn):
     """One bucket's chunks -> its cache shard written (yields the shard path) and the
-    removed users' ids (``removed`` output). ``incremental``: classify against the
-    previous rows as :class:`beam_jobs.precompute_incremental.Classify` does."""
+    removed users' ids (``removed`` output). ``previous_files`` given: an incremental
+    refresh, classified as :class:`beam_jobs.precompute_incremental.Classify` does,
+    payloads are locators into ``record_files`` / ``previous_files``."""
 
     def __init__(self, model_path: str, model_name: str, model_version: int, output: str,
-                 num_buckets: int, batch_size: int, compression: str, incremental: bool):
+                 num_buckets: int, batch_size: int, compression: str,
+                 record_files: Sequence[str], previous_files: Sequence[str]):
         self.model_path, self.model_name = model_path, model_name
         self.model_version, self.output = int(model_version), output
         self.num_buckets, self.batch_size = int(num_buckets), int(batch_size)
-        self.compression, self.incremental = compression, incremental
+        self.compression = compression
+        self.record_files, self.previous_files = list(record_files), list(previous_files)
+        self.incremental = bool(previous_files)
         self._fn = None
 
     def setup(self):
@@ -350,7 +486,7 @@ class RefreshBucket(beam.DoFn):
         self._loaded = tf.saved_model.load(self.model_path)
         self._fn = self._loaded.signatures[P.SIGNATURE]
 
-    def _classify(self, new: Dict, prev: Dict, out: List[bytes], compute: List):
+    def _classify(self, new: Dict, prev: Dict, carry: List, compute: List):
         counter = lambda name: Metrics.counter(P.NAMESPACE, name).inc()
         for uid in prev:
             if uid not in new:
@@ -359,14 +495,14 @@ class RefreshBucket(beam.DoFn):
         for uid, recs in new.items():
             old = prev.get(uid, [])
             if len(recs) == 1 and len(old) == 1:
-                (_, fp, last, _), (_, name, version, old_fp, old_last, row) = recs[0], old[0]
+                (_, fp, last, _), (_, name, version, old_fp, old_last, where) = recs[0], old[0]
                 if name != self.model_name or version != self.model_version:
                     counter("users_other_model_or_version")
                 elif old_fp is None:
                     counter("users_without_fingerprint")
                 elif old_fp == fp and old_last == last:
                     counter("users_carried")
-                    out.append(row)                     # byte for byte
+                    carry.append((where, uid, fp, last))     # written byte for byte
                     continue
                 else:
                     counter("users_changed")
@@ -377,19 +513,9 @@ class RefreshBucket(beam.DoFn):
                 counter("duplicate_users")
             compute.extend(recs)
 
-    def process(self, element):
+    def _towers(self, compute: List) -> Iterator[bytes]:
+        """Cache rows of the ``compute`` users (``(uid, fp, last, record)``), in batches."""
         import tensorflow as tf
-        bucket, chunks = element
-        new: Dict[int, List] = {}
-        prev: Dict[int, List] = {}
-        for side, rows in chunks:
-            target = new if side == NEW else prev
-            for row in rows:
-                target.setdefault(row[0], []).append(row)
-        out: List[bytes] = []
-        compute: List = []
-        for uid in self._classify(new, prev, out, compute):
-            yield beam.pvalue.TaggedOutput(REMOVED, str(uid))
         bs = self.batch_size
         for i in range(0, len(compute), bs):
             part = compute[i:i + bs]
@@ -401,21 +527,63 @@ class RefreshBucket(beam.DoFn):
             if not np.array_equal(got, want):
                 raise RuntimeError(f"user_tower returned user ids {got[:5]}... for the records "
                                    f"of users {want[:5]}...")
-            out.extend(encode_cache_batch(self.model_name, self.model_version, outputs,
-                                          [r[1] for r in part], [r[2] for r in part]))
+            yield from encode_cache_batch(self.model_name, self.model_version, outputs,
+                                          [r[1] for r in part], [r[2] for r in part])
             Metrics.counter(P.NAMESPACE, "cache_records").inc(len(part))
-        if not out:
+
+    def process(self, element):
+        bucket, chunks = element
+        new: Dict[int, List] = {}
+        prev: Dict[int, List] = {}
+        for side, rows in chunks:
+            target = new if side == NEW else prev
+            for row in rows:
+                target.setdefault(row[0], []).append(row)
+        carry: List = []
+        compute: List = []
+        for uid in self._classify(new, prev, carry, compute):
+            yield beam.pvalue.TaggedOutput(REMOVED, str(uid))
+        del new, prev
+        if not carry and not compute:
             return
+        if self.incremental:                 # locators -> the records, read from the files
+            compute.sort(key=lambda r: r[3])
+            records = _fetch(self.record_files, [r[3] for r in compute])
+            compute = [(u, fp, last, rec) for (u, fp, last, _), rec in zip(compute, records)]
         name = f"{P.OUTPUT_PREFIX}-{bucket:05d}-of-{self.num_buckets:05d}{suffix(self.compression)}"
         path = os.path.join(self.output, name)
         tmp = os.path.join(self.output, f".tmp-{name}")
-        opts = tf.io.TFRecordOptions(compression_type="GZIP" if self.compression == "gzip"
-                                     else "")
-        with tf.io.TFRecordWriter(tmp, options=opts) as w:
-            for rec in out:
-                w.write(rec)
-        tf.io.gfile.rename(tmp, path, overwrite=True)
+        self._write(path, tmp, carry, compute)
         yield path
+
+    def _write(self, path: str, tmp: str, carry: List, compute: List) -> None:
+        """Carried rows (byte ranges, or records read by index), then the computed ones;
+        an uncompressed shard gets its index (:func:`write_index`)."""
+        from apache_beam.io.filesystems import CompressionTypes, FileSystems
+        from apache_beam.io.tfrecordio import _TFRecordUtil
+        gz = self.compression == "gzip"
+        entries: List = []
+        pos = 0
+        with FileSystems.create(tmp, compression_type=CompressionTypes.GZIP if gz
+                                else CompressionTypes.UNCOMPRESSED) as out:
+            ranged = sorted((c for c in carry if len(c[0]) == 3), key=lambda c: c[0])
+            _copy_ranges(self.previous_files, [c[0] for c in ranged], out)
+            for (_, _, ln), uid, fp, last in ranged:
+                entries.append((uid, fp, last, pos, ln))
+                pos += ln
+            by_index = sorted((c for c in carry if len(c[0]) == 2), key=lambda c: c[0])
+            rows = _fetch(self.previous_files, [c[0] for c in by_index])
+            metas = [c[1:] for c in by_index] + [r[:3] for r in compute]
+            for row, (uid, fp, last) in zip(itertools.chain(rows, self._towers(compute)),
+                                            metas):
+                # TFRecord framing by Beam's own writer (google-crc32c): the same bytes
+                # tf.io.TFRecordWriter writes (tested), and byte ranges can be mixed in
+                _TFRecordUtil.write_record(out, row)
+                entries.append((uid, fp, last, pos, len(row) + FRAME))
+                pos += len(row) + FRAME
+        FileSystems.rename([tmp], [path])
+        if not gz:
+            write_index(path, self.model_name, self.model_version, entries)
 
 
 def build_pipeline(p: beam.Pipeline, record_files: Sequence[str],
@@ -429,21 +597,23 @@ def build_pipeline(p: beam.Pipeline, record_files: Sequence[str],
     if batch_size < 1:
         raise P.PrecomputeError(f"--batch_size must be >= 1, got {batch_size}")
     n = int(num_shards) or max(1, len(record_files))
+    record_files, previous_files = sorted(record_files), sorted(previous_files)
+    incremental = bool(previous_files)
     sides = [p
-             | "NewFiles" >> beam.Create(sorted(record_files))
+             | "NewFiles" >> beam.Create(list(enumerate(record_files)))
              | "SpreadNew" >> beam.Reshuffle()
-             | "ScanNew" >> beam.ParDo(ScanFile(NEW, n))]
-    if previous_files:
+             | "ScanNew" >> beam.ParDo(ScanFile(NEW, n, with_records=not incremental))]
+    if incremental:
         sides.append(p
-                     | "PreviousFiles" >> beam.Create(sorted(previous_files))
+                     | "PreviousFiles" >> beam.Create(list(enumerate(previous_files)))
                      | "SpreadPrevious" >> beam.Reshuffle()
-                     | "ScanPrevious" >> beam.ParDo(ScanFile(PREV, n)))
+                     | "ScanPrevious" >> beam.ParDo(ScanFile(PREV, n, with_records=False)))
     res = (sides
            | "Sides" >> beam.Flatten()
            | "ByBucket" >> beam.GroupByKey()
            | "RefreshBucket" >> beam.ParDo(RefreshBucket(
                model_path, model_name, model_version, output, n, batch_size, compression,
-               bool(previous_files))).with_outputs(REMOVED, main="written"))
+               record_files, previous_files)).with_outputs(REMOVED, main="written"))
     if previous_files:
         from beam_jobs import precompute_incremental as INC
         (res[REMOVED]

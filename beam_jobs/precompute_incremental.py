@@ -45,7 +45,8 @@ REMOVED_PREFIX = "removed"
 #: the counters :func:`beam_jobs.precompute.run` reports for an incremental run
 REPORT_COUNTERS = ("users_carried", "users_changed", "users_new", "users_removed",
                    "users_other_model_or_version", "users_without_fingerprint",
-                   "previous_rows_unreadable", "duplicate_users")
+                   "previous_rows_unreadable", "duplicate_users",
+                   "previous_rows_from_index")     # batched engine: rows known by their index
 
 CARRY, COMPUTE, REMOVED = "carry", "compute", "removed"
 

@@ -267,3 +267,49 @@ def test_batched_engine_shards_by_user_and_rejects_bad_flags(setup):
                        (dict(engine="fast"), "--engine must be one of")):
         with pytest.raises(P.PrecomputeError, match=match):
             setup["run"](setup["new_path"], "cache_bad", **bad)
+
+
+def test_shard_index_locates_rows_and_a_stale_index_is_ignored(setup, tmp_path):
+    """The batched engine writes index-BBBBB-of-NNNNN.npz next to each uncompressed shard:
+    offset/length of each framed row and its user, fingerprint and last ts. An incremental
+    refresh copies carried rows by those byte ranges; an index whose shard size does not
+    match is ignored (rows read instead), with the same result."""
+    import glob
+    import shutil
+    from beam_jobs import precompute_batched as B
+    root = setup["root"]
+    shard = glob.glob(str(root / "cache_old" / "cache-*.tfrecord"))[0]
+    idx = B.read_index(shard)
+    data = open(shard, "rb").read()
+    rows = list(P.read_cache_records(shard))
+    assert int(idx["shard_bytes"]) == len(data) and len(idx["user_id"]) == len(rows) == 6
+    for k, row in enumerate(rows):
+        off, ln = int(idx["offset"][k]), int(idx["length"][k])
+        assert ln == len(row) + B.FRAME and data[off + 12:off + ln - 4] == row
+        meta = P.cache_record_meta(row)
+        assert int(idx["user_id"][k]) == meta.user_id
+        assert bytes(idx["fingerprint"][k]) == meta.fingerprint
+        assert int(idx["last_ts"][k]) == meta.last_behavior_ts
+    assert str(idx["model_name"]) == "din_l" and int(idx["model_version"]) == 1
+    # a shard that grew after its index was written: the index is not trusted
+    stale = tmp_path / "stale"
+    shutil.copytree(root / "cache_old", stale)
+    shard2 = glob.glob(str(stale / "cache-*.tfrecord"))[0]
+    with tf.io.TFRecordWriter(shard2 + ".x") as w:
+        for row in rows:
+            w.write(row)
+        w.write(rows[0])                          # the same user twice: duplicate_users
+    os.replace(shard2 + ".x", shard2)
+    assert B.read_index(shard2) is None
+    rep = setup["run"](setup["new_path"], "cache_from_stale", previous=str(stale))
+    assert rep.get("previous_rows_from_index", 0) == 0
+    _assert_same_cache(_by_user(root / "cache_full"), _by_user(root / "cache_from_stale"))
+    rep = setup["run"](setup["new_path"], "cache_from_index", previous=str(root / "cache_old"))
+    assert rep["users_carried"] == len(UNCHANGED)
+    _assert_same_cache(_by_user(root / "cache_full"), _by_user(root / "cache_from_index"))
+    # its own index is right too: the carried rows were copied at the offsets it names
+    out = glob.glob(str(root / "cache_from_index" / "cache-*.tfrecord"))[0]
+    idx2, data2 = B.read_index(out), open(out, "rb").read()
+    for k, row in enumerate(P.read_cache_records(out)):
+        off, ln = int(idx2["offset"][k]), int(idx2["length"][k])
+        assert data2[off + 12:off + ln - 4] == row
