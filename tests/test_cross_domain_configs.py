@@ -31,7 +31,10 @@ VARIANTS = {
     "avg_pool": ("avg_pool", None, None),
     "sim_soft": ("sim_soft", None, None),
     "sim_soft_crp": ("sim_soft", 0.1, None),
+    "lcn_crp_no_ctx": ("lcn", 0.1, None),
 }
+#: variants whose method block differs from the registry preset (name -> long_module_config)
+METHOD_BLOCKS = {"lcn_crp_no_ctx": {"context_features": []}}
 CRP_FIELDS = ("crp_weight", "crp_lambdas", "crp_negatives", "crp_tau")
 
 
@@ -172,8 +175,9 @@ def test_cross_domain_configs_resolve(dataset, long_len):
         train = {k: v for k, v in f.items() if k not in CRP_FIELDS + ("long_module_config",)}
         shared = shared or train
         assert train == shared, name
-        # the registry preset of lcn_k1_only keeps its own K1 (no lcn k1 = 200 leaks in)
-        assert "long_module_config" not in f, (name, f.get("long_module_config"))
+        # the registry preset of lcn_k1_only keeps its own K1 (no lcn k1 = 200 leaks in);
+        # only the no-context ablation sets a method block
+        assert f.get("long_module_config") == METHOD_BLOCKS.get(name), name
         folder = dataset if dataset != "taobao_ad" else "default"
         assert c.files[0] == os.path.join(ROOT, folder, "cross_domain_train.json")
 
