@@ -1,17 +1,23 @@
-"""``lifelong bench precompute``: users/s of the Beam user-cache precompute and the cache
-bytes per user.
+"""``lifelong bench precompute``: users/s of the Beam user-cache precompute, before
+(``--engine runinference``) and after (``--engine batched``), and the cache bytes per
+user.
 
-For each model (``--models``, default every registered one) an untrained export at
-L = ``--precompute_long_len`` runs through :func:`beam_jobs.precompute.run`
-(DirectRunner, one worker, in process) over ``--precompute_users`` synthetic users;
-the table gives users/s, the stored entry's bytes and the TFRecord bytes per user,
-and the cached tensors' shapes. Writes ``results.json`` (:mod:`lifelong.bench.record`).
+For each model (``--models``, default every registered one: each has a
+``user_tower`` and so a cache) an untrained export at L = ``--precompute_long_len``
+runs through :func:`beam_jobs.precompute.run` (DirectRunner, one worker, in process)
+with each engine of ``--precompute_engines``: once over ONE user (start-up: model
+load, Beam graph, files) and once over ``--precompute_users`` synthetic users
+(generated once per work folder and reused). Steady users/s = (users - 1) / (wall -
+start-up wall), so start-up does not hide it; the steady CPU ms per user sits next to
+the ``user_tower`` signature's own CPU ms per user (called alone, same batch size):
+the rest is pipeline overhead. Writes ``results.json`` (:mod:`lifelong.bench.record`).
 
 ``--incremental`` (issue 19 item 2; :func:`bench_incremental`): one full refresh over
 the users, then for each ``--changed`` share an incremental refresh
 (``--previous_cache`` = the full run's cache) over records where that share of the
 users got one new behavior; wall time next to the full refresh, start-up excluded
-(start-up = the same run over ONE user, measured for both modes and subtracted).
+(start-up = the same run over ONE user, measured for both modes and subtracted);
+engine: batched unless ``--precompute_engines`` says otherwise.
 """
 from __future__ import annotations
 
