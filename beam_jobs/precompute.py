@@ -1,6 +1,10 @@
 """User-cache precompute: per-user records -> ``user_tower`` (tfx-bsl RunInference) -> cache.
 
-The ``precompute`` subcommand (``docs/serving.md``). One Apache Beam pipeline:
+The ``precompute`` subcommand (``docs/serving.md``). :func:`run` dispatches to one of
+two engines that write the same cache records: ``--engine batched`` (the default,
+:mod:`beam_jobs.precompute_batched`: users in chunks and batches, uncompressed shards
+with a row index) or ``--engine runinference``, this module's pipeline, one Beam
+element per user:
 
 1. ``ReadFromTFRecord`` the per-user records that ``lifelong prepare`` wrote
    (gzip detected from the file name);
