@@ -483,3 +483,60 @@ def test_sdim_cache_is_independent_of_the_window_length():
     short = layer.user_cache(_seq(batch=1, length=12, lengths=(12,)))
     long = layer.user_cache(random_sequence(1, 500, D, lengths=[500]))
     assert short["bucket_sums"].shape == long["bucket_sums"].shape == (1, 16, 8, D)
+
+
+# ---- the serving top-k (issue 20 item 6) --------------------------------------------------
+def _prefilter_cases():
+    rng = np.random.default_rng(0)
+    n, length = 40, 300
+    valid = rng.random((n, length)) < 0.9
+    valid[0] = False                                   # no valid row
+    valid[1, 20:] = False                              # fewer valid rows than k
+    valid[2, 60:] = False                              # about 1.25 k valid rows
+    normal = rng.normal(size=(n, length))
+    ties = -rng.integers(0, 40, size=(n, length)).astype(np.float64)   # Hamming-like
+    heavy = rng.standard_exponential((n, length)) ** 3                 # skewed: T often fails
+    twin_like = np.where(rng.random((n, length)) < 0.1, 5.0, 0.0) + rng.normal(size=(n, length))
+    for x in (normal, ties, heavy, twin_like, np.zeros((n, length))):
+        key = np.where(valid, np.maximum(x, -1e8), -1e9).astype(np.float32)
+        yield key, valid
+
+
+@pytest.mark.parametrize("k", [1, 7, 48, 100, 300])
+def test_prefiltered_top_k_equals_top_k(k):
+    """The serving top-k (threshold pre-filter, then tf.math.top_k) returns exactly
+    tf.math.top_k's indices -- same set, same order, ties to the lower index -- for
+    normal, tied (integer), skewed and bimodal keys, all-equal rows, rows without or
+    with few valid keys; eagerly and under XLA (the exported rank)."""
+    from tfmodels.methods.esu import prefilter, prefiltered_top_k
+    jit = tf.function(lambda key, valid: prefiltered_top_k(key, k, valid), jit_compile=True)
+    key, valid = next(_prefilter_cases())
+    lowered = prefilter(tf.constant(key), k, tf.constant(valid)).numpy() < -1e30
+    # the filter is active on normal keys for k < L / 1.25 (else rows pass unchanged)
+    assert lowered[3:].all(axis=1).sum() == 0
+    if 7 <= k <= 100:
+        assert (lowered.sum(1) > 0).mean() > 0.5
+    if k == 300:                                       # k = L: nothing to filter
+        assert not lowered.any()
+    for key, valid in _prefilter_cases():
+        want = tf.math.top_k(key, k=k, sorted=True)[1].numpy()
+        got = prefiltered_top_k(tf.constant(key), k, tf.constant(valid)).numpy()
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(jit(tf.constant(key), tf.constant(valid)).numpy(), want)
+
+
+def test_one_user_selection_uses_the_prefilter_and_matches_the_batched_path():
+    """SIM soft and ETA on one user's cache (the rank signature's case) select the same
+    rows and give the same outputs as the same window tiled per candidate (the training
+    path's top_k), at L = 200 with k = 20."""
+    tf.keras.utils.set_random_seed(0)
+    seq = random_sequence(1, 200, D, lengths=[170], seed=3)
+    tgt = random_target(9, D, seed=4)
+    for cls in (SimSoft, ETA):
+        layer = cls(D, top_k=20)
+        layer(seq, random_target(1, D))
+        cache = layer.user_cache(seq)
+        one = layer.attend(cache, tgt)
+        tiled = layer.attend({k: tf.repeat(v, 9, 0) for k, v in cache.items()}, tgt)
+        np.testing.assert_array_equal(one["index"].numpy(), tiled["index"].numpy())
+        np.testing.assert_allclose(one["output"].numpy(), tiled["output"].numpy(), atol=1e-6)
