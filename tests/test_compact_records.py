@@ -207,3 +207,27 @@ def test_derive_item_table_most_frequent_with_ties():
     t = derive_item_table(recs, 6)
     np.testing.assert_array_equal(t.cate, [0, 1, 5, 6, 8, 1])     # item 3: tie 6/7 -> 6
     np.testing.assert_array_equal(t.domain, [0, 1, 2, 1, 1, 1])   # item 4: no behavior -> 1
+
+
+def test_bench_storage_writes_the_same_records_in_both_formats(tmp_path):
+    from lifelong.bench.storage import write_formats
+    from tfmodels.testing import write_tiny_dataset
+    src = write_tiny_dataset(str(tmp_path / "src"), num_users=6, domains=2)
+    res = write_formats(src, str(tmp_path / "out"), "train")
+    table = S.load_item_table(res["formats"]["compact"]["dir"])
+    assert res["engage_step"] == 1.0     # an unknown source: step 1 (bound 0.5)
+
+    def read(fmt):
+        files = S.split_pattern(res["formats"][fmt]["dir"], "train")
+        return [S.decode_user_record(r.numpy(), table) for r in
+                tf.data.TFRecordDataset(tf.io.gfile.glob(files), compression_type="GZIP")]
+    full, comp = read("full"), read("compact")
+    assert len(full) == len(comp) == res["records"] == 6
+    assert res["behaviors"] == sum(len(r["hist_item_id"]) for r in full)
+    for a, b in zip(full, comp):
+        for k in a:
+            if k == "hist_engage":
+                assert np.abs(a[k] - b[k]).max(initial=0) <= 0.5
+            else:
+                np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    assert res["engage_max_abs_error_measured"] <= 0.5

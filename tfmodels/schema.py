@@ -6,7 +6,10 @@ Two record kinds exist (``../shared/DESIGN.md``, "Store each user's history once
    the user's chronological behaviors, *oldest first*, stored once, plus the
    user's labeled impressions. ``imp_hist_index[j]`` is the number of history
    behaviors that happened strictly before impression ``j``; only
-   ``hist_*[:imp_hist_index[j]]`` is visible to it.
+   ``hist_*[:imp_hist_index[j]]`` is visible to it. Two layouts (meta.json
+   ``format``): ``per_user_record`` (every field per behavior) and
+   ``per_user_record_compact_v1`` (section 3 below: category / domain in an item
+   table, timestamp deltas, quantised engagement), decoded to the same fields.
 
 2. **Window example** (built in tf.data by :mod:`tfmodels.data`, never stored):
    one impression with its short window (last ``S`` behaviors before it) and

@@ -95,6 +95,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format_repeats", type=int, default=2,
                    help="storage --record_formats: training cells per format, ABBA order "
                    "(default 2; 0 = bytes only)")
+    p.add_argument("--format_input_batches", type=int, default=20,
+                   help="storage --record_formats: batches of the input pipeline alone timed "
+                   "per format and repeat (default 20; 0 = skip)")
     p.add_argument("--out", help="write results JSON (and a PNG for train) with this prefix")
 
 

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from typing import Dict, List
 
 import numpy as np
@@ -255,6 +256,31 @@ def train_formats(res: Dict, model: str, long_len: int, args) -> List[Dict]:
     return rows
 
 
+def input_formats(res: Dict, long_len: int, batches: int, repeats: int,
+                  short_len: int = 50, batch_size: int = 256) -> List[Dict]:
+    """The input pipeline alone (no model): ``batches`` batches of the training pipeline
+    (make_dataset, shuffled, as training reads it) on each format, ABBA order, in this
+    process; wall and CPU time (all threads) per 1,000 examples. This is where decoding
+    the compact record costs, if anywhere."""
+    order = (["full", "compact", "compact", "full"] * repeats)[:2 * repeats]
+    rows = []
+    for fmt in order:
+        ds = D.make_dataset(S.split_pattern(res["formats"][fmt]["dir"], "train"), short_len,
+                            long_len, batch_size, shuffle=True, seed=0, shuffle_buffer=2000,
+                            repeat=True, drop_remainder=True)
+        it = iter(ds)
+        next(it)   # start-up and the shuffle buffer's fill are not timed
+        n = 0
+        w0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(batches):
+            n += int(next(it)[S.LABEL].shape[0])
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        rows.append({"format": fmt, "long_len": long_len, "examples": n,
+                     "examples_per_s": n / wall, "cpu_ms_per_1000": 1000.0 * cpu / n * 1000.0})
+        del it, ds
+    return rows
+
+
 def print_formats(res: Dict, train_rows: List[Dict], command: str) -> None:
     print(f"command: {command}\n")
     print(f"{res['data']} {res['split']}: {res['records']:,} records, {res['behaviors']:,} "
@@ -281,24 +307,40 @@ def print_formats(res: Dict, train_rows: List[Dict], command: str) -> None:
         for k, v in sorted(costs.items(), key=lambda kv: -kv[1]):
             print(f"| {k} | {v:.3f} |")
         print()
+    inp = res.get("input", [])
+    if inp:
+        print("The input pipeline alone (make_dataset, shuffled, no model):\n")
+        print("| format | L | examples | examples/s (wall) | CPU ms / 1,000 examples |")
+        print("|---|---|---|---|---|")
+        for r in inp:
+            print(f"| {r['format']} | {r['long_len']} | {r['examples']:,} | "
+                  f"{r['examples_per_s']:.0f} | {r['cpu_ms_per_1000']:.0f} |")
+        for fmt in ("full", "compact"):
+            ok = [r for r in inp if r["format"] == fmt]
+            print(f"\n{fmt}: mean {np.mean([r['examples_per_s'] for r in ok]):.0f} examples/s, "
+                  f"{np.mean([r['cpu_ms_per_1000'] for r in ok]):.0f} CPU ms / 1,000", end="")
+        print("\n")
     if not train_rows:
         return
     print("| format | model | L | live-pipeline examples/s | held-batch examples/s | "
-          "input share (wall) |")
-    print("|---|---|---|---|---|---|")
+          "input share (wall) | CPU ms / step live (held) |")
+    print("|---|---|---|---|---|---|---|")
     for r in train_rows:
         if "error" in r:
-            print(f"| {r['format']} | {r['model']} | {r['long_len']} | failed: {r['error']} | | |")
+            print(f"| {r['format']} | {r['model']} | {r['long_len']} | failed: {r['error']} "
+                  f"| | | |")
             continue
         print(f"| {r['format']} | {r['model']} | {r['long_len']} | "
               f"{r['pipeline_examples_per_s']:.0f} | {r['examples_per_s']:.0f} | "
-              f"{r['input_share_wall']:.0%} |")
+              f"{r['input_share_wall']:.0%} | {r['pipeline_cpu_s_per_step'] * 1000:.0f} "
+              f"({r['cpu_s_per_step'] * 1000:.0f}) |")
     for fmt in ("full", "compact"):
-        ok = [r["pipeline_examples_per_s"] for r in train_rows
-              if r.get("format") == fmt and "error" not in r]
+        ok = [r for r in train_rows if r.get("format") == fmt and "error" not in r]
         if ok:
-            print(f"\n{fmt}: mean live-pipeline examples/s {np.mean(ok):.1f} over {len(ok)} cells",
-                  end="")
+            print(f"\n{fmt}: mean live-pipeline examples/s "
+                  f"{np.mean([r['pipeline_examples_per_s'] for r in ok]):.1f}, CPU ms / step "
+                  f"{np.mean([r['pipeline_cpu_s_per_step'] for r in ok]) * 1000:.0f} over "
+                  f"{len(ok)} cells", end="")
     print()
 
 
@@ -310,6 +352,10 @@ def run(args) -> int:
         tmp = tempfile.mkdtemp(prefix="bench_formats_")
         try:
             res = write_formats(args.data, tmp, "train")
+            res["input"] = (input_formats(res, args.format_long_len, args.format_input_batches,
+                                          max(args.format_repeats, 1), args.short_len,
+                                          args.batch_size)
+                            if args.format_input_batches > 0 else [])
             rows = []
             if args.format_repeats > 0:
                 model = args.models.split(",")[0].strip()
