@@ -38,6 +38,7 @@ gunzip and re-gzip every carried row. ``gzip`` is kept as an option.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -52,6 +53,9 @@ from beam_jobs import precompute as P
 NEW, PREV = "new", "prev"
 #: users per element between the scan and the per-bucket step
 CHUNK = 2048
+#: the most previous-cache rows whose (user, fingerprint) a new-records scan holds
+#: (24 bytes each) to tell likely carried users from the others (:class:`ScanFile`)
+PREFILTER_MAX = 20_000_000
 REMOVED = "removed"
 COMPRESSIONS = ("none", "gzip")
 
@@ -367,12 +371,53 @@ class ScanFile(beam.DoFn):
     carries over or recomputes from the files (moving 68.7 KB DIN-L rows through the
     DirectRunner's shuffle cost more than the whole refresh)."""
 
-    def __init__(self, side: str, num_buckets: int, with_records: bool):
+    def __init__(self, side: str, num_buckets: int, with_records: bool,
+                 previous_files: Sequence[str] = ()):
         self.side, self.num_buckets = side, int(num_buckets)
         self.with_records = bool(with_records)
+        self.previous_files = list(previous_files)
+        self._known = None
+
+    def _carryable(self):
+        """``(sorted user ids, their fingerprints)`` from the previous shards' indexes, or
+        None if one has no index (or they hold more than :data:`PREFILTER_MAX` rows).
+        A new record whose user and fingerprint are in it is sent on as a locator (it is
+        most likely carried over); any other as its bytes, so that RefreshBucket need not
+        read the new records a second time for the users it recomputes."""
+        if self._known is None:
+            self._known = False
+            uids, fps = [], []
+            for path in self.previous_files:
+                idx = read_index(path)
+                if idx is None:
+                    return None
+                keep = idx["has_fingerprint"]
+                uids.append(idx["user_id"][keep])
+                fps.append(idx["fingerprint"][keep])
+            if uids and sum(len(u) for u in uids) <= PREFILTER_MAX:
+                uid = np.concatenate(uids)
+                order = np.argsort(uid, kind="stable")
+                self._known = (uid[order], np.concatenate(fps)[order].view("S16").reshape(-1))
+        return self._known or None
+
+    def _payload(self, known, file_index: int, i: int, rec: bytes, key) -> object:
+        if self.with_records:
+            return rec
+        if known is None:
+            return (file_index, i)
+        uids, fps = known
+        j = int(np.searchsorted(uids, key[0]))
+        # a user twice in the previous cache: any of its rows may match (a locator is
+        # always safe, only slower)
+        while j < len(uids) and uids[j] == key[0]:
+            if fps[j] == key[1]:
+                return (file_index, i)
+            j += 1
+        return rec
 
     def process(self, element):
         file_index, path = element
+        known = self._carryable() if self.side == NEW and self.previous_files else None
         if self.side == PREV:
             idx = read_index(path)
             if idx is not None:
@@ -380,14 +425,13 @@ class ScanFile(beam.DoFn):
                 return
         buckets: Dict[int, List] = {}
         for i, rec in enumerate(_tfrecords(path)):
-            payload = rec if self.with_records else (file_index, i)
             if self.side == NEW:
                 key = record_key(rec)
                 if key is None:
                     Metrics.counter(P.NAMESPACE, "records_without_user_id").inc()
                     continue
                 Metrics.counter(P.NAMESPACE, "records_read").inc()
-                row = (*key, payload)
+                row = (*key, self._payload(known, file_index, i, rec, key))
             else:
                 try:
                     meta = cache_row_meta(rec)
@@ -395,7 +439,7 @@ class ScanFile(beam.DoFn):
                     Metrics.counter(P.NAMESPACE, "previous_rows_unreadable").inc()
                     continue
                 row = (meta.user_id, meta.model_name, meta.model_version, meta.fingerprint,
-                       meta.last_behavior_ts, payload)
+                       meta.last_behavior_ts, (file_index, i))
             b = row[0] % self.num_buckets
             lst = buckets.setdefault(b, [])
             lst.append(row)
@@ -427,6 +471,10 @@ def _copy_ranges(files: Sequence[str], ranges: Sequence[Tuple[int, int, int]], o
     """Copy the framed records at ``(file, offset, length)`` (sorted) to ``out`` as raw
     bytes; contiguous ranges are read as one (a 1% refresh copies near-whole shards)."""
     from apache_beam.io.filesystems import FileSystems
+    try:
+        out_fd = out.fileno()          # a local file: copy in the kernel (os.copy_file_range)
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        out_fd = None
     i = 0
     while i < len(ranges):
         f = ranges[i][0]
@@ -437,14 +485,39 @@ def _copy_ranges(files: Sequence[str], ranges: Sequence[Tuple[int, int, int]], o
                 while i < len(ranges) and ranges[i][0] == f and ranges[i][1] == end:
                     end += ranges[i][2]
                     i += 1
-                src.seek(start)
                 left = end - start
+                if out_fd is not None:
+                    out.flush()                # what Python buffered goes first
+                    if _kernel_copy(files[f], start, left, out_fd):
+                        continue
+                src.seek(start)
                 while left:
                     data = src.read(min(chunk, left))
                     if not data:
                         raise IOError(f"{files[f]} ends before byte {end} its index names")
                     out.write(data)
                     left -= len(data)
+
+
+def _kernel_copy(path: str, start: int, count: int, out_fd: int) -> bool:
+    """``count`` bytes of local file ``path`` from ``start`` appended to ``out_fd`` by
+    ``os.copy_file_range`` (no copy through Python; a reflink where the filesystem
+    shares extents). False where it does not apply (not local, not supported)."""
+    if "://" in path or not hasattr(os, "copy_file_range"):
+        return False
+    done = 0
+    try:
+        with open(path, "rb") as src:
+            while done < count:
+                k = os.copy_file_range(src.fileno(), out_fd, count - done, start + done)
+                if k <= 0:
+                    raise OSError("copy_file_range copied nothing")
+                done += k
+        return True
+    except OSError:
+        if done:
+            raise                      # a partial copy cannot be redone by the fallback
+        return False
 
 
 def _fetch(files: Sequence[str], locators: Sequence[Tuple[int, int]]) -> Iterator[bytes]:
@@ -546,10 +619,11 @@ class RefreshBucket(beam.DoFn):
         del new, prev
         if not carry and not compute:
             return
-        if self.incremental:                 # locators -> the records, read from the files
-            compute.sort(key=lambda r: r[3])
-            records = _fetch(self.record_files, [r[3] for r in compute])
-            compute = [(u, fp, last, rec) for (u, fp, last, _), rec in zip(compute, records)]
+        located = sorted((r for r in compute if isinstance(r[3], tuple)), key=lambda r: r[3])
+        if located:                          # locators -> the records, read from the files
+            records = _fetch(self.record_files, [r[3] for r in located])
+            compute = [r for r in compute if not isinstance(r[3], tuple)] + [
+                (u, fp, last, rec) for (u, fp, last, _), rec in zip(located, records)]
         name = f"{P.OUTPUT_PREFIX}-{bucket:05d}-of-{self.num_buckets:05d}{suffix(self.compression)}"
         path = os.path.join(self.output, name)
         tmp = os.path.join(self.output, f".tmp-{name}")
@@ -602,7 +676,8 @@ def build_pipeline(p: beam.Pipeline, record_files: Sequence[str],
     sides = [p
              | "NewFiles" >> beam.Create(list(enumerate(record_files)))
              | "SpreadNew" >> beam.Reshuffle()
-             | "ScanNew" >> beam.ParDo(ScanFile(NEW, n, with_records=not incremental))]
+             | "ScanNew" >> beam.ParDo(ScanFile(NEW, n, with_records=not incremental,
+                                                previous_files=previous_files))]
     if incremental:
         sides.append(p
                      | "PreviousFiles" >> beam.Create(list(enumerate(previous_files)))
