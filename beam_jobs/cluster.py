@@ -128,10 +128,11 @@ class ClusterRecords(CountingDoFn):
     namespace = NAMESPACE
 
     def __init__(self, settings: Mapping[str, Any], split: str, emb_path: Optional[str],
-                 with_members: bool):
+                 with_members: bool, data_dir: Optional[str] = None):
         super().__init__()
         self._s, self._split = dict(settings), split
         self._emb_path, self._with_members = emb_path, with_members
+        self._data_dir = data_dir
 
     def setup(self):
         super().setup()
@@ -141,10 +142,13 @@ class ClusterRecords(CountingDoFn):
                 z = np.load(f)
                 tables = (z["item_table"], z["cate_table"])
         self._embedder = Embedder(tables, self._s["fallback_dim"], self._s["seed"])
+        # compact input records (issue 19 item 5): decoded with the dataset's item table,
+        # loaded once per worker; the output records are written in the full format
+        self._item_table = S.load_item_table(self._data_dir) if self._data_dir else None
 
     def process(self, raw: bytes):
         s = self._s
-        rec = parse_record(raw)
+        rec = parse_record(raw, self._item_table)
         stats: Dict[str, Any] = {"users": 1, "input_rows": int(len(rec["hist_ts"]))}
         outs = cluster_record(rec, self._embedder, s["engage_mode"], s["snapshot_ts"],
                               s["refresh_s"], s["keep_recent"], s["max_cluster_history"],
@@ -174,7 +178,8 @@ def build_pipeline(p, settings: Mapping[str, Any], args: argparse.Namespace,
                # a shard arrives as one bundle: let a distributed runner spread the users
                | f"Spread_{split}" >> beam.Reshuffle()
                | f"Cluster_{split}" >> beam.ParDo(
-                   ClusterRecords(settings, split, emb_path, args.write_members)).with_outputs(
+                   ClusterRecords(settings, split, emb_path, args.write_members,
+                                  args.data)).with_outputs(
                    "members", "counts", main="records"))
         _ = res.records | f"Write_{split}" >> write_split(args.output, split, args.num_shards)
         if args.write_members:
@@ -249,6 +254,10 @@ def run(args: argparse.Namespace, beam_args: Optional[List[str]] = None) -> Dict
     counts = json.loads(read_text_file(counts_path)) if FileSystems.exists(counts_path) else {}
     summary = _summary(counts)
     out_meta = dict(meta)
+    # clustered records are always written in the full format (their rows are cluster
+    # representatives with aggregated engagement, off any quantisation grid)
+    out_meta["format"] = S.FORMAT_FULL
+    out_meta.pop("record", None)
     out_meta["clustering"] = {
         "settings": settings, "source_data": args.data, "summary": summary,
         "per_split": {k: _summary({k: v}) for k, v in counts.items()},

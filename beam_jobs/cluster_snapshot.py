@@ -161,8 +161,17 @@ def _seed(seed: int, user_key: str, group: int) -> int:
     return int.from_bytes(digest[:8], "big")
 
 
-def parse_record(raw: bytes) -> Dict[str, Any]:
-    """Serialized per-user record -> NumPy arrays (TensorFlow's proto, no graph)."""
+def parse_record(raw: bytes, item_table=None) -> Dict[str, Any]:
+    """Serialized per-user record -> NumPy arrays (TensorFlow's proto, no graph).
+
+    ``item_table`` (:class:`tfmodels.schema.ItemTable`): the dataset is compact
+    (issue 19 item 5); records in either format are decoded by
+    :func:`tfmodels.schema.decode_user_record`. None: full records only."""
+    if item_table is not None:
+        from tfmodels import schema as S
+        d = S.decode_user_record(raw, item_table)
+        return {"user_id": int(d["user_id"]), "user_key": d["user_key"].decode("utf-8"),
+                **{name: d[name] for name in HIST + IMPS}}
     from tensorflow.core.example import example_pb2
     ex = example_pb2.Example.FromString(raw)
     f = ex.features.feature

@@ -96,12 +96,23 @@ def last_requests(records: Iterable[bytes], max_users: int = 0) -> Tuple[List[by
 
 def _read_records(pattern: str) -> Iterator[bytes]:
     """The records of ``pattern``, lazily: :func:`last_requests` stops reading after
-    ``--users`` users instead of decoding the whole split."""
+    ``--users`` users instead of decoding the whole split. Always in the FULL layout:
+    compact records (``meta.json`` beside the files says so) are decoded once here
+    with the dataset's item table (:func:`tfmodels.schema.full_record_bytes`), so
+    every reader after this (replay, the staleness report, bench accuracy) parses the
+    full record's fields as before."""
     import tensorflow as tf
+    from tfmodels import schema as S
     files = sorted(glob.glob(pattern))
     if not files:
         raise ReplayError(f"no record files match {pattern!r}")
-    return (r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP"))
+    data_dir = os.path.dirname(pattern)
+    table = (S.load_item_table(data_dir)
+             if os.path.exists(os.path.join(data_dir, S.META_FILE)) else None)
+    raws = (r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP"))
+    if table is None:
+        return raws
+    return (S.full_record_bytes(r, table) for r in raws)
 
 
 def _runs(work_dir: str, models: Optional[Sequence[str]]) -> List[Tuple[str, str]]:
@@ -143,7 +154,8 @@ def replay_model(name: str, run_dir: str, args, store) -> Dict:
     with tf.io.TFRecordWriter(rec_path, options="GZIP") as w:
         for r in records:
             w.write(r)
-    info = E.export_model(model, args.base, name, jit_rank=not args.no_jit_rank)
+    info = E.export_model(model, args.base, name, jit_rank=not args.no_jit_rank,
+                          item_table=E.item_table_of(data_dir))
     pre = P.run(argparse.Namespace(records=rec_path, model=name, base=args.base,
                                    version=info["version"], model_dir=None,
                                    output=os.path.join(args.out, f"cache-{name}"),

@@ -10,7 +10,11 @@ window length S:
   tower saw (only the ``short_*`` features that ``m.feature_names("rank")``
   lists, [B, S]) and every tensor of ``m.user_tower`` under its cache key
   (batch first). The windows end at the last stored behavior
-  (:func:`tfmodels.data.user_history_features`).
+  (:func:`tfmodels.data.user_history_features`). A model trained on COMPACT records
+  (``meta.json`` ``format`` = ``per_user_record_compact_v1``) is exported with its
+  dataset's item table baked in (``item_table=``, :func:`item_table_of`): its
+  ``user_tower`` then takes compact records (decoded in-graph by the training
+  pipeline's own decoder) and full ones, one format per request.
 * ``rank``: ONE user's cache tensors (batch 1, same names as the user_tower
   outputs) + the short features [1, S] + candidates ``target_item_id``,
   ``target_cate_id`` [N] (+ ``user_id`` [1] / ``imp_ts`` [1] when the model
@@ -264,10 +268,17 @@ class ServingSignatures:
     pause before each call as between real requests, about 0.15 ms less per
     ``rank`` call at N = 1 and N = 100 (docs/serving.md section 6). The SavedModel
     grows by the size of those weights (a few KB to MB).
+
+    ``item_table`` (:class:`tfmodels.schema.ItemTable`, from :func:`item_table_of`): the
+    model's training data are compact records; ``user_tower`` then decodes compact
+    records with it (see :meth:`_user_features`). None: full records only (a compact
+    record fails with INVALID_ARGUMENT saying its item table is missing).
     """
 
-    def __init__(self, model, jit_rank: bool = False, max_const_elements: int = 65_536):
+    def __init__(self, model, jit_rank: bool = False, max_const_elements: int = 65_536,
+                 item_table: Optional[S.ItemTable] = None):
         self.model = model
+        self.item_table = item_table
         self.jit_rank = bool(jit_rank)
         self.max_const_elements = int(max_const_elements)
         self.const_weights: List[str] = []
@@ -326,8 +337,38 @@ class ServingSignatures:
         return specs
 
     # -- signature functions -----------------------------------------------------------------
+    def _user_features(self, records):
+        """The user tower's windows of a batch of records.
+
+        With an item table the table is a ``tf.constant`` inside the graph (two int64
+        columns: 16 bytes per item in ``saved_model.pb``, 16 MB for a million items,
+        far below protobuf's 2 GB; chosen over a SavedModel asset + ``tf.lookup``
+        table because the training pipeline decodes with exactly this constant +
+        ``tf.gather`` (:func:`tfmodels.schema.decode_compact_tensors`), so serving runs
+        the same decoder, and a dense id -> row gather needs no hash table). Records
+        carry their format (compact ones a ``record_format`` marker), so a batch of
+        full records still works (the full branch of a ``tf.cond``: one extra parse of
+        that one feature per request); a batch mixing both formats is refused.
+        """
+        if self.item_table is None:
+            return D.user_history_features(records, self.fs)
+        marker = tf.io.parse_example(records, {"record_format": tf.io.FixedLenFeature(
+            [], tf.string, default_value=b"")})["record_format"]
+        n_compact = tf.reduce_sum(tf.cast(tf.equal(marker, S.COMPACT_MARKER), tf.int32))
+        ok = tf.logical_or(tf.equal(n_compact, 0), tf.equal(n_compact, tf.size(marker)))
+        check = tf.debugging.Assert(ok, [
+            f"user_tower: one request mixes compact ({S.FORMAT_COMPACT}) and full "
+            f"({S.FORMAT_FULL}) per-user records; send one format per request. "
+            "compact records, batch size:", n_compact, tf.size(marker)])
+        with tf.control_dependencies([check]):
+            n_compact = tf.identity(n_compact)
+        return tf.cond(
+            n_compact > 0,
+            lambda: D.user_history_features(records, self.fs, item_table=self.item_table),
+            lambda: D.user_history_features(records, self.fs))
+
     def _user_tower(self, records):
-        feats = D.user_history_features(records, self.fs)
+        feats = self._user_features(records)
         read = set(self.model.feature_names("user_tower")) | set(self.short_names)
         feats = _checked({k: v for k, v in feats.items() if k in read or k == "user_id"},
                          self.fs, "user_tower")
@@ -426,6 +467,16 @@ class ServingSignatures:
 
 
 # ---- export --------------------------------------------------------------------------------
+def item_table_of(data_dir: Optional[str]) -> Optional[S.ItemTable]:
+    """The item table a model trained on ``data_dir`` needs at export: the dataset's
+    (compact records), None for a full-format dataset or when ``data_dir`` is not a
+    prepared dataset any more (the export then takes full records only, as before).
+    A compact dataset whose table is missing raises ``MissingItemTableError``."""
+    if not data_dir or not tf.io.gfile.exists(os.path.join(data_dir, S.META_FILE)):
+        return None
+    return S.load_item_table(data_dir)
+
+
 def _save(model, sigs: ServingSignatures, path: str, keras_object: bool) -> None:
     signatures = dict(sigs.functions)
     if keras_object:
@@ -441,7 +492,8 @@ def export_model(model, base: str = "saved_models", name: Optional[str] = None,
                  num_versions: int = 2, keras_object: bool = False,
                  extra_meta: Optional[Mapping] = None,
                  batching_params: Optional[str] = None, jit_rank: bool = False,
-                 warmup_max_candidates: Optional[int] = None) -> Dict:
+                 warmup_max_candidates: Optional[int] = None,
+                 item_table: Optional[S.ItemTable] = None) -> Dict:
     """Export ``model`` to ``<base>/<name>/<version>/`` and refresh ``models.config``.
 
     ``version`` defaults to the next free number. ``batching_params``: a TF Serving
@@ -457,6 +509,8 @@ def export_model(model, base: str = "saved_models", name: Optional[str] = None,
     ``serving_default``), which TF Serving and the local server replay before the
     version is AVAILABLE; ``None`` / 0 (the default here; ``lifelong export`` writes
     them for N up to 10,000 unless ``--warmup_max_candidates 0``): none.
+    ``item_table``: the training data's item table (:func:`item_table_of`; compact
+    records), baked into ``user_tower``; None = full records only.
     """
     t0 = time.perf_counter()
     name = validate_model_name(name or model.model_name)
@@ -468,7 +522,7 @@ def export_model(model, base: str = "saved_models", name: Optional[str] = None,
     final = version_dir(base, name, version)
     if os.path.exists(final):
         raise ExportError(f"{final} already exists; versions are immutable, export a new one")
-    sigs = ServingSignatures(model, jit_rank=jit_rank)
+    sigs = ServingSignatures(model, jit_rank=jit_rank, item_table=item_table)
     tmp = os.path.join(mdir, f"{TMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}")
     try:
         _save(model, sigs, tmp, keras_object)
@@ -487,6 +541,9 @@ def export_model(model, base: str = "saved_models", name: Optional[str] = None,
                 "user_scalars": sigs.user_scalars, "created_unix": time.time(),
                 "keras_object": keras_object, "jit_rank": sigs.jit_rank,
                 "rank_const_weights": sigs.const_weights, "warmup": warmup_info,
+                "record_formats": ([S.FORMAT_FULL] if item_table is None
+                                   else [S.FORMAT_COMPACT, S.FORMAT_FULL]),
+                "item_table_rows": None if item_table is None else len(item_table),
                 **dict(extra_meta or {})}
         os.makedirs(os.path.join(tmp, "assets.extra"), exist_ok=True)
         with open(os.path.join(tmp, EXPORT_META), "w") as f:
@@ -557,8 +614,10 @@ add_arguments = flags.add_export_arguments
 def run(args) -> Dict:
     if args.run:
         from tfmodels.train import load_run
-        _, model = load_run(args.run)
+        cfg, model = load_run(args.run)
+        data_dir = cfg.data
     elif args.model and args.data:
+        data_dir = args.data
         from tfmodels.model import build_model
         tf.keras.utils.set_random_seed(args.seed)
         fs = S.FeatureSchema.from_data_dir(args.data, args.short_len, args.long_len)
@@ -569,7 +628,8 @@ def run(args) -> Dict:
     out = export_model(model, args.base, args.name, version, args.config_base, args.num_versions,
                        extra_meta={"run": args.run} if args.run else None,
                        batching_params=args.batching_params, jit_rank=args.jit_rank,
-                       warmup_max_candidates=getattr(args, "warmup_max_candidates", 0))
+                       warmup_max_candidates=getattr(args, "warmup_max_candidates", 0),
+                       item_table=item_table_of(data_dir))
     print(f"[export] {out['name']} version {out['version']} -> {out['path']} "
           f"({out['wall_s']:.1f}s)", file=sys.stderr)
     return out
