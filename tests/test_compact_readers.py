@@ -204,3 +204,14 @@ def test_precompute_on_compact_records(pair, exported):
         assert tensors.keys() == rows["compact"][uid].keys()
         for k, v in tensors.items():
             np.testing.assert_array_equal(v, rows["compact"][uid][k], err_msg=f"{uid} {k}")
+
+
+def test_cluster_quality_user_batches_on_compact_records(pair):
+    """The cluster-quality report's user-tower windows: compact == full."""
+    from lifelong.reports.cluster_quality import _user_batches
+    fs = S.FeatureSchema.from_data_dir(pair["dirs"]["full"], 4, 16)
+    got = {fmt: list(_user_batches(d, "train", 5, 2, 0, fs)) for fmt, d in pair["dirs"].items()}
+    assert len(got["full"]) == len(got["compact"]) == 3
+    for a, b in zip(got["full"], got["compact"]):
+        for k in a:
+            np.testing.assert_array_equal(a[k].numpy(), b[k].numpy(), err_msg=k)

@@ -51,8 +51,9 @@ def _user_batches(data_dir: str, split: str, num_users: int, batch_size: int, se
     files = D.list_files(S.split_pattern(data_dir, split))
     ds = tf.data.TFRecordDataset(files, compression_type="GZIP")
     ds = ds.shuffle(10_000, seed=seed, reshuffle_each_iteration=False)
+    table = D.item_table_for(S.split_pattern(data_dir, split))   # compact records: their table
     return (ds.take(num_users).batch(batch_size)
-            .map(lambda x: D.user_history_features(x, schema)).prefetch(1))
+            .map(lambda x: D.user_history_features(x, schema, item_table=table)).prefetch(1))
 
 
 def user_assignments(model, features) -> Dict[str, np.ndarray]:
