@@ -397,7 +397,7 @@ class ScanFile(beam.DoFn):
             if uids and sum(len(u) for u in uids) <= PREFILTER_MAX:
                 uid = np.concatenate(uids)
                 order = np.argsort(uid, kind="stable")
-                self._known = (uid[order], np.concatenate(fps)[order].view("S16").reshape(-1))
+                self._known = (uid[order], np.concatenate(fps)[order])
         return self._known or None
 
     def _payload(self, known, file_index: int, i: int, rec: bytes, key) -> object:
@@ -410,7 +410,7 @@ class ScanFile(beam.DoFn):
         # a user twice in the previous cache: any of its rows may match (a locator is
         # always safe, only slower)
         while j < len(uids) and uids[j] == key[0]:
-            if fps[j] == key[1]:
+            if fps[j].tobytes() == key[1]:
                 return (file_index, i)
             j += 1
         return rec
@@ -448,12 +448,12 @@ class ScanFile(beam.DoFn):
         for b, lst in buckets.items():
             yield b, (self.side, lst)
 
-
     def _from_index(self, file_index: int, idx):
         """Previous rows from a shard's index: the payload is ``(file, offset, length)``."""
         name, version = str(idx["model_name"]), int(idx["model_version"])
         uids = idx["user_id"].tolist()
-        fps = [bytes(f) if h else None for f, h in zip(idx["fingerprint"], idx["has_fingerprint"])]
+        fps = [f.tobytes() if h else None
+               for f, h in zip(idx["fingerprint"], idx["has_fingerprint"])]
         lasts = [int(t) if h else None for t, h in zip(idx["last_ts"].tolist(), idx["has_last"])]
         buckets: Dict[int, List] = {}
         for u, fp, last, off, ln in zip(uids, fps, lasts, idx["offset"].tolist(),

@@ -237,7 +237,8 @@ def bench_incremental(args) -> Dict:
         prev = os.path.join(work, f"{m}-{engine}-full")
         full_net = full["wall_s"] - s_full["wall_s"]
         full_cpu = full["cpu_s"] - s_full["cpu_s"]
-        rows.append({"model": m, "engine": engine, "mode": "full", "changed_share": 1.0, "changed_users": n,
+        rows.append({"model": m, "engine": engine, "mode": "full", "changed_share": 1.0,
+                     "changed_users": n,
                      "users": full["users"], "users_to_model": full["users_to_model"],
                      "wall_s": full["wall_s"], "startup_s": s_full["wall_s"], "net_s": full_net,
                      "net_vs_full": 1.0, "cpu_s": full["cpu_s"],
@@ -252,7 +253,8 @@ def bench_incremental(args) -> Dict:
                                    f"expected {k} and {n - k}")
             net = rep["wall_s"] - s_incr["wall_s"]
             net_cpu = rep["cpu_s"] - s_incr["cpu_s"]
-            rows.append({"model": m, "engine": engine, "mode": "incremental", "changed_share": share,
+            rows.append({"model": m, "engine": engine, "mode": "incremental",
+                         "changed_share": share,
                          "changed_users": k, "users": rep["users"],
                          "users_to_model": rep["users_to_model"], "wall_s": rep["wall_s"],
                          "startup_s": s_incr["wall_s"], "net_s": net,
@@ -279,7 +281,8 @@ def print_incremental(res: Dict, command: str) -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
         what = "full" if r["mode"] == "full" else f"incremental, {r['changed_share']:.0%} changed"
-        print(f"| {r['model']} | {r.get('engine', 'runinference')} | {what} | {r['changed_users']:,} | {r['users_to_model']:,} | "
+        print(f"| {r['model']} | {r.get('engine', 'runinference')} | {what} | "
+              f"{r['changed_users']:,} | {r['users_to_model']:,} | "
               f"{r['wall_s']:.1f} | {r['startup_s']:.1f} | {r['net_s']:.1f} | "
               f"{_pct(r['net_vs_full'])} | {r['cpu_s']:.1f} | {r['startup_cpu_s']:.1f} | "
               f"{r['net_cpu_s']:.1f} | {_pct(r['net_cpu_vs_full'])} |")
