@@ -113,7 +113,8 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--one_shot_model", default="din_l",
                    help="serving: model whose serving_default is timed (default din_l)")
     p.add_argument("--models", default="",
-                   help="precompute: comma separated models (default: every registered model)")
+                   help="precompute: comma separated models (default: every cacheable "
+                   "registered model, as bench serving's `all`)")
     p.add_argument("--short_len", type=int, default=50, help="S (default 50)")
     p.add_argument("--emb_dim", type=int, default=8, help="embedding size per field (default 8)")
     p.add_argument("--din_hidden", default="16,8", help="DIN attention MLP (default 16,8)")

@@ -2,8 +2,8 @@
 (``--engine runinference``) and after (``--engine batched``), and the cache bytes per
 user.
 
-For each model (``--models``, default every registered one: each has a
-``user_tower`` and so a cache) an untrained export at L = ``--precompute_long_len``
+For each model (``--models``, default every cacheable registered one:
+:func:`lifelong.bench.serving.cacheable_models`) an untrained export at L = ``--precompute_long_len``
 runs through :func:`beam_jobs.precompute.run` (DirectRunner, one worker, in process)
 with each engine of ``--precompute_engines``: once over ONE user (start-up: model
 load, Beam graph, files) and once over ``--precompute_users`` synthetic users
@@ -98,13 +98,15 @@ def bench_precompute(args) -> Dict:
     refresh over ``--precompute_users`` users and over ONE user (start-up); steady
     users/s = (users - 1) / (wall - start-up wall)."""
     import tfmodels  # noqa: F401
-    from tfmodels import registry
     from beam_jobs import precompute as P
     from serving.export import export_model
 
     L, n = args.precompute_long_len, args.precompute_users
     engines = _engines(args)
-    models = [m for m in args.models.split(",") if m] or registry.names()
+    # default: every cacheable registered model (a long module, no preset variant), the
+    # list `bench serving` calls `all`
+    from lifelong.bench.serving import cacheable_models
+    models = [m for m in args.models.split(",") if m] or cacheable_models()
     work = os.path.join(args.out, "work")
     base = os.path.join(work, "saved_models")
     os.makedirs(base, exist_ok=True)
