@@ -215,3 +215,25 @@ def test_cluster_quality_user_batches_on_compact_records(pair):
     for a, b in zip(got["full"], got["compact"]):
         for k in a:
             np.testing.assert_array_equal(a[k].numpy(), b[k].numpy(), err_msg=k)
+
+
+def test_lifelong_export_cli_bakes_the_data_dirs_item_table(pair):
+    """`lifelong export --model M --data D` (export.run): the table of a compact D is
+    baked in and compact records are answered; a full D exports for full records only."""
+    from serving import export as E
+    from serving import flags
+    got = {}
+    for fmt, d in pair["dirs"].items():
+        parser = argparse.ArgumentParser()
+        flags.add_export_arguments(parser)
+        args = parser.parse_args(["--model", "avg_pool", "--data", d, "--short_len", "4",
+                                  "--long_len", "8", "--emb_dim", "4", "--base",
+                                  str(pair["root"] / f"cli-{fmt}"), "--warmup_max_candidates",
+                                  "0"])
+        out = E.run(args)
+        got[fmt] = E.read_export_meta(out["path"])["record_formats"]
+        if fmt == "compact":
+            comp = _read(S.split_pattern(d, "test"))
+            fn = tf.saved_model.load(out["path"]).signatures["user_tower"]
+            assert fn(records=tf.constant(comp))["user_id"].shape == [len(comp)]
+    assert got == {"full": [S.FORMAT_FULL], "compact": [S.FORMAT_COMPACT, S.FORMAT_FULL]}
