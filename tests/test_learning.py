@@ -12,8 +12,8 @@ fitted a fixed number of seeded steps and scored by test AUC:
   visible in the short window);
 * DIN over the long sequence (``din_l``) must reach :data:`DIN_L_MIN_AUC`;
 * every model with a long module must beat ``din`` by :data:`MIN_GAP`; the models
-  listed in :data:`NOT_LEARNING` do not (yet) and are expected failures, each with its
-  measured figure.
+  listed in :data:`NOT_LEARNING` do not (yet): they are skipped in the suite, each
+  with its measured figure (re-measure with the command below).
 
 The thresholds were set from measured figures (see the comments next to them) with
 headroom: the data, the initialisation and the batch order are seeded.
@@ -189,9 +189,11 @@ def bench(tmp_path_factory):
 
 
 def _param(name: str):
+    # Not trained in the suite: a non-strict xfail could not fail (it asserted nothing
+    # and cost ~15 s of CPU each); the figures are in NOT_LEARNING and
+    # `PYTHONPATH=. python tests/test_learning.py NAME` re-measures them.
     if name in NOT_LEARNING:
-        return pytest.param(name, marks=pytest.mark.xfail(reason=NOT_LEARNING[name],
-                                                          strict=False))
+        return pytest.param(name, marks=pytest.mark.skip(reason=NOT_LEARNING[name]))
     return name
 
 
