@@ -26,7 +26,9 @@ def movielens_dir():
 # order (--dist loadfile), so starting the long ones first keeps the two workers' ends
 # close (longest-processing-time-first). Every worker sorts the same way (a stable sort
 # by a fixed list), as xdist requires identical collections.
-LONG_FILES = ("test_serving.py", "test_learning.py", "test_models.py", "test_cli.py")
+LONG_FILES = ("test_serving.py", "test_learning.py", "test_models.py", "test_cli.py",
+              "test_incremental_refresh.py", "test_lrea.py", "test_compact_readers.py",
+              "test_multiworker.py", "test_replay.py", "test_cluster.py")
 
 
 def pytest_collection_modifyitems(config, items):
