@@ -144,7 +144,7 @@ class ClusterRecords(CountingDoFn):
         self._embedder = Embedder(tables, self._s["fallback_dim"], self._s["seed"])
         # compact input records (issue 19 item 5): decoded with the dataset's item table,
         # loaded once per worker; the output records are written in the full format
-        self._item_table = S.load_item_table(self._data_dir) if self._data_dir else None
+        self._item_table = S.load_item_table(self._data_dir)
 
     def process(self, raw: bytes):
         s = self._s

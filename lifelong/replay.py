@@ -102,13 +102,12 @@ def _read_records(pattern: str) -> Iterator[bytes]:
     every reader after this (replay, the staleness report, bench accuracy) parses the
     full record's fields as before."""
     import tensorflow as tf
+    from tfmodels import data as D
     from tfmodels import schema as S
     files = sorted(glob.glob(pattern))
     if not files:
         raise ReplayError(f"no record files match {pattern!r}")
-    data_dir = os.path.dirname(pattern)
-    table = (S.load_item_table(data_dir)
-             if os.path.exists(os.path.join(data_dir, S.META_FILE)) else None)
+    table = D.item_table_for(pattern)
     raws = (r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP"))
     if table is None:
         return raws
@@ -155,7 +154,7 @@ def replay_model(name: str, run_dir: str, args, store) -> Dict:
         for r in records:
             w.write(r)
     info = E.export_model(model, args.base, name, jit_rank=not args.no_jit_rank,
-                          item_table=E.item_table_of(data_dir))
+                          item_table=S.load_item_table(data_dir))
     pre = P.run(argparse.Namespace(records=rec_path, model=name, base=args.base,
                                    version=info["version"], model_dir=None,
                                    output=os.path.join(args.out, f"cache-{name}"),

@@ -12,7 +12,7 @@ window length S:
   (batch first). The windows end at the last stored behavior
   (:func:`tfmodels.data.user_history_features`). A model trained on COMPACT records
   (``meta.json`` ``format`` = ``per_user_record_compact_v1``) is exported with its
-  dataset's item table baked in (``item_table=``, :func:`item_table_of`): its
+  dataset's item table baked in (``item_table=``, :func:`tfmodels.schema.load_item_table` of the run's data folder): its
   ``user_tower`` then takes compact records (decoded in-graph by the training
   pipeline's own decoder) and full ones, one format per request.
 * ``rank``: ONE user's cache tensors (batch 1, same names as the user_tower
@@ -269,7 +269,7 @@ class ServingSignatures:
     ``rank`` call at N = 1 and N = 100 (docs/serving.md section 6). The SavedModel
     grows by the size of those weights (a few KB to MB).
 
-    ``item_table`` (:class:`tfmodels.schema.ItemTable`, from :func:`item_table_of`): the
+    ``item_table`` (:class:`tfmodels.schema.ItemTable`, from :func:`tfmodels.schema.load_item_table`): the
     model's training data are compact records; ``user_tower`` then decodes compact
     records with it (see :meth:`_user_features`). None: full records only (a compact
     record fails with INVALID_ARGUMENT saying its item table is missing).
@@ -467,16 +467,6 @@ class ServingSignatures:
 
 
 # ---- export --------------------------------------------------------------------------------
-def item_table_of(data_dir: Optional[str]) -> Optional[S.ItemTable]:
-    """The item table a model trained on ``data_dir`` needs at export: the dataset's
-    (compact records), None for a full-format dataset or when ``data_dir`` is not a
-    prepared dataset any more (the export then takes full records only, as before).
-    A compact dataset whose table is missing raises ``MissingItemTableError``."""
-    if not data_dir or not tf.io.gfile.exists(os.path.join(data_dir, S.META_FILE)):
-        return None
-    return S.load_item_table(data_dir)
-
-
 def _save(model, sigs: ServingSignatures, path: str, keras_object: bool) -> None:
     signatures = dict(sigs.functions)
     if keras_object:
@@ -509,7 +499,7 @@ def export_model(model, base: str = "saved_models", name: Optional[str] = None,
     ``serving_default``), which TF Serving and the local server replay before the
     version is AVAILABLE; ``None`` / 0 (the default here; ``lifelong export`` writes
     them for N up to 10,000 unless ``--warmup_max_candidates 0``): none.
-    ``item_table``: the training data's item table (:func:`item_table_of`; compact
+    ``item_table``: the training data's item table (:func:`tfmodels.schema.load_item_table`; compact
     records), baked into ``user_tower``; None = full records only.
     """
     t0 = time.perf_counter()
@@ -629,7 +619,7 @@ def run(args) -> Dict:
                        extra_meta={"run": args.run} if args.run else None,
                        batching_params=args.batching_params, jit_rank=args.jit_rank,
                        warmup_max_candidates=getattr(args, "warmup_max_candidates", 0),
-                       item_table=item_table_of(data_dir))
+                       item_table=S.load_item_table(data_dir))
     print(f"[export] {out['name']} version {out['version']} -> {out['path']} "
           f"({out['wall_s']:.1f}s)", file=sys.stderr)
     return out

@@ -76,9 +76,9 @@ def exported(pair):
     from serving import export as E
     base = str(pair["root"] / "saved_models")
     model = _model(pair["dirs"]["full"])
-    table = E.item_table_of(pair["dirs"]["compact"])
+    table = S.load_item_table(pair["dirs"]["compact"])
     assert len(table) == len(pair["table"])
-    assert E.item_table_of(pair["dirs"]["full"]) is None
+    assert S.load_item_table(pair["dirs"]["full"]) is None
     with_table = E.export_model(model, base, "din_l", 1, item_table=table)
     without = E.export_model(model, base, "din_l_full", 1)
     return {"model": model, "base": base, "with": with_table, "without": without}
@@ -127,7 +127,7 @@ def test_export_of_a_compact_dataset_without_its_item_table(pair, tmp_path):
     shutil.copytree(pair["dirs"]["compact"], d)
     os.remove(os.path.join(d, S.ITEM_TABLE_FILE))
     with pytest.raises(S.MissingItemTableError, match="item_table.tsv is missing"):
-        E.item_table_of(d)
+        S.load_item_table(d)
 
 
 def test_record_reader_of_replay_staleness_and_bench_accuracy(pair, exported):

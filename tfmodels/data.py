@@ -244,13 +244,9 @@ def _expand_user(serialized: tf.Tensor, short_len: int, long_len: int,
 
 
 def item_table_for(pattern: str):
-    """The item table of the prepared dataset a file pattern points into: None when its
-    folder's meta.json says full format or there is no meta.json (bare TFRecords are
-    read as full; a compact record among them then fails with a clear message)."""
-    data_dir = os.path.dirname(pattern)
-    if not tf.io.gfile.exists(os.path.join(data_dir, S.META_FILE)):
-        return None
-    return S.load_item_table(data_dir)
+    """The item table of the prepared dataset a file pattern points into
+    (:func:`schema.load_item_table` of its folder: None for full or bare records)."""
+    return S.load_item_table(os.path.dirname(pattern))
 
 
 def list_files(pattern: str) -> list:

@@ -433,23 +433,33 @@ class ItemTable:
         return cls(body[:, 1].copy(), body[:, 2].copy(), source)
 
 
-def record_format(data_dir: str) -> str:
-    """The per-user record format of a prepared dataset (meta.json ``format``)."""
-    fmt = read_meta(data_dir).get("format", FORMAT_FULL)
+def _format_of(meta: Mapping, data_dir: str) -> str:
+    fmt = meta.get("format", FORMAT_FULL)
     if fmt not in RECORD_FORMATS.values():
         raise CompactRecordError(f"{data_dir}: unknown record format {fmt!r} in meta.json "
                                  f"(known: {sorted(RECORD_FORMATS.values())})")
     return fmt
 
 
-def load_item_table(data_dir: str) -> Optional[ItemTable]:
-    """The item table of a compact dataset (None for a full-format one).
+def record_format(data_dir: str) -> str:
+    """The per-user record format of a prepared dataset (meta.json ``format``)."""
+    return _format_of(read_meta(data_dir), data_dir)
+
+
+def load_item_table(data_dir: Optional[str]) -> Optional[ItemTable]:
+    """The item table of a compact dataset; None for a full-format one, and for a
+    folder that is not a prepared dataset (no ``data_dir`` or no meta.json: its records
+    are read as full, and a compact record among them fails with a clear message).
+    Every reader that learns its format from the data folder calls this (training's
+    ``make_dataset``, export, replay, the cluster job, the reports).
 
     Raises :class:`MissingItemTableError` when meta.json says compact but the table
     file is not there (records copied without ``vocab/``).
     """
+    if not data_dir or not tf.io.gfile.exists(os.path.join(data_dir, META_FILE)):
+        return None
     meta = read_meta(data_dir)
-    if record_format(data_dir) != FORMAT_COMPACT:
+    if _format_of(meta, data_dir) != FORMAT_COMPACT:
         return None
     rel = meta.get("record", {}).get("item_table", ITEM_TABLE_FILE)
     path = os.path.join(data_dir, rel)

@@ -167,7 +167,7 @@ def measure_serving(runs: Dict[str, str], out: str, args) -> Dict[str, Dict]:
     from serving import protos
     from serving.cache_store import SQLiteCacheStore
     from serving.client import RankingClient
-    from serving.export import export_model, item_table_of
+    from serving.export import export_model
     from tfmodels import schema as S
     from tfmodels.train import load_run
 
@@ -182,7 +182,7 @@ def measure_serving(runs: Dict[str, str], out: str, args) -> Dict[str, Dict]:
             raise UsageError(f"{cfg.data}: the test split has no impressions to time rank on")
         shutil.rmtree(os.path.join(base, m), ignore_errors=True)     # a fresh version 1
         export_model(model, base, m, 1, jit_rank=args.jit_rank,
-                     item_table=item_table_of(cfg.data))
+                     item_table=S.load_item_table(cfg.data))
         print(f"[bench accuracy] exported {m} from {run_dir}", file=sys.stderr, flush=True)
         jobs.append((m, run_dir, key, records, requests))
     db = os.path.join(out, "cache.db")
