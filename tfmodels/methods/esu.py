@@ -73,10 +73,7 @@ def top_k_rows(score: tf.Tensor, mask: tf.Tensor, k: int):
     one = one_user(mask)                 # serving: one user's window for N candidates
     mask = tf.broadcast_to(mask, tf.shape(score))
     key = tf.where(mask > 0, tf.maximum(score, VALID_FLOOR), NEG_INF)
-    if one:
-        index = prefiltered_top_k(key, k, mask > 0)
-    else:
-        _, index = tf.math.top_k(tf.stop_gradient(key), k=k, sorted=True)
+    index = top_k_indices(key, k, mask > 0, one)
     return index, tf.gather(mask, index, batch_dims=1)
 
 
@@ -123,6 +120,17 @@ def prefilter(key: tf.Tensor, k, valid: tf.Tensor) -> tf.Tensor:
 def prefiltered_top_k(key: tf.Tensor, k, valid: tf.Tensor) -> tf.Tensor:
     """``tf.math.top_k(key, k, sorted=True)`` indices [N, k] through :func:`prefilter`."""
     return tf.math.top_k(tf.stop_gradient(prefilter(key, k, valid)), k=k, sorted=True)[1]
+
+
+def top_k_indices(key: tf.Tensor, k, valid: tf.Tensor, one: bool) -> tf.Tensor:
+    """``tf.math.top_k(key, k, sorted=True)`` indices [N, k], no gradient; ``one`` (one
+    user's window ranked for N candidates: serving) goes through
+    :func:`prefiltered_top_k`, which gives the same indices with fewer heap insertions.
+    The one selection the top-k searches share (SIM soft / LCN via :func:`top_k_rows`,
+    ETA, TWIN / TWIN V2)."""
+    if one:
+        return prefiltered_top_k(key, k, valid)
+    return tf.math.top_k(tf.stop_gradient(key), k=k, sorted=True)[1]
 
 
 def static_k(top_k: int, rows: tf.Tensor):

@@ -33,8 +33,8 @@ import tfmodels  # noqa: F401
 import tensorflow as tf
 
 from tfmodels.layers import serializable
-from tfmodels.methods.esu import (SimHash, hamming, one_user, pack_bits,
-                                  prefiltered_top_k, static_k)
+from tfmodels.methods.esu import (SimHash, hamming, one_user, pack_bits, static_k,
+                                  top_k_indices)
 from tfmodels.methods.sim import _TwoStage
 
 
@@ -76,10 +76,7 @@ class ETA(_TwoStage):
         valid = tf.broadcast_to(mask > 0, tf.shape(dist))
         dist = tf.where(valid, dist, tf.fill(tf.shape(dist), self.num_bits + 1))
         k = static_k(self.top_k, sig)
-        if one_user(sig):          # serving: the same indices, fewer heap insertions
-            index = prefiltered_top_k(-tf.cast(dist, tf.float32), k, valid)
-        else:
-            _, index = tf.math.top_k(-tf.cast(dist, tf.float32), k=k, sorted=True)
+        index = top_k_indices(-tf.cast(dist, tf.float32), k, valid, one_user(sig))
         sel_mask = tf.gather(tf.cast(valid, tf.float32), index, batch_dims=1)
         return {"distance": dist, **self._esu(cache, target, index, sel_mask)}
 

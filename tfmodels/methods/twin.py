@@ -64,7 +64,7 @@ import tensorflow as tf
 from tfmodels import schema as S
 from tfmodels.layers import NEG_INF, masked_softmax, serializable
 from tfmodels.methods.base import LongSequenceModule, cache_row_times, request_gap_buckets
-from tfmodels.methods.esu import prefiltered_top_k
+from tfmodels.methods.esu import top_k_indices
 
 CROSS_FEATURES = ("gap_bucket", "engage", "domain")
 #: cross features that depend on the request time: computed in ``score``, never cached
@@ -288,10 +288,7 @@ class Twin(LongSequenceModule):
         static_len = cache["keys"].shape[1]
         k = min(self.top_k, static_len) if static_len is not None else tf.minimum(
             self.top_k, length)
-        if one_user:    # serving: the same indices, fewer heap insertions (esu.py)
-            index = prefiltered_top_k(gsu_key, k, cache["mask"] > 0)
-        else:
-            _, index = tf.math.top_k(tf.stop_gradient(gsu_key), k=k, sorted=True)   # [B, k]
+        index = top_k_indices(gsu_key, k, cache["mask"] > 0, one_user)            # [B, k]
         sel_mask = tf.gather(mask, index, batch_dims=1)                          # [B, k]
         logits = alpha + (log_n[:, None, :] if self.esu_log_n else 0.0)
         sel_logits = tf.gather(logits, index, axis=2, batch_dims=1)              # [B, H, k]
