@@ -66,7 +66,10 @@ def parse_user_records(serialized: tf.Tensor, with_impressions: bool = True,
                  f"table: read the prepared dataset through make_dataset (which loads "
                  f"{S.ITEM_TABLE_FILE} when meta.json says compact) or pass item_table="
                  "tfmodels.schema.load_item_table(data_dir)"])]):
-            out["user_id"] = tf.identity(out["user_id"])
+            # Every output waits for the check: a compact record's fields parsed as full
+            # ones would otherwise reach a downstream gather first (graph order is free)
+            # and fail there with an index error instead of this message.
+            out = {k: tf.identity(v) for k, v in out.items()}
     # Optional history fields a record does not store get their default per row
     # (hist_cluster_size: 1 = every row is one real behavior).
     n_hist = tf.shape(out["hist_item_id"])[0]
