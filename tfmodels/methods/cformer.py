@@ -230,6 +230,81 @@ class CFormerEncoder(tf.keras.layers.Layer):
             query, attention = block(query, behaviors, mask)
         return query, attention
 
+    def inference_attention(self, behaviors, mask, with_anchors: bool = False):
+        """The same O_M and A as :meth:`call`, reformulated for inference (user_cache).
+
+        Returns (O^enc [B, J, d] if ``with_anchors`` else None, A^T [B, L, J]): the
+        attention TRANSPOSED (behavior-major), and at padded positions of a user
+        without any valid behavior A^T is finite but unspecified (the caller masks
+        it; :meth:`DenoiseAssign.centroids_from_rows` does). Same variables and the
+        same function as :meth:`call` up to float rounding (tests/test_cformer_fast.py
+        checks it against :meth:`call` with padding); measured 1.45 -> ~0.9 ms CPU
+        per user at L = 1,000, d = 16, J = 24, h = 2 (docs/benchmarks.md, precompute).
+        Per layer, with q_a = (Q W_a^Q + b_a^Q) / sqrt(d_k) and mask bias
+        m_i = 0 (valid) or -1e9 (padded):
+
+        * logits: q_a . (E_i W_a^K + b_a^K) = (q_a W_a^K^T) . E_i + q_a . b_a^K; the
+          last term is constant over i and drops out of the softmax (exact), so the
+          keys are never projected: ONE matmul of [E | m] [B, L, d+1] with
+          G = [q_a W_a^K^T ; 1] [d+1, h*J] gives the masked logits (the padded
+          logits stay at ~-1e9, so exp gives exactly 0 there, as the -1e9 fill of
+          :class:`CFormerAttention` does). Layer 1's queries are the shared anchors
+          Q_1: G is the same for every user and the product is one 2-D matmul
+          [B*L, d+1] x [d+1, h*J].
+        * the softmax over L is never normalised over [B, L, h*J]: with
+          e = exp(logit - max_i logit) and s = sum_i e,
+          head_a = sum_i (e_i / s) (E_i W_a^V + b_a^V) = ((e^T E) / s) W_a^V + b_a^V
+          (the weights sum to 1), i.e. the values are never projected over L and the
+          division runs on [B, h*J, d]; a user without a valid behavior gets
+          head = 0 (the masked softmax's zero weights), hence O = W^O bias as before.
+        * A = mean_a softmax_a = sum_a e_a / (h s_a), computed for the LAST layer
+          only, behavior-major (the layout top-k over J wants; no transpose).
+
+        Float differences from :meth:`call` are rounding (~1e-7 relative); where two
+        anchors' A tie within rounding, the argmax of (C11) may differ from
+        :meth:`call`'s (exact ties, e.g. a one-behavior user's A = 1 everywhere, are
+        kept exact: the lowest index wins in both).
+        """
+        dtype = behaviors.dtype
+        mask = tf.cast(mask, dtype)
+        valid = mask > 0
+        emb = tf.where(valid[..., None], behaviors, tf.zeros_like(behaviors))
+        has_any = tf.cast(tf.reduce_any(valid, axis=1), dtype)             # [B]
+        bias = tf.where(valid, tf.zeros_like(mask), tf.cast(NEG_INF, dtype))
+        emb_aug = tf.concat([emb, bias[..., None]], -1)                      # [B, L, d+1]
+        shape = tf.shape(emb)
+        d, J = self.dim, self.num_clusters
+        query = self.anchors[None]                                           # [1, J, d]
+        last = len(self.blocks) - 1
+        attention = None
+        for i, block in enumerate(self.blocks):
+            att = block.attention
+            h, k = att.num_heads, att.key_dim
+            q = tf.matmul(tf.reshape(query, [-1, d]), att.wq) + att.bq
+            q = tf.reshape(q * (1.0 / math.sqrt(k)), [-1, J, h, k])
+            g = tf.einsum("bjak,dak->bdaj", q, tf.reshape(att.wk, [d, h, k]))
+            g = tf.reshape(g, [-1, d, h * J])
+            g = tf.concat([g, tf.ones_like(g[:, :1])], 1)                    # [b, d+1, hJ]
+            if i == 0:   # shared anchors: one 2-D matmul for the whole batch
+                logits = tf.reshape(tf.matmul(tf.reshape(emb_aug, [-1, d + 1]), g[0]),
+                                    [shape[0], shape[1], h * J])            # [B, L, hJ]
+            else:
+                logits = tf.matmul(emb_aug, g)                               # [B, L, hJ]
+            e = tf.exp(logits - tf.reduce_max(logits, axis=1, keepdims=True))
+            s = tf.reduce_sum(e, axis=1)                                     # [B, hJ]
+            if i < last or with_anchors:
+                pooled = tf.matmul(e, emb, transpose_a=True) / s[..., None]  # [B, hJ, d]
+                heads = tf.einsum("bajd,dak->bjak", tf.reshape(pooled, [-1, h, J, d]),
+                                  tf.reshape(att.wv, [d, h, k])) + tf.reshape(att.bv, [h, k])
+                heads = tf.reshape(heads, [-1, J, h * k]) * has_any[:, None, None]
+                out = tf.matmul(tf.reshape(heads, [-1, h * k]), att.wo) + att.bo
+                x = block.norm1(query + tf.reshape(out, [-1, J, d]))
+                query = block.norm2(x + block.ffn2(block.ffn1(x)))
+            if i == last:
+                r = tf.reshape(1.0 / (s * h), [-1, 1, h, J])
+                attention = tf.reduce_sum(tf.reshape(e, [shape[0], shape[1], h, J]) * r, 2)
+        return (query if with_anchors else None), attention
+
     def get_config(self):
         return {**super().get_config(), "dim": self.dim, "num_clusters": self.num_clusters,
                 "num_layers": self.num_layers, "num_heads": self.num_heads,
@@ -347,6 +422,41 @@ class DenoiseAssign(tf.keras.layers.Layer):
         sizes = tf.reduce_sum(assign, axis=1)                                 # [B, J]
         return {"centroids": centroids, "sizes": sizes, "assign": assign,
                 "mask": tf.cast(sizes > 0, attention.dtype)}
+
+    def centroids_from_rows(self, attention_t, behaviors, mask):
+        """(C11)-(C14) from the behavior-major attention A^T [B, L, J] (as
+        :meth:`CFormerEncoder.inference_attention` gives it), the centroids only:
+        dict(centroids [B, J, d], mask [B, J]); equal to :meth:`call`'s up to float
+        rounding. ``tf.math.top_k`` over J gives each behavior's k anchors AND their
+        A values, so μ_j, the mass w_j and n_j are segment sums over the L
+        behaviors (O(L k d) per user) instead of the [B, J, L] one-hot assignment
+        times E (O(J L d)) and the transposes of :meth:`call`. Same tie rule (lowest
+        anchor index); padded behaviors (mask 0) add nothing.
+        """
+        dtype = behaviors.dtype
+        mask = tf.cast(mask, dtype)
+        num_clusters = attention_t.shape[-1] or tf.shape(attention_t)[-1]
+        if isinstance(num_clusters, int) and self.assignments > num_clusters:
+            raise ValueError(f"assignments k={self.assignments} > num_clusters J={num_clusters}")
+        valid = mask > 0
+        behaviors = tf.where(valid[..., None], behaviors, tf.zeros_like(behaviors))
+        value, top = tf.math.top_k(tf.stop_gradient(attention_t), k=self.assignments)
+        value = tf.where(valid[..., None], value, tf.zeros_like(value))     # [B, L, k]
+        batch = tf.shape(attention_t)[0]
+        segments = top + (tf.range(batch) * num_clusters)[:, None, None]    # b * J + j
+        n = batch * num_clusters
+        dim = behaviors.shape[-1] or tf.shape(behaviors)[-1]
+        centroids = tf.math.unsorted_segment_sum(value[..., None] * behaviors[:, :, None, :],
+                                                 segments, n)              # [B*J, d]
+        centroids = tf.reshape(centroids, [batch, num_clusters, dim])
+        if self.centroid_norm == "weighted_mean":
+            mass = tf.math.unsorted_segment_sum(value, segments, n)
+            centroids = tf.math.divide_no_nan(centroids,
+                                              tf.reshape(mass, [batch, num_clusters, 1]))
+        members = tf.broadcast_to(mask[..., None], tf.shape(value))
+        sizes = tf.reshape(tf.math.unsorted_segment_sum(members, segments, n),
+                           [batch, num_clusters])
+        return {"centroids": centroids, "mask": tf.cast(sizes > 0, dtype)}
 
     def get_config(self):
         return {**super().get_config(), "assignments": self.assignments,
@@ -506,6 +616,27 @@ class CFormer(LongSequenceModule):
         return {"centroids": enc["anchors"] * has_any[:, None, None], "centroid_mask": mask}
 
     def user_cache(self, seq: Tensors, training=None) -> Tensors:
+        """The cache: :meth:`user_cache_reference`'s tensors (float rounding aside),
+        through :meth:`CFormerEncoder.inference_attention` and
+        :meth:`DenoiseAssign.centroids_from_rows` (no key/value projection over L, no
+        [B, h, J, L] normalisation, no one-hot assignment): the precompute's cost
+        (docs/benchmarks.md, precompute). Training and :meth:`call` keep
+        :meth:`encode` (its A and O^enc feed the losses)."""
+        self._ensure_built()
+        mask = tf.cast(seq["mask"], tf.float32)
+        anchors, attention_t = self.encoder.inference_attention(
+            seq["emb"], mask, with_anchors=not self.denoise)
+        if self.denoise:
+            out = self.assign.centroids_from_rows(attention_t, seq["emb"], mask)
+            return {"centroids": out["centroids"], "centroid_mask": out["mask"]}
+        has_any = tf.cast(tf.reduce_any(mask > 0, axis=1), tf.float32)      # [B]
+        return {"centroids": anchors * has_any[:, None, None],
+                "centroid_mask": tf.broadcast_to(has_any[:, None], tf.shape(anchors)[:2])}
+
+    def user_cache_reference(self, seq: Tensors, training=None) -> Tensors:
+        """The cache through :meth:`encode` and :meth:`centroids_from` (the training
+        path's equations, the formulation before the precompute work): the reference
+        that tests hold :meth:`user_cache` to."""
         return self.centroids_from(self.encode(seq))
 
     # ---- per candidate -----------------------------------------------------------------

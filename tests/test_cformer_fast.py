@@ -1,0 +1,145 @@
+"""C-Former's inference formulation (issue 19 item 1): ``CFormer.user_cache`` goes
+through ``CFormerEncoder.inference_attention`` and ``DenoiseAssign.centroids_from_rows``
+(no key/value projection over L, no per-head normalisation of [B, h, J, L], segment
+sums instead of the one-hot assignment). It must compute the same function as the
+training path's ``encode`` + ``centroids_from`` (``user_cache_reference``), with the
+same variables, on inputs with padding, empty users, one-behavior users (exact ties)
+and garbage in padded slots.
+"""
+import numpy as np
+import pytest
+
+import tfmodels  # noqa: F401
+import tensorflow as tf
+
+from tfmodels.methods.cformer import CFormer, DenoiseAssign
+from tfmodels.testing import _pad_more, random_sequence, random_target
+
+DIM, L = 8, 20
+# empty user, one behavior (A = 1 for every anchor: an exact tie -> anchor 0),
+# partial, full
+LENGTHS = [0, 1, 7, L, 13]
+RTOL, ATOL = 1e-5, 1e-6
+
+CONFIGS = [
+    {},
+    {"centroid_norm": "sum"},
+    {"num_heads": 3, "head_dim": 3, "encoder_layers": 3},     # h * d_k != d
+    {"assignments": 3, "num_clusters": 5, "encoder_layers": 1},
+    {"denoise": False},
+    {"num_heads": 1, "num_clusters": 2},
+]
+
+
+def _layer(config, seed=0):
+    tf.keras.utils.set_random_seed(seed)
+    layer = CFormer(DIM, din_hidden=(8, 4), **config)
+    seq = random_sequence(len(LENGTHS), L, DIM, LENGTHS, seed=seed + 3)
+    layer(seq, random_target(len(LENGTHS), DIM))
+    # non-zero biases and larger anchors than the zero/glorot init, so that every term
+    # of the reformulation (the dropped q . b^K, the b^V folded after the pooling,
+    # the W^O bias of an empty user) is exercised
+    rng = np.random.default_rng(seed)
+    layer.set_weights([w + rng.normal(size=w.shape).astype(w.dtype) * 0.3
+                       for w in layer.get_weights()])
+    return layer, seq
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_user_cache_equals_reference_formulation(config):
+    layer, seq = _layer(config)
+    want = layer.user_cache_reference(seq)
+    for s in (seq, _pad_more(seq, 5, garbage=True)):
+        got = layer.user_cache(s)
+        np.testing.assert_allclose(got["centroids"].numpy(), want["centroids"].numpy(),
+                                   rtol=RTOL, atol=ATOL)
+        np.testing.assert_array_equal(got["centroid_mask"].numpy(),
+                                      want["centroid_mask"].numpy())
+    mask = want["centroid_mask"].numpy()
+    assert mask[0].sum() == 0                                   # empty user: nothing
+    if config.get("denoise", True):
+        # one behavior, all anchors tied at A = 1: it goes to the lowest index(es)
+        k = config.get("assignments", 1)
+        np.testing.assert_array_equal(mask[1], np.arange(mask.shape[1]) < k)
+    # and not trivially: the users' caches differ
+    assert np.abs(want["centroids"].numpy()[2] - want["centroids"].numpy()[3]).max() > 1e-2
+
+
+def test_user_cache_equals_reference_in_a_graph():
+    layer, seq = _layer({})
+    fast = tf.function(lambda s: layer.user_cache(s))(seq)
+    ref = tf.function(lambda s: layer.user_cache_reference(s))(seq)
+    np.testing.assert_allclose(fast["centroids"].numpy(), ref["centroids"].numpy(),
+                               rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("config", [{}, {"num_heads": 3, "head_dim": 3}], ids=str)
+def test_inference_attention_equals_encoder_call(config):
+    layer, seq = _layer(config)
+    enc = layer.encode(seq)
+    anchors, att_t = layer.encoder.inference_attention(seq["emb"], seq["mask"],
+                                                       with_anchors=True)
+    mask = seq["mask"].numpy()
+    want_a = enc["attention"].numpy().transpose(0, 2, 1)               # [B, L, J]
+    has = mask.any(1)
+    # A rows of users with a behavior; 0 at their padded positions (exp underflow)
+    np.testing.assert_allclose(att_t.numpy()[has], want_a[has], rtol=RTOL, atol=ATOL)
+    assert (att_t.numpy()[has][mask[has] == 0] == 0).all()
+    # O^enc of every user, the empty one included (its heads are 0: O = LN(.. W^O bias))
+    np.testing.assert_allclose(anchors.numpy(), enc["anchors"].numpy(), rtol=RTOL,
+                               atol=ATOL)
+    assert layer.encoder.inference_attention(seq["emb"], seq["mask"])[0] is None
+
+
+HAND_A = np.array([[[0.1, 0.5, 0.2, 0.3], [0.6, 0.1, 0.2, 0.3], [0.3, 0.4, 0.6, 0.3]]],
+                  np.float32)                                  # [1, J=3, L=4]
+HAND_E = np.array([[[1.0, 0.0], [0.0, 1.0], [2.0, 2.0], [5.0, -1.0]]], np.float32)
+
+
+@pytest.mark.parametrize("norm", ["weighted_mean", "sum"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_centroids_from_rows_hand_computed(norm, k):
+    """Behavior 3 ties across all anchors (0.3): k = 1 gives it to anchor 0, k = 2 to
+    anchors 0 and 1; behavior 2 is padding."""
+    mask = np.array([[1, 1, 0, 1]], np.float32)
+    got = DenoiseAssign(k, norm).centroids_from_rows(
+        tf.constant(HAND_A.transpose(0, 2, 1)), tf.constant(HAND_E), tf.constant(mask))
+    ref = DenoiseAssign(k, norm)(tf.constant(HAND_A), tf.constant(HAND_E), tf.constant(mask))
+    # k = 1: c = (1, 0, -, 0): mu_0 = 0.5 e1 + 0.3 e3, mu_1 = 0.6 e0, mu_2 empty
+    # k = 2: c_0 = {1, 2}, c_1 = {0, 2}, c_3 = {0, 1} (the tie: lowest indices)
+    if k == 1:
+        mu = np.array([0.5 * HAND_E[0, 1] + 0.3 * HAND_E[0, 3], 0.6 * HAND_E[0, 0],
+                       [0.0, 0.0]])
+        mass = np.array([0.8, 0.6, 1.0])
+        sizes = [2, 1, 0]
+    else:
+        mu = np.array([0.5 * HAND_E[0, 1] + 0.3 * HAND_E[0, 3],
+                       0.6 * HAND_E[0, 0] + 0.3 * HAND_E[0, 3],
+                       0.3 * HAND_E[0, 0] + 0.4 * HAND_E[0, 1]])
+        mass = np.array([0.8, 0.9, 0.7])
+        sizes = [2, 2, 2]
+    if norm == "weighted_mean":
+        mu = mu / mass[:, None]
+    np.testing.assert_allclose(got["centroids"].numpy()[0], mu, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got["centroids"].numpy(), ref["centroids"].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(got["mask"].numpy()[0], np.array(sizes) > 0)
+    np.testing.assert_array_equal(got["mask"].numpy(), ref["mask"].numpy())
+
+
+def test_centroids_from_rows_rejects_k_above_j():
+    with pytest.raises(ValueError, match="assignments k=4 > num_clusters J=3"):
+        DenoiseAssign(4).centroids_from_rows(tf.constant(HAND_A.transpose(0, 2, 1)),
+                                             tf.constant(HAND_E), tf.ones([1, 4]))
+
+
+def test_same_variables_as_before():
+    """The reformulation reads the existing weights and creates none: a checkpoint of
+    the earlier code loads unchanged (same names, shapes, count)."""
+    layer, seq = _layer({})
+    names = [(w.name, tuple(w.shape)) for w in layer.weights]
+    layer.user_cache(seq)
+    assert [(w.name, tuple(w.shape)) for w in layer.weights] == names
+    enc = [n for n, _ in names if "/encoder/" in n or n.startswith("encoder/")]
+    # anchors + per layer: attention (8), norm1/norm2 (gamma, beta), ffn1/ffn2 (kernel, bias)
+    assert len(enc) == 1 + 2 * (8 + 2 * 2 + 2 * 2), enc
+    assert any(n.endswith("/encoder/layer_1/attention/wk:0") for n in enc), enc
