@@ -801,7 +801,7 @@ def test_head_batchnorm_flag_reaches_the_model(tiny_data):
 
 
 @pytest.mark.parametrize("phi,normalize", [("leaky_relu", "none"), ("linear", "none"),
-                                           ("leaky_relu", "count")])
+                                           ("leaky_relu", "count"), ("linear", "count")])
 def test_one_user_rank_path_matches_numpy_r7(phi, normalize):
     """The serving path (a cache of batch 1 scored against N candidates: one [N, d] x
     [d, r h] matmul, then [N, r] x [r, d]) equals the literal (R7) in float64, candidate
@@ -823,3 +823,35 @@ def test_one_user_rank_path_matches_numpy_r7(phi, normalize):
     np.testing.assert_allclose(jit(cache, tgt).numpy(), want, rtol=1e-5, atol=1e-5)
     tiled = {k: tf.repeat(v, n, 0) for k, v in cache.items()}
     np.testing.assert_allclose(layer.score(tiled, tgt).numpy(), got, rtol=1e-5, atol=1e-5)
+
+
+def test_linear_cross_term_is_the_general_formula_with_w3_wo_folded():
+    """phi linear (lrea_linear): the cross term ((E_t * E_comp^T) W_3) w_o is computed as
+    E_t (E_comp * (W_3 w_o)) -- [N, d] x [d, r] instead of [N, d] x [d, r h]. It equals the
+    general formula in float64 (written out per candidate, slot and hidden unit) on a
+    window with padded rows, and the one-user and batched score paths agree with the
+    literal (R7) and with each other."""
+    layer = _build(LREALinear, rank=4, hidden=5)
+    _randomize(layer, seed=7)
+    seq = random_sequence(1, L, D, [9], seed=8)          # 9 valid rows, the rest padding
+    n = 3
+    tgt = random_target(n, D, seed=9)
+    cache = layer.user_cache(seq)
+    e_comp = cache["e_comp"][0].numpy().astype(np.float64)                 # [d, r]
+    w3 = layer.w_in.numpy()[2 * D:].astype(np.float64)                     # [d, h]
+    w_o = layer.w_o.numpy().astype(np.float64)                             # [h]
+    e_t = tgt["emb"].numpy().astype(np.float64)
+    want = np.zeros((n, 4))
+    for i in range(n):
+        for r in range(4):
+            for h in range(5):
+                want[i, r] += w_o[h] * sum(e_t[i, d] * e_comp[d, r] * w3[d, h] for d in range(D))
+    got = layer._linear_cross(cache["e_comp"][0], tgt["emb"]).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert np.abs(want).max() > 1e-2
+    _, v_inf = reference(layer, np.repeat(seq["emb"].numpy(), n, 0),
+                         np.repeat(seq["mask"].numpy(), n, 0), tgt["emb"].numpy())
+    one = layer.score(cache, tgt).numpy()
+    tiled = layer.score({k: tf.repeat(v, n, 0) for k, v in cache.items()}, tgt).numpy()
+    np.testing.assert_allclose(one, v_inf, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tiled, v_inf, rtol=1e-5, atol=1e-5)

@@ -311,8 +311,12 @@ class LREA(LongSequenceModule):
             v = self._one_user_terms(cache, e_t, s_seq, s_target)
         else:
             e_comp_b = broadcast_rows(e_comp, batch)
-            cross = tf.einsum("bdr,bdh->brh", e_comp_b, e_t[:, :, None] * w3[None])
-            s_r = s_seq + tf.linalg.matvec(self._phi(cross), self.w_o)          # [B, r]
+            if self.phi == "linear":   # see _linear_cross: r d per candidate, not r d h
+                s_cross = tf.einsum("bd,bdr->br", e_t * self._w3_wo()[None, :], e_comp_b)
+            else:
+                cross = tf.einsum("bdr,bdh->brh", e_comp_b, e_t[:, :, None] * w3[None])
+                s_cross = tf.linalg.matvec(self._phi(cross), self.w_o)
+            s_r = s_seq + s_cross                                               # [B, r]
             v = tf.einsum("bdr,br->bd", broadcast_rows(cache["e_aux"], batch), s_r)
             v = v + broadcast_rows(cache["sigma"], batch) * s_target[:, None]
         if self.normalize == "count":
@@ -336,12 +340,34 @@ class LREA(LongSequenceModule):
         d, r, h = self.emb_dim, self.rank, self.hidden
         _, _, w3 = self._w()
         e_comp = cache["e_comp"][0]                                              # [d, r]
-        p = tf.reshape(e_comp[:, :, None] * w3[:, None, :], tf.stack([d, r * h]))   # P
-        cross = tf.reshape(tf.matmul(e_t, p), tf.stack([-1, h]))                 # [N r, h]
-        s_cross = tf.reshape(tf.linalg.matvec(self._phi(cross), self.w_o), tf.stack([-1, r]))
+        if self.phi == "linear":
+            s_cross = self._linear_cross(e_comp, e_t)                            # [N, r]
+        else:
+            p = tf.reshape(e_comp[:, :, None] * w3[:, None, :], tf.stack([d, r * h]))   # P
+            cross = tf.reshape(tf.matmul(e_t, p), tf.stack([-1, h]))             # [N r, h]
+            s_cross = tf.reshape(tf.linalg.matvec(self._phi(cross), self.w_o),
+                                 tf.stack([-1, r]))
         s_r = s_seq + s_cross                                                    # [N, r]
         v = tf.matmul(s_r, cache["e_aux"][0], transpose_b=True)                  # [N, d]
         return v + cache["sigma"] * s_target[:, None]
+
+    def _w3_wo(self) -> tf.Tensor:
+        """W_3 w_o [d]: with phi linear the only way W_3 and w_o enter the cross term."""
+        return tf.linalg.matvec(self._w()[2], self.w_o)
+
+    def _linear_cross(self, e_comp: tf.Tensor, e_t: tf.Tensor) -> tf.Tensor:
+        """phi linear: ((E_t * E_comp^T) W_3) w_o for one user's E_comp [d, r] and N
+        candidates E_t [N, d] -> [N, r], as E_t (E_comp * (W_3 w_o)) (issue 20 item 6).
+
+        Exact by associativity (only the order of float operations differs): the sum
+        over h of w_o[h] sum_d e_t[d] E_comp[d, r] W_3[d, h] is sum_d e_t[d] E_comp[d, r]
+        (W_3 w_o)[d], so the [N, d] x [d, r h] product of the general path (r d h
+        multiply-adds per candidate, 1 M at the bench's r = 128, d = 16, h = 64) becomes
+        an [N, d] x [d, r] one (r d = 2 K). With LeakyReLU no such factorisation exists
+        (phi acts on each of the r h sums). tests/test_lrea.py checks it against the
+        literal (R7) and against the general formula.
+        """
+        return tf.matmul(e_t, e_comp * self._w3_wo()[:, None])
 
     def get_config(self):
         return {**super().get_config(), "rank": self.rank, "lam": self.lam,
