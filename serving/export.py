@@ -269,6 +269,16 @@ class ServingSignatures:
     ``rank`` call at N = 1 and N = 100 (docs/serving.md section 6). The SavedModel
     grows by the size of those weights (a few KB to MB).
 
+    ``jit_user_tower``: compile the model's part of ``user_tower`` (embedding
+    lookups and the long module's ``user_cache``; the record parsing stays outside)
+    with XLA. The batch is padded with empty users (id 0, mask 0) to the next power
+    of two, so XLA compiles per bucket (1, 2, 4, ..., the precompute's
+    ``--batch_size``), not per batch size; the padded rows are cut off. Measured on
+    C-Former at L = 1,000 (docs/benchmarks.md, precompute): its ``user_cache`` is a
+    handful of big elementwise passes over [B, L, h J] that XLA fuses. Off by
+    default: a model whose ``user_cache`` has an op XLA cannot compile fails at its
+    first call, and TensorFlow Serving needs ``--xla_cpu_compilation_enabled=true``.
+
     ``item_table`` (:class:`tfmodels.schema.ItemTable`, from :func:`tfmodels.schema.load_item_table`): the
     model's training data are compact records; ``user_tower`` then decodes compact
     records with it (see :meth:`_user_features`). None: full records only (a compact
@@ -276,10 +286,11 @@ class ServingSignatures:
     """
 
     def __init__(self, model, jit_rank: bool = False, max_const_elements: int = 65_536,
-                 item_table: Optional[S.ItemTable] = None):
+                 item_table: Optional[S.ItemTable] = None, jit_user_tower: bool = False):
         self.model = model
         self.item_table = item_table
         self.jit_rank = bool(jit_rank)
+        self.jit_user_tower = bool(jit_user_tower)
         self.max_const_elements = int(max_const_elements)
         self.const_weights: List[str] = []
         self.fs: S.FeatureSchema = model.feature_schema
@@ -372,12 +383,33 @@ class ServingSignatures:
         read = set(self.model.feature_names("user_tower")) | set(self.short_names)
         feats = _checked({k: v for k, v in feats.items() if k in read or k == "user_id"},
                          self.fs, "user_tower")
-        cache = self.model.user_tower(feats, training=False)
+        if self.jit_user_tower:
+            cache = self._jit_user_tower({k: v for k, v in feats.items() if k != "user_id"})
+        else:
+            cache = self.model.user_tower(feats, training=False)
         self.cache_keys = list(cache)
         out = {"user_id": feats["user_id"]}
         out.update({n: feats[n] for n in self.short_names})
         out.update(cache)
         return out
+
+    def _jit_user_tower(self, feats):
+        """``model.user_tower`` under XLA on the batch padded to a power of two
+        (see ``jit_user_tower`` in the class docstring); padded rows are all-zero
+        features (id 0 = padding: users without behaviors), cut off after."""
+        n = tf.shape(next(iter(feats.values())))[0]
+        # next power of two >= n (1 for n <= 1): 2^(floor(log2(n - 1)) + 1), floor(log2)
+        # read from the float32 exponent bits, as _jit_rank does
+        m = tf.cast(tf.maximum(n - 1, 1), tf.float32)
+        bucket = tf.bitwise.left_shift(1, tf.bitwise.right_shift(tf.bitcast(m, tf.int32), 23)
+                                       - 126)
+        bucket = tf.where(n <= 1, 1, bucket)
+        padded = {k: tf.pad(v, tf.concat([[[0, bucket - n]],
+                                          tf.zeros([tf.rank(v) - 1, 2], tf.int32)], 0))
+                  for k, v in feats.items()}
+        jitted = tf.function(lambda f: self.model.user_tower(f, training=False),
+                             jit_compile=True, autograph=False)
+        return {k: v[:n] for k, v in jitted(padded).items()}
 
     def _rank(self, inputs):
         def score(inputs):
@@ -483,7 +515,8 @@ def export_model(model, base: str = "saved_models", name: Optional[str] = None,
                  extra_meta: Optional[Mapping] = None,
                  batching_params: Optional[str] = None, jit_rank: bool = False,
                  warmup_max_candidates: Optional[int] = None,
-                 item_table: Optional[S.ItemTable] = None) -> Dict:
+                 item_table: Optional[S.ItemTable] = None,
+                 jit_user_tower: bool = False) -> Dict:
     """Export ``model`` to ``<base>/<name>/<version>/`` and refresh ``models.config``.
 
     ``version`` defaults to the next free number. ``batching_params``: a TF Serving
@@ -492,7 +525,8 @@ def export_model(model, base: str = "saved_models", name: Optional[str] = None,
     this version. Only for a deployment that serves ``serving_default``: batching
     needs every input of a request to share its 0th dimension, which ``rank``
     (cache [1, ...], candidates [N]) does not. Returns ``{"path", "name",
-    "version", "signatures", "wall_s"}``. ``jit_rank``: see :class:`ServingSignatures`.
+    "version", "signatures", "wall_s"}``. ``jit_rank``, ``jit_user_tower``: see
+    :class:`ServingSignatures`.
     ``warmup_max_candidates``: write TF Serving warmup records
     (``assets.extra/tf_serving_warmup_requests``, :mod:`serving.warmup`: one ``rank``
     request per candidate bucket up to this N, one ``user_tower``, one
@@ -512,7 +546,8 @@ def export_model(model, base: str = "saved_models", name: Optional[str] = None,
     final = version_dir(base, name, version)
     if os.path.exists(final):
         raise ExportError(f"{final} already exists; versions are immutable, export a new one")
-    sigs = ServingSignatures(model, jit_rank=jit_rank, item_table=item_table)
+    sigs = ServingSignatures(model, jit_rank=jit_rank, item_table=item_table,
+                             jit_user_tower=jit_user_tower)
     tmp = os.path.join(mdir, f"{TMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}")
     try:
         _save(model, sigs, tmp, keras_object)
@@ -530,6 +565,7 @@ def export_model(model, base: str = "saved_models", name: Optional[str] = None,
                 "cache_keys": sigs.cache_keys, "short_features": sigs.short_names,
                 "user_scalars": sigs.user_scalars, "created_unix": time.time(),
                 "keras_object": keras_object, "jit_rank": sigs.jit_rank,
+                "jit_user_tower": sigs.jit_user_tower,
                 "rank_const_weights": sigs.const_weights, "warmup": warmup_info,
                 "record_formats": ([S.FORMAT_FULL] if item_table is None
                                    else [S.FORMAT_COMPACT, S.FORMAT_FULL]),
@@ -619,7 +655,8 @@ def run(args) -> Dict:
                        extra_meta={"run": args.run} if args.run else None,
                        batching_params=args.batching_params, jit_rank=args.jit_rank,
                        warmup_max_candidates=getattr(args, "warmup_max_candidates", 0),
-                       item_table=S.load_item_table(data_dir))
+                       item_table=S.load_item_table(data_dir),
+                       jit_user_tower=getattr(args, "jit_user_tower", False))
     print(f"[export] {out['name']} version {out['version']} -> {out['path']} "
           f"({out['wall_s']:.1f}s)", file=sys.stderr)
     return out

@@ -39,6 +39,11 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jit_rank", action="store_true",
                    help="compile the rank signature's computation with XLA (faster ranking; "
                    "TF Serving then needs --xla_cpu_compilation_enabled=true)")
+    p.add_argument("--jit_user_tower", action="store_true",
+                   help="compile the user_tower signature's model part (embeddings, the long "
+                   "module's user_cache) with XLA, batch padded to powers of two (faster "
+                   "precompute for C-Former; TF Serving then needs "
+                   "--xla_cpu_compilation_enabled=true)")
 
 
 def add_server_arguments(p: argparse.ArgumentParser) -> None:

@@ -143,3 +143,52 @@ def test_same_variables_as_before():
     # anchors + per layer: attention (8), norm1/norm2 (gamma, beta), ffn1/ffn2 (kernel, bias)
     assert len(enc) == 1 + 2 * (8 + 2 * 2 + 2 * 2), enc
     assert any(n.endswith("/encoder/layer_1/attention/wk:0") for n in enc), enc
+
+
+def test_export_jit_user_tower_equals_graph_user_tower(tiny_data, tmp_path):
+    """serving.export ``jit_user_tower``: the same user_tower outputs as the plain
+    export for batch sizes that are and are not powers of two (padded rows cut off),
+    and the export meta records it."""
+    from serving import export as X
+    from tfmodels import schema as S
+    from tfmodels.model import build_model
+    fs = S.FeatureSchema.from_data_dir(tiny_data, 5, 20)
+    tf.keras.utils.set_random_seed(0)
+    model = build_model(fs, "cformer", emb_dim=4, mlp_hidden=(8,), din_hidden=(8, 4))
+    plain = X.export_model(model, str(tmp_path), "plain", 1)
+    jit = X.export_model(model, str(tmp_path), "jit", 1, jit_user_tower=True)
+    assert X.read_export_meta(jit["path"])["jit_user_tower"] is True
+    assert X.read_export_meta(plain["path"])["jit_user_tower"] is False
+    files = sorted(tf.io.gfile.glob(S.split_pattern(tiny_data, "test")))
+    recs = [r.numpy() for r in tf.data.TFRecordDataset(files, compression_type="GZIP")]
+    f_plain = tf.saved_model.load(plain["path"]).signatures["user_tower"]
+    f_jit = tf.saved_model.load(jit["path"]).signatures["user_tower"]
+    for n in (1, 3, 4):
+        batch = tf.constant(recs[:n])
+        want, got = f_plain(records=batch), f_jit(records=batch)
+        assert sorted(got) == sorted(want)
+        for k in want:
+            assert got[k].shape == want[k].shape, k
+            np.testing.assert_allclose(got[k].numpy(), want[k].numpy(), rtol=RTOL, atol=ATOL,
+                                       err_msg=k)
+    assert want["centroid_mask"].numpy().sum() > 0            # not all empty users
+
+
+def test_bench_precompute_table_with_xla_rows(capsys):
+    """``bench precompute --precompute_xla both``: each row's "vs runinference" is
+    against the runinference row of the same export (XLA or not)."""
+    from lifelong.bench import precompute as BP
+    row = dict(model="cformer", L=10, users=1001, startup_s=2.0, record_bytes_per_user=10.0,
+               store_bytes_per_user=8, cache_tensors={"c": [1, 2]},
+               steady_cpu_ms_per_user=2.0, tower_cpu_ms_per_user=1.0)
+    res = {"rows": [dict(row, xla=False, engine="runinference", steady_users_per_s=100.0),
+                    dict(row, xla=False, engine="batched", steady_users_per_s=200.0),
+                    dict(row, xla=True, engine="runinference", steady_users_per_s=50.0),
+                    dict(row, xla=True, engine="batched", steady_users_per_s=300.0)]}
+    BP.print_precompute(res, "cmd")
+    lines = [l.split(" | ") for l in capsys.readouterr().out.splitlines()
+             if l.startswith("| cformer")]
+    assert [(l[0], l[1], l[4]) for l in lines] == [
+        ("| cformer", "runinference", "1.00x"), ("| cformer", "batched", "2.00x"),
+        ("| cformer (XLA user_tower)", "runinference", "1.00x"),
+        ("| cformer (XLA user_tower)", "batched", "6.00x")]

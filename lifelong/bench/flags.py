@@ -138,6 +138,9 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
                    "(default both; with --incremental: batched)")
     p.add_argument("--precompute_batch_size", type=int, default=64,
                    help="precompute: the batched engine's users per user_tower call (default 64)")
+    p.add_argument("--precompute_xla", default="off", choices=("off", "on", "both"),
+                   help="precompute: export user_tower with XLA (serving.export "
+                   "jit_user_tower): off (default), on, or both (rows for each, one run)")
     p.add_argument("--incremental", action="store_true",
                    help="precompute: time an incremental refresh (--previous_cache) at each "
                    "--changed share of users next to a full refresh, start-up excluded "

@@ -114,29 +114,34 @@ def bench_precompute(args) -> Dict:
     one = _first_records(rec_path, 1, os.path.join(work, f"one-L{L}-s{args.seed}.tfrecord.gz"))
     batch_size = getattr(args, "precompute_batch_size", 64)
     rows = []
-    for m in models:
-        out = export_model(untrained_model(args, m, L), base, m, 1)
+    xla_modes = {"off": [False], "on": [True], "both": [False, True]}[
+        getattr(args, "precompute_xla", "off")]
+    for m, xla in [(m, x) for m in models for x in xla_modes]:
+        # --precompute_xla: the user_tower under XLA (serving.export jit_user_tower),
+        # exported under its own name so that both settings can run in one bench
+        name = f"{m}_xla" if xla else m
+        out = export_model(untrained_model(args, m, L), base, name, 1, jit_user_tower=xla)
 
         def run(recs, output, engine):
-            ns = argparse.Namespace(records=recs, model=m, base=base, version=1,
-                                    model_dir=None, output=os.path.join(work, f"{m}-{output}"),
+            ns = argparse.Namespace(records=recs, model=name, base=base, version=1,
+                                    model_dir=None, output=os.path.join(work, f"{name}-{output}"),
                                     num_shards=1, no_reshuffle=False, store=None,
                                     engine=engine, batch_size=batch_size,
                                     cache_compression="none")
             return P.run(ns, ["--direct_num_workers=1"])
 
         run(one, "warmup", engines[0])    # the process's first pipeline pays imports on top
-        tower = _tower_cost(os.path.join(base, m, "1"), rec_path, batch_size)
+        tower = _tower_cost(os.path.join(base, name, "1"), rec_path, batch_size)
         for engine in engines:
             start = run(one, f"{engine}-one", engine)
             full = run(rec_path, f"{engine}-full", engine)
             net = full["wall_s"] - start["wall_s"]
             net_cpu = full["cpu_s"] - start["cpu_s"]
-            folder = os.path.join(work, f"{m}-{engine}-full")
+            folder = os.path.join(work, f"{name}-{engine}-full")
             first = next(P.read_cache_records(folder))
             _, _, _, tensors = P.decode_cache_record(first)
             rows.append({
-                "model": m, "L": L, "engine": engine, "users": full["users"],
+                "model": m, "xla": xla, "L": L, "engine": engine, "users": full["users"],
                 "wall_s": full["wall_s"], "cpu_s": full["cpu_s"],
                 "startup_s": start["wall_s"], "startup_cpu_s": start["cpu_s"],
                 "users_per_s": full["users_per_s"],
@@ -147,7 +152,7 @@ def bench_precompute(args) -> Dict:
                 "cache_tensors": {k: list(v.shape) for k, v in tensors.items()},
                 "export_s": out["wall_s"], **tower})
             r = rows[-1]
-            print(f"[bench] precompute {m} {engine}: {_num(r['steady_users_per_s'])} users/s "
+            print(f"[bench] precompute {name} {engine}: {_num(r['steady_users_per_s'])} users/s "
                   f"steady ({r['steady_cpu_ms_per_user']:.2f} ms CPU/user, user_tower "
                   f"{tower['tower_cpu_ms_per_user']:.2f}), start-up {start['wall_s']:.1f} s, "
                   f"{r['record_bytes_per_user']:,.0f} B/user", file=sys.stderr, flush=True)
@@ -298,14 +303,17 @@ def print_precompute(res: Dict, command: str) -> None:
           "steady CPU ms/user | user_tower CPU ms/user | other CPU ms/user | "
           "file bytes/user | stored bytes/user | cache tensors (per user) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    before = {r["model"]: r for r in res["rows"] if r["engine"] == "runinference"}
+    # "vs runinference": against the runinference row of the same export (XLA or not)
+    before = {(r["model"], r.get("xla", False)): r for r in res["rows"]
+              if r["engine"] == "runinference"}
     for r in res["rows"]:
         tensors = ", ".join(f"{k} {v}" for k, v in r["cache_tensors"].items())
-        b = before.get(r["model"])
+        b = before.get((r["model"], r.get("xla", False)))
         ratio = (r["steady_users_per_s"] / b["steady_users_per_s"]
                  if b and r["steady_users_per_s"] and b["steady_users_per_s"] else None)
         other = r["steady_cpu_ms_per_user"] - r["tower_cpu_ms_per_user"]
-        print(f"| {r['model']} | {r['engine']} | {r['users']:,} | "
+        model = r["model"] + (" (XLA user_tower)" if r.get("xla") else "")
+        print(f"| {model} | {r['engine']} | {r['users']:,} | "
               f"{_num(r['steady_users_per_s'])} | {_num(ratio, '{:.2f}x')} | "
               f"{r['startup_s']:.1f} | {r['steady_cpu_ms_per_user']:.2f} | "
               f"{r['tower_cpu_ms_per_user']:.2f} | {other:.2f} | "
