@@ -36,6 +36,7 @@ from tfmodels import metrics as M
 from tfmodels import registry
 from tfmodels import schema as S
 from tfmodels.model import build_model
+from tfmodels.testing import TRAINING_LOSS_ONLY_PRESETS
 
 SHORT, LONG = 10, 64
 # Few categories and items (the embeddings learn in a few steps), histories that fit the
@@ -194,6 +195,14 @@ def _param(name: str):
     # `PYTHONPATH=. python tests/test_learning.py NAME` re-measures them.
     if name in NOT_LEARNING:
         return pytest.param(name, marks=pytest.mark.skip(reason=NOT_LEARNING[name]))
+    # A preset that drops or changes only an auxiliary training loss trains the same
+    # forward graph on the same CTR loss as its base, whose learning is tested here; its
+    # figure (measured when it was last trained here: all passed) is re-measured with
+    # the command at the end of this file. Skipped to keep the suite well under 20 min.
+    if name in TRAINING_LOSS_ONLY_PRESETS:
+        return pytest.param(name, marks=pytest.mark.skip(
+            reason=f"only a training loss differs from {TRAINING_LOSS_ONLY_PRESETS[name]}, "
+                   "which is trained here"))
     return name
 
 

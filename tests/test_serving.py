@@ -30,6 +30,7 @@ from serving.server import Limits, LocalServer
 from tfmodels import data as D
 from tfmodels import registry
 from tfmodels import schema as S
+from tfmodels.testing import TRAINING_LOSS_ONLY_PRESETS
 from tfmodels.model import build_model
 from tfmodels.testing import write_tiny_dataset
 
@@ -318,8 +319,7 @@ def test_served_equals_training_window(name, exported, server, held_back, schema
 # changes a training loss: encode's reduction loss and its margin, C-Former's
 # reconstruction and orthogonality losses): their XLA export is the base's, tested
 # there, so the suite does not export them a second time (~13 s of CPU each).
-SAME_RANK_GRAPH = {"encode_no_loss": "encode", "encode_fixed_margin": "encode",
-                   "cformer_wo_recon": "cformer", "cformer_wo_orth": "cformer"}
+SAME_RANK_GRAPH = TRAINING_LOSS_ONLY_PRESETS
 
 
 @pytest.mark.parametrize("name", [n for n in MODELS if n not in SAME_RANK_GRAPH])

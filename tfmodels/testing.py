@@ -25,6 +25,13 @@ import tensorflow as tf
 from tfmodels import schema as S
 
 
+# Registered presets that change only a training loss of their base model: the same
+# forward graph (`call`, `user_tower`, `rank`) with the same variables. The suite runs the
+# graph-level checks that cost most (XLA rank parity, the learning test) on the base only.
+TRAINING_LOSS_ONLY_PRESETS = {"encode_no_loss": "encode", "encode_fixed_margin": "encode",
+                              "cformer_wo_recon": "cformer", "cformer_wo_orth": "cformer"}
+
+
 def write_tiny_dataset(out_dir: str, num_users: int = 24, num_items: int = 60,
                        num_categories: int = 6, max_history: int = 40,
                        impressions_per_user: int = 4, seed: int = 0,
