@@ -593,8 +593,15 @@ class RefreshBucket(beam.DoFn):
         for i in range(0, len(compute), bs):
             part = compute[i:i + bs]
             Metrics.counter(P.NAMESPACE, "users_to_model").inc(len(part))
-            res = self._fn(records=tf.constant([r[3] for r in part]))
-            outputs = {k: v.numpy() for k, v in res.items()}
+            # Fixed batch shape: a short (tail) batch is padded with copies of its last
+            # record, whose rows are cut off below. An XLA-compiled user_tower (export
+            # --jit_user_tower) then compiles once, for batch_size, at the first batch
+            # (start-up), not again for each tail size; the plain export pays at most
+            # batch_size - 1 extra users per bucket.
+            recs = [r[3] for r in part]
+            recs += recs[-1:] * (bs - len(recs))
+            res = self._fn(records=tf.constant(recs))
+            outputs = {k: v.numpy()[:len(part)] for k, v in res.items()}
             got = outputs["user_id"].reshape(-1)
             want = np.array([r[0] for r in part], np.int64)
             if not np.array_equal(got, want):
