@@ -238,8 +238,9 @@ class CFormerEncoder(tf.keras.layers.Layer):
         without any valid behavior A^T is finite but unspecified (the caller masks
         it; :meth:`DenoiseAssign.centroids_from_rows` does). Same variables and the
         same function as :meth:`call` up to float rounding (tests/test_cformer_fast.py
-        checks it against :meth:`call` with padding); measured 1.45 -> ~0.9 ms CPU
-        per user at L = 1,000, d = 16, J = 24, h = 2 (docs/benchmarks.md, precompute).
+        checks it against :meth:`call` with padding); measured 1.48 -> 1.03 ms CPU
+        per user at L = 1,000, d = 16, J = 24, h = 2, batch 64 (docs/benchmarks.md,
+        precompute).
         Per layer, with q_a = (Q W_a^Q + b_a^Q) / sqrt(d_k) and mask bias
         m_i = 0 (valid) or -1e9 (padded):
 
