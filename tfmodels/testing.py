@@ -26,8 +26,8 @@ from tfmodels import schema as S
 
 
 # Registered presets that change only a training loss of their base model: the same
-# forward graph (`call`, `user_tower`, `rank`) with the same variables. The suite runs the
-# graph-level checks that cost most (XLA rank parity, the learning test) on the base only.
+# forward graph (`call`, `user_tower`, `rank`) with the same variables. The serving tests
+# (exports, parity, XLA) run on the base only; their own losses are tested per method.
 TRAINING_LOSS_ONLY_PRESETS = {"encode_no_loss": "encode", "encode_fixed_margin": "encode",
                               "cformer_wo_recon": "cformer", "cformer_wo_orth": "cformer"}
 
