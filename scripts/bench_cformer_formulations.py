@@ -1,0 +1,74 @@
+"""C-Former precompute before/after in ONE process: the SavedModel bakes the
+formulation in, so the reference formulation (CFormer.user_cache_reference, the code
+before issue 19's encoder work) is exported beside the new one (and the new one under
+XLA), and each export runs through the same precompute pipelines as
+`lifelong bench precompute` (DirectRunner, one worker): ONE user (start-up) and N
+users; steady users/s = (N - 1) / (wall - start-up wall). Issue 19 item 1's
+before/after figures in docs/benchmarks.md ("User-cache precompute throughput") come
+from it. A script, not a `lifelong bench` mode: it swaps a method's implementation in
+process, which a user-facing command should not do. Usage:
+  .venv/bin/python scripts/bench_cformer_formulations.py OUT N [ROUNDS]
+N: 2,000 or more (steady state is the difference of two runs' wall times; with a
+few users it is noise, even negative)."""
+import argparse, json, os, sys, time
+import tfmodels  # noqa: F401
+from beam_jobs import precompute as P
+from lifelong.bench.precompute import _records_file, _first_records, _tower_cost
+from lifelong.bench.workload import untrained_model
+from serving.export import export_model
+from tfmodels.methods.cformer import CFormer
+
+print("command: " + " ".join([os.path.basename(sys.executable), *sys.argv]), flush=True)
+out_dir, n = sys.argv[1], int(sys.argv[2])
+rounds = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+L = 1000
+args = argparse.Namespace(seed=0, short_len=50, emb_dim=8, mlp_hidden="32,16", din_hidden="16,8")
+work = os.path.join(out_dir, "work"); base = os.path.join(work, "saved_models")
+os.makedirs(base, exist_ok=True)
+rec = _records_file(work, n, L, 0)
+one = _first_records(rec, 1, os.path.join(work, f"one-L{L}-s0.tfrecord.gz"))
+fast = CFormer.user_cache
+variants = [("reference", "runinference", False), ("reference", "batched", False),
+            ("new", "batched", False), ("new", "batched", True)]
+for form in ("reference", "new"):
+    CFormer.user_cache = CFormer.user_cache_reference if form == "reference" else fast
+    for xla in (False, True):
+        if form == "reference" and xla:
+            continue
+        export_model(untrained_model(args, "cformer", L), base, f"cformer_{form}{'_xla' * xla}", 1,
+                     jit_user_tower=xla)
+CFormer.user_cache = fast
+
+def run(name, recs, output, engine):
+    ns = argparse.Namespace(records=recs, model=name, base=base, version=1, model_dir=None,
+                            output=os.path.join(work, f"{name}-{output}"), num_shards=1,
+                            no_reshuffle=False, store=None, engine=engine, batch_size=64,
+                            cache_compression="none")
+    return P.run(ns, ["--direct_num_workers=1"])
+
+run("cformer_reference", one, "warmup", "batched")
+rows = []
+load0 = os.getloadavg()[0]
+for r in range(rounds):
+    for form, engine, xla in variants:
+        name = f"cformer_{form}{'_xla' * xla}"
+        tower = _tower_cost(os.path.join(base, name, "1"), rec, 64)
+        s = run(name, one, f"{engine}-one", engine)
+        f = run(name, rec, f"{engine}-full", engine)
+        net, cpu = f["wall_s"] - s["wall_s"], f["cpu_s"] - s["cpu_s"]
+        row = {"round": r, "formulation": form, "engine": engine, "xla": xla, "users": f["users"],
+               "steady_users_per_s": (f["users"] - 1) / net, "startup_s": s["wall_s"],
+               "steady_cpu_ms_per_user": cpu / (f["users"] - 1) * 1e3, **tower,
+               "load": os.getloadavg()[0]}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+json.dump({"rows": rows, "load_start": load0, "load_end": os.getloadavg()[0]},
+          open(os.path.join(out_dir, "results.json"), "w"), indent=1)
+
+print("| formulation | engine | xla | steady users/s (median) | steady CPU ms/user (median) |")
+print("|---|---|---|---|---|")
+for form, engine, xla in variants:
+    got = [r for r in rows if (r["formulation"], r["engine"], r["xla"]) == (form, engine, xla)]
+    med = lambda k: sorted(r[k] for r in got)[len(got) // 2]
+    print(f"| {form} | {engine} | {xla} | {med('steady_users_per_s'):.0f} | "
+          f"{med('steady_cpu_ms_per_user'):.2f} |")
