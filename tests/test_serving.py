@@ -30,9 +30,8 @@ from serving.server import Limits, LocalServer
 from tfmodels import data as D
 from tfmodels import registry
 from tfmodels import schema as S
-from tfmodels.testing import TRAINING_LOSS_ONLY_PRESETS
 from tfmodels.model import build_model
-from tfmodels.testing import write_tiny_dataset
+from tfmodels.testing import TRAINING_LOSS_ONLY_PRESETS, write_tiny_dataset
 
 SHORT, LONG = 5, 24
 CFG = dict(emb_dim=4, mlp_hidden=(8,), din_hidden=(8, 4))
