@@ -10,7 +10,7 @@ process, which a user-facing command should not do. Usage:
   .venv/bin/python scripts/bench_cformer_formulations.py OUT N [ROUNDS]
 N: 2,000 or more (steady state is the difference of two runs' wall times; with a
 few users it is noise, even negative)."""
-import argparse, json, os, sys, time
+import argparse, json, os, sys
 import tfmodels  # noqa: F401
 from beam_jobs import precompute as P
 from lifelong.bench.precompute import _records_file, _first_records, _tower_cost

@@ -236,6 +236,20 @@ def _weights_as_constants(small: Sequence[tuple]):
             object.__setattr__(module, attr, v)
 
 
+def _pow2_bucket(n: tf.Tensor, minimum: int) -> tf.Tensor:
+    """The next power of two >= max(n, minimum) (int32 scalar ``n``; ``minimum`` >= 1):
+    the padded size an XLA signature compiles for. 2^(floor(log2 m) + 1) with
+    m = max(n, minimum) - 1, floor(log2 m) read from the float32 exponent bits (exact
+    for m < 2^24; above, rounding can only round up, so the bucket is never smaller
+    than n). Few nodes: it runs in front of the XLA cluster on every call."""
+    # m = 0 has no exponent: with minimum 1, n <= 1 takes m = 1 and is set to 1 after
+    m = tf.maximum(n, minimum) - 1 if minimum > 1 else tf.maximum(n - 1, 1)
+    m = tf.cast(m, tf.float32)
+    bucket = tf.bitwise.left_shift(1, tf.bitwise.right_shift(tf.bitcast(m, tf.int32), 23)
+                                   - 126)
+    return bucket if minimum > 1 else tf.where(n <= 1, 1, bucket)
+
+
 def _zeros(spec: tf.TensorSpec, batch: int) -> tf.Tensor:
     shape = [batch if d is None else d for d in spec.shape.as_list()]
     return tf.zeros(shape, spec.dtype)
@@ -398,12 +412,7 @@ class ServingSignatures:
         (see ``jit_user_tower`` in the class docstring); padded rows are all-zero
         features (id 0 = padding: users without behaviors), cut off after."""
         n = tf.shape(next(iter(feats.values())))[0]
-        # next power of two >= n (1 for n <= 1): 2^(floor(log2(n - 1)) + 1), floor(log2)
-        # read from the float32 exponent bits, as _jit_rank does
-        m = tf.cast(tf.maximum(n - 1, 1), tf.float32)
-        bucket = tf.bitwise.left_shift(1, tf.bitwise.right_shift(tf.bitcast(m, tf.int32), 23)
-                                       - 126)
-        bucket = tf.where(n <= 1, 1, bucket)
+        bucket = _pow2_bucket(n, 1)
         padded = {k: tf.pad(v, tf.concat([[[0, bucket - n]],
                                           tf.zeros([tf.rank(v) - 1, 2], tf.int32)], 0))
                   for k, v in feats.items()}
@@ -438,12 +447,7 @@ class ServingSignatures:
         """
         checks = _input_checks(inputs, self.fs, "rank", finite=self.cache_keys)
         n = tf.size(inputs["target_item_id"])
-        # next power of two >= max(n, 8): 2^(floor(log2 m) + 1) with m = max(n, 8) - 1,
-        # floor(log2 m) read from the float32 exponent bits (exact for m < 2^24; above,
-        # rounding can only round up, so the bucket is never smaller than n).
-        m = tf.cast(tf.maximum(n, 8) - 1, tf.float32)
-        exponent = tf.bitwise.right_shift(tf.bitcast(m, tf.int32), 23) - 126
-        bucket = tf.bitwise.left_shift(1, exponent)
+        bucket = _pow2_bucket(n, 8)
         paddings = tf.expand_dims(tf.stack([0, bucket - n]), 0)
         padded = dict(inputs)
         for k in ("target_item_id", "target_cate_id"):
