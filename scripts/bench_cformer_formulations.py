@@ -9,13 +9,21 @@ from it. A script, not a `lifelong bench` mode: it swaps a method's implementati
 process, which a user-facing command should not do. Usage:
   .venv/bin/python scripts/bench_cformer_formulations.py OUT N [ROUNDS]
 N: 2,000 or more (steady state is the difference of two runs' wall times; with a
-few users it is noise, even negative)."""
+few users it is noise, even negative).
+
+The record parse is baked in too: the rows of parse "map_fn" are exported with
+``tfmodels.data.user_history_features_map_fn`` (one parse per record through tf.map_fn,
+the user tower's parse before issue 19's batched one), those of parse "batched" with
+today's ``user_history_features`` (one tf.io.parse_example per batch). Per row it also prints the ``user_tower`` signature
+alone on the same records (batches of 64: the TensorFlow compute) and the rest of the
+steady CPU per user (the pipeline overhead)."""
 import argparse, json, os, sys
 import tfmodels  # noqa: F401
 from beam_jobs import precompute as P
 from lifelong.bench.precompute import _records_file, _first_records, _tower_cost
 from lifelong.bench.workload import untrained_model
 from serving.export import export_model
+from tfmodels import data as D
 from tfmodels.methods.cformer import CFormer
 
 print("command: " + " ".join([os.path.basename(sys.executable), *sys.argv]), flush=True)
@@ -27,17 +35,18 @@ work = os.path.join(out_dir, "work"); base = os.path.join(work, "saved_models")
 os.makedirs(base, exist_ok=True)
 rec = _records_file(work, n, L, 0)
 one = _first_records(rec, 1, os.path.join(work, f"one-L{L}-s0.tfrecord.gz"))
-fast = CFormer.user_cache
-variants = [("reference", "runinference", False), ("reference", "batched", False),
-            ("new", "batched", False), ("new", "batched", True)]
-for form in ("reference", "new"):
+fast, batched_parse = CFormer.user_cache, D.user_history_features
+# (formulation, engine, XLA user tower, record parse)
+variants = [("reference", "runinference", False, "map_fn"), ("reference", "batched", False, "map_fn"),
+            ("new", "batched", False, "map_fn"), ("new", "batched", True, "map_fn"),
+            ("new", "batched", False, "batched"), ("new", "batched", True, "batched")]
+export_name = lambda form, xla, parse: f"cformer_{form}{'_xla' * xla}_{parse}"
+for form, xla, parse in sorted({(f, x, p) for f, _, x, p in variants}):
     CFormer.user_cache = CFormer.user_cache_reference if form == "reference" else fast
-    for xla in (False, True):
-        if form == "reference" and xla:
-            continue
-        export_model(untrained_model(args, "cformer", L), base, f"cformer_{form}{'_xla' * xla}", 1,
-                     jit_user_tower=xla)
-CFormer.user_cache = fast
+    D.user_history_features = D.user_history_features_map_fn if parse == "map_fn" else batched_parse
+    export_model(untrained_model(args, "cformer", L), base, export_name(form, xla, parse), 1,
+                 jit_user_tower=xla)
+CFormer.user_cache, D.user_history_features = fast, batched_parse
 
 def run(name, recs, output, engine):
     ns = argparse.Namespace(records=recs, model=name, base=base, version=1, model_dir=None,
@@ -46,29 +55,40 @@ def run(name, recs, output, engine):
                             cache_compression="none")
     return P.run(ns, ["--direct_num_workers=1"])
 
-run("cformer_reference", one, "warmup", "batched")
+run(export_name("reference", False, "map_fn"), one, "warmup", "batched")
 rows = []
 load0 = os.getloadavg()[0]
 for r in range(rounds):
-    for form, engine, xla in variants:
-        name = f"cformer_{form}{'_xla' * xla}"
+    for form, engine, xla, parse in variants:
+        name = export_name(form, xla, parse)
         tower = _tower_cost(os.path.join(base, name, "1"), rec, 64)
         s = run(name, one, f"{engine}-one", engine)
         f = run(name, rec, f"{engine}-full", engine)
         net, cpu = f["wall_s"] - s["wall_s"], f["cpu_s"] - s["cpu_s"]
-        row = {"round": r, "formulation": form, "engine": engine, "xla": xla, "users": f["users"],
-               "steady_users_per_s": (f["users"] - 1) / net, "startup_s": s["wall_s"],
-               "steady_cpu_ms_per_user": cpu / (f["users"] - 1) * 1e3, **tower,
-               "load": os.getloadavg()[0]}
+        row = {"round": r, "formulation": form, "engine": engine, "xla": xla, "parse": parse,
+               "users": f["users"], "steady_users_per_s": (f["users"] - 1) / net,
+               "startup_s": s["wall_s"], "steady_cpu_ms_per_user": cpu / (f["users"] - 1) * 1e3,
+               **tower, "load": os.getloadavg()[0]}
+        row["other_cpu_ms_per_user"] = row["steady_cpu_ms_per_user"] - row["tower_cpu_ms_per_user"]
         rows.append(row)
         print(json.dumps(row), flush=True)
 json.dump({"rows": rows, "load_start": load0, "load_end": os.getloadavg()[0]},
           open(os.path.join(out_dir, "results.json"), "w"), indent=1)
 
-print("| formulation | engine | xla | steady users/s (median) | steady CPU ms/user (median) |")
-print("|---|---|---|---|---|")
-for form, engine, xla in variants:
-    got = [r for r in rows if (r["formulation"], r["engine"], r["xla"]) == (form, engine, xla)]
+base_ups = None
+print("| formulation | engine | xla | parse | steady users/s (median; rounds) | vs earlier engine "
+      "| steady CPU ms/user (median; rounds) | user_tower CPU ms/user | other CPU ms/user "
+      "| start-up s |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for form, engine, xla, parse in variants:
+    got = [r for r in rows if (r["formulation"], r["engine"], r["xla"], r["parse"])
+           == (form, engine, xla, parse)]
     med = lambda k: sorted(r[k] for r in got)[len(got) // 2]
-    print(f"| {form} | {engine} | {xla} | {med('steady_users_per_s'):.0f} | "
-          f"{med('steady_cpu_ms_per_user'):.2f} |")
+    each = lambda k, f: ", ".join(f.format(r[k]) for r in got)
+    ups = med("steady_users_per_s")
+    base_ups = base_ups or ups     # the first variant: the earlier engine
+    print(f"| {form} | {engine} | {xla} | {parse} | {ups:.0f} ({each('steady_users_per_s', '{:.0f}')}) "
+          f"| {ups / base_ups:.2f}x | {med('steady_cpu_ms_per_user'):.2f} "
+          f"({each('steady_cpu_ms_per_user', '{:.2f}')}) | {med('tower_cpu_ms_per_user'):.2f} "
+          f"| {med('other_cpu_ms_per_user'):.2f} | {med('startup_s'):.1f} |")
+print(f"load average: {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")

@@ -118,3 +118,112 @@ def test_schema_check_features_messages():
         fs.check_features({"long_item_id": tf.zeros([2, 4], tf.int32)}, ["long_item_id"])
     with pytest.raises(ValueError, match="lengths must be"):
         S.FeatureSchema(S.Vocab(10, 5, 5), short_len=0)
+
+
+# --- the user tower's batched parse (issue 19 item 1) against the per-record path -----
+# item id -> category / domain (rows 0 pad, 1 OOV, then 2..7); domain 3 = neither the
+# target (1) nor the source (2) domain of a cross-domain schema
+_TABLE = S.ItemTable(np.array([0, 1, 5, 6, 5, 7, 3, 3]), np.array([0, 1, 1, 2, 1, 2, 1, 2]))
+_HIST_LENS = (0, 1, 3, 7, 12, 30, 0, 9)   # L = 8 below: empty, short, exactly-ish, > L
+
+
+def _tower_records(compact: bool, cross: bool, seed: int = 0):
+    """One record per _HIST_LENS entry; every other user stores hist_cluster_size;
+    category / domain exceptions against _TABLE; timestamps with ties."""
+    rng = np.random.default_rng(seed)
+    out, hists = [], []
+    for u, n in enumerate(_HIST_LENS):
+        items = rng.integers(S.OOV_ID, len(_TABLE), n)
+        hist = {"hist_item_id": items,
+                "hist_cate_id": np.where(rng.random(n) < 0.3, rng.integers(2, 9, n),
+                                         _TABLE.cate[items]),
+                "hist_ts": np.sort(rng.integers(1_500_000_000, 1_500_000_000 + 90_000, n) // 60 * 60),
+                "hist_engage": rng.integers(0, 8, n) * 0.5,
+                "hist_domain": (np.where(rng.random(n) < 0.3, rng.integers(1, 4, n),
+                                         _TABLE.domain[items]) if cross else np.ones(n, int))}
+        if u % 2:
+            hist["hist_cluster_size"] = rng.integers(1, 5, n)
+        imps = {k: [] for k in S.IMPRESSION_FIELDS}
+        out.append(S.encode_compact_user_record(S.FIRST_ID + u, f"u{u}", hist, imps, _TABLE, 0.5)
+                   if compact else S.encode_user_record(S.FIRST_ID + u, f"u{u}", hist, imps))
+        hists.append(hist)
+    return out, hists
+
+
+def _assert_same(got, want, what):
+    assert set(got) == set(want), (what, set(got) ^ set(want))
+    for k in want:
+        g, w = got[k].numpy(), want[k].numpy()
+        assert g.dtype == w.dtype and g.shape == w.shape, (what, k, g.shape, w.shape)
+        np.testing.assert_array_equal(g, w, err_msg=f"{what}: {k}")
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["single_domain", "cross_domain"])
+@pytest.mark.parametrize("compact", [False, True], ids=["full", "compact"])
+def test_batched_user_history_features_equal_the_per_record_path(compact, cross):
+    recs, hists = _tower_records(compact, cross)
+    fs = S.FeatureSchema(S.Vocab(20, 20, 20, 4), short_len=3, long_len=8, cross_domain=cross)
+    table = _TABLE if compact else None
+    batch = tf.constant(recs)
+    # (the per-record reference costs ~1 s an eager call: three snapshots, one empty batch)
+    for snap in (1_500_045_000, 0, None):   # mid-history, before every behavior, none
+        st = None if snap is None else tf.constant(snap, tf.int64)
+        got = D.user_history_features(batch, fs, st, item_table=table)
+        _assert_same(got, D.user_history_features_map_fn(batch, fs, st, item_table=table),
+                     f"snapshot {snap}")
+    # in a graph too (against the eager result just compared), and an empty batch
+    graph = tf.function(lambda r: D.user_history_features(r, fs, item_table=table))
+    _assert_same(graph(batch), got, "tf.function")
+    _assert_same(D.user_history_features(batch[:0], fs, item_table=table),
+                 D.user_history_features_map_fn(batch[:0], fs, item_table=table), "empty batch")
+    if cross:
+        return
+    # by hand: user 4 (12 behaviors > L = 8) sees its latest 8, most recent first; user 5
+    # stores cluster sizes, user 4 does not (1 per row); user 0 has no behaviors
+    h = hists[4]
+    np.testing.assert_array_equal(got["long_item_id"][4].numpy(), h["hist_item_id"][::-1][:8])
+    np.testing.assert_array_equal(got["short_item_id"][4].numpy(), h["hist_item_id"][::-1][:3])
+    np.testing.assert_array_equal(got["long_cluster_size"][4].numpy(), [1] * 8)
+    np.testing.assert_array_equal(got["long_cluster_size"][5].numpy(),
+                                  hists[5]["hist_cluster_size"][::-1][:8])
+    assert got["long_len"].numpy().tolist() == [min(n, 8) for n in _HIST_LENS]
+    assert got["imp_ts"][4].numpy() == h["hist_ts"][-1] and got["imp_ts"][0].numpy() == 0
+    assert not got["long_item_id"][0].numpy().any() and not got["long_gap_bucket"][0].numpy().any()
+    # user 2 (3 behaviors): rows 3.. are padding (0 in every field); its last behavior's
+    # gap to the reference (its own timestamp) is 0 minutes -> bucket 1
+    assert not got["long_engage"][2].numpy()[3:].any() and got["long_gap_bucket"][2, 0] == 1
+
+
+def test_batched_user_history_features_reject_bad_records():
+    fs = S.FeatureSchema(S.Vocab(20, 20, 20), short_len=3, long_len=8)
+    recs, _ = _tower_records(compact=True, cross=False)
+    # the messages of the per-record path
+    with pytest.raises(tf.errors.InvalidArgumentError, match="read without its item table"):
+        D.user_history_features(tf.constant(recs), fs)
+    small = S.ItemTable(_TABLE.cate[:4], _TABLE.domain[:4])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="holds item ids outside the item"):
+        D.user_history_features(tf.constant(recs), fs, item_table=small)
+    # an exception position past the record's rows: per record the scatter failed; in a
+    # batch it would write into the next user's rows
+    ex = tf.train.Example.FromString(recs[3])
+    pos = ex.features.feature["hist_cate_exc_pos"].int64_list
+    del pos.value[:]
+    pos.value.extend([7] * len(ex.features.feature["hist_cate_exc_id"].int64_list.value))
+    bad = [recs[2], ex.SerializeToString(), recs[4]]
+    with pytest.raises(tf.errors.InvalidArgumentError, match="outside the record's rows"):
+        D.user_history_features(tf.constant(bad), fs, item_table=_TABLE)
+    # a full record whose hist_cate_id is shorter than hist_item_id: per record a gather
+    # failed; in a batch the rows would come from another user
+    full, _ = _tower_records(compact=False, cross=False)
+    ex = tf.train.Example.FromString(full[3])
+    del ex.features.feature["hist_cate_id"].int64_list.value[-1]
+    bad = [full[2], ex.SerializeToString(), full[4]]
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        D.user_history_features_map_fn(tf.constant(bad), fs)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="hist_cate_id has fewer values than hist_item_id"):
+        D.user_history_features(tf.constant(bad), fs)
+    cross = S.FeatureSchema(S.Vocab(20, 20, 20, 3), short_len=3, long_len=8, cross_domain=True)
+    with pytest.raises(tf.errors.InvalidArgumentError,
+                       match="hist_cate_id has fewer values than the target- and source-domain"):
+        D.user_history_features(tf.constant(bad), cross)

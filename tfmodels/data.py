@@ -311,6 +311,158 @@ def make_dataset(pattern: str, short_len: int, long_len: int, batch_size: int,
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+# --------------------------------------------------------------------------------------
+# The user tower's windows of a BATCH of records (serving's user_tower, precompute)
+# --------------------------------------------------------------------------------------
+# One tf.io.parse_example for the whole batch, then every window gathered from the users'
+# zero-padded [B, W] history matrices at once: the same values as parse_user_records +
+# history_windows per record (user_history_features_map_fn, the path before issue 19,
+# kept as the reference: tests/test_data.py compares both on every record kind). The
+# per-record tf.map_fn cost ~0.55 ms of CPU per user at L = 1,000, most of a cheap
+# user_tower (docs/benchmarks.md, "User-cache precompute throughput").
+
+#: The history lists every window reads (hist_cluster_size is optional, see
+#: :data:`schema.OPTIONAL_HISTORY_DEFAULTS`).
+_REQUIRED_HISTORY = tuple(k for k in S.HISTORY_FIELDS if k not in S.OPTIONAL_HISTORY_DEFAULTS)
+
+
+def _ragged_spec(spec: Dict[str, object]) -> Dict[str, object]:
+    """A parse spec's VarLenFeatures as RaggedFeatures: ``tf.io.parse_example`` then gives
+    each list's row lengths directly (the same wire parse and parse errors)."""
+    return {k: tf.io.RaggedFeature(v.dtype, row_splits_dtype=tf.int64)
+            if isinstance(v, tf.io.VarLenFeature) else v for k, v in spec.items()}
+
+
+def _after(check: tf.Operation, rt: tf.RaggedTensor) -> tf.RaggedTensor:
+    """``rt`` (values and row splits) only after ``check`` ran."""
+    with tf.control_dependencies([check]):
+        return tf.RaggedTensor.from_row_splits(tf.identity(rt.flat_values),
+                                               tf.identity(rt.row_splits), validate=False)
+
+
+def _compact_lookup_batch(item: tf.RaggedTensor, table: tf.Tensor, pos: tf.RaggedTensor,
+                          vals: tf.RaggedTensor, what: str) -> tf.RaggedTensor:
+    """Batched twin of the lookup in :func:`schema.decode_compact_tensors`: ``table[item]``
+    with each user's exceptions (values ``vals`` at that user's rows ``pos``) written over."""
+    n_table = tf.shape(table, out_type=tf.int64)[0]
+    ids = item.flat_values
+    ok = tf.reduce_all((ids >= S.OOV_ID) & (ids < n_table))
+    in_table = tf.debugging.Assert(ok, [     # the per-record decoder's message
+        f"compact per-user record: {what} holds item ids outside the item table "
+        f"(ids {S.OOV_ID}..n-1); the records and {S.ITEM_TABLE_FILE} come from "
+        "different prepare runs. n, ids:", n_table, ids], summarize=8)
+    # Per record, a position outside the record's rows failed the scatter; on the
+    # batch's flat values it would land in another user's row: checked here.
+    rows = pos.value_rowids()
+    ok_pos = tf.logical_and(
+        tf.reduce_all(tf.equal(pos.row_lengths(), vals.row_lengths())),
+        tf.reduce_all((pos.flat_values >= 0)
+                      & (pos.flat_values < tf.gather(item.row_lengths(), rows))))
+    in_rows = tf.debugging.Assert(ok_pos, [
+        f"compact per-user record: {what}'s exception lists (positions, values) differ in "
+        "length or name a position outside the record's rows"])
+    with tf.control_dependencies([in_table, in_rows]):
+        got = tf.gather(table, tf.clip_by_value(ids, 0, n_table - 1))
+        flat_pos = tf.gather(item.row_starts(), rows) + pos.flat_values
+        got = tf.tensor_scatter_nd_update(got, flat_pos[:, None], vals.flat_values)
+    return item.with_flat_values(got)
+
+
+def _decode_compact_batch(p: Dict[str, tf.Tensor],
+                          item_table: S.ItemTable) -> Dict[str, tf.RaggedTensor]:
+    """Batched twin of :func:`schema.decode_compact_tensors` (history fields) on the
+    ragged parse of compact records: per user the same values."""
+    cate_table = tf.constant(item_table.cate, tf.int64)
+    domain_table = tf.constant(item_table.domain, tf.int64)
+    item = p["hist_item_id"]
+    deltas = p["hist_ts_delta"]
+    # each user's cumsum, on the zero-padded [B, W] matrix (integers: exact)
+    ts = tf.RaggedTensor.from_tensor(tf.cumsum(deltas.to_tensor(), axis=1),
+                                     lengths=deltas.row_lengths())
+    q = p["hist_engage_q"]
+    step = tf.gather(p["engage_step"], q.value_rowids())
+    return {"hist_item_id": item,
+            "hist_cate_id": _compact_lookup_batch(item, cate_table, p["hist_cate_exc_pos"],
+                                                  p["hist_cate_exc_id"], "the history"),
+            "hist_ts": ts,
+            "hist_engage": q.with_flat_values(tf.cast(q.flat_values, tf.float32) * step),
+            "hist_domain": _compact_lookup_batch(item, domain_table, p["hist_domain_exc_pos"],
+                                                 p["hist_domain_exc_val"], "the history"),
+            "hist_cluster_size": p["hist_cluster_size"]}
+
+
+def _parse_history_batch(serialized: tf.Tensor, item_table: Optional[S.ItemTable]
+                         ) -> Tuple[tf.Tensor, Dict[str, tf.RaggedTensor]]:
+    """``(user_id [B], {hist_* field: RaggedTensor [B, None]})`` of a batch of per-user
+    records in ONE ``tf.io.parse_example`` (impressions not parsed); the formats and
+    checks of :func:`parse_user_records`."""
+    if item_table is not None:
+        p = tf.io.parse_example(serialized, _ragged_spec(S.compact_parse_spec(False)))
+        return p["user_id"], _decode_compact_batch(p, item_table)
+    spec = _ragged_spec(S.user_record_parse_spec(with_impressions=False))
+    spec["record_format"] = tf.io.FixedLenFeature([], tf.string, default_value=b"")
+    p = tf.io.parse_example(serialized, spec)
+    check = tf.debugging.Assert(
+        tf.reduce_all(tf.not_equal(p["record_format"], S.COMPACT_MARKER)),
+        [f"a compact per-user record ({S.FORMAT_COMPACT}) was read without its item "
+         f"table: read the prepared dataset through make_dataset (which loads "
+         f"{S.ITEM_TABLE_FILE} when meta.json says compact) or pass item_table="
+         "tfmodels.schema.load_item_table(data_dir)"])
+    # everything downstream waits for the check (see parse_user_records)
+    with tf.control_dependencies([check]):
+        user_id = tf.identity(p["user_id"])
+    return user_id, {k: _after(check, p[k]) for k in S.HISTORY_FIELDS}
+
+
+def _padded(rt: tf.RaggedTensor) -> Tuple[tf.Tensor, tf.Tensor]:
+    """``(rt`` as a zero-padded [B, W + 1] matrix, ``W)``: column W is always 0, the
+    padding row that :func:`window_history` appends."""
+    dense = rt.to_tensor()
+    return tf.pad(dense, [[0, 0], [0, 1]]), tf.shape(dense, out_type=tf.int64)[1]
+
+
+def _last_rows(cutoff: tf.Tensor, length: int) -> Tuple[tf.Tensor, tf.Tensor]:
+    """Positions ``cutoff - 1, cutoff - 2, ...`` [B, length] and which are rows (>= 0)."""
+    pos = cutoff[:, None] - 1 - tf.range(length, dtype=tf.int64)[None, :]
+    return pos, pos >= 0
+
+
+def _gather_window(fields: Dict[str, Tuple[tf.Tensor, tf.Tensor]], idx: tf.Tensor,
+                   valid: tf.Tensor, ref: tf.Tensor, cluster_ok: tf.Tensor,
+                   prefix: str) -> Dict[str, tf.Tensor]:
+    """Window ``prefix`` of every user: the history rows ``idx`` [B, length] of the
+    :func:`_padded` matrices ``fields`` where ``valid``, 0 elsewhere, and the gap buckets
+    to ``ref`` [B], as :func:`window_history` builds them per user."""
+    out = {}
+    for field in S.SEQUENCE_FIELDS:
+        if field == "gap_bucket":
+            continue
+        dense, width = fields[f"hist_{field}"]
+        if field == "cluster_size":
+            # a record without it (or with another length) means 1 per row
+            # (parse_user_records' OPTIONAL_HISTORY_DEFAULTS rule)
+            g = tf.gather(dense, tf.where(valid & cluster_ok[:, None], idx, width), batch_dims=1)
+            default = tf.constant(S.OPTIONAL_HISTORY_DEFAULTS["hist_cluster_size"], g.dtype)
+            g = tf.where(valid & ~cluster_ok[:, None], default, g)
+        else:
+            g = tf.gather(dense, tf.where(valid, idx, width), batch_dims=1)
+        out[S.seq_name(prefix, field)] = g
+    gaps = gap_bucket(ref[:, None] - out[S.seq_name(prefix, "ts")])
+    out[S.seq_name(prefix, "gap_bucket")] = tf.where(valid, gaps, tf.zeros_like(gaps))
+    return out
+
+
+def _rows_check(hist: Dict[str, tf.RaggedTensor], need: tf.Tensor, user_id: tf.Tensor,
+                what: str) -> list:
+    """Every history list holds at least ``need`` [B] values (the rows the windows read).
+    Per record a shorter list failed a gather; on the batch it would read another
+    user's values, so it is refused here with its name."""
+    return [tf.debugging.Assert(tf.reduce_all(hist[k].row_lengths() >= need), [
+        f"per-user record: {k} has fewer values than {what} (a history list holds one "
+        "value per behavior); user ids of the batch:", user_id], summarize=8)
+        for k in _REQUIRED_HISTORY]
+
+
 def user_history_features(serialized: tf.Tensor, schema: S.FeatureSchema,
                           snapshot_ts: Optional[tf.Tensor] = None,
                           item_table: Optional[S.ItemTable] = None) -> Dict[str, tf.Tensor]:
@@ -319,10 +471,73 @@ def user_history_features(serialized: tf.Tensor, schema: S.FeatureSchema,
     This is what the user tower sees offline: ``serialized`` is a batch [B] of
     per-user records (impressions ignored); windows end at the last behavior
     (``ref_ts`` = the last behavior's timestamp, or ``snapshot_ts``). The windows are
-    the schema's (cross-domain ones with ``schema.cross_domain``), built by the same
-    code as the training pipeline's. ``item_table``: the records are compact (see
-    :func:`parse_user_records`).
+    the schema's (cross-domain ones with ``schema.cross_domain``), equal to what the
+    training pipeline's code (:func:`history_windows`) builds per record
+    (:func:`user_history_features_map_fn`, tested), computed for the whole batch at once.
+    ``item_table``: the records are compact (see :func:`parse_user_records`).
     """
+    user_id, hist = _parse_history_batch(serialized, item_table)
+    n_item = hist["hist_item_id"].row_lengths()
+    ts = hist["hist_ts"]
+    fields = {k: _padded(v) for k, v in hist.items()}
+    if snapshot_ts is None:       # the last stored timestamp (0 without behaviors), all rows
+        n_ts = ts.row_lengths()
+        last = tf.gather(fields["hist_ts"][0], tf.maximum(n_ts - 1, 0), batch_dims=1)
+        ref = tf.where(n_ts > 0, last, tf.zeros_like(last))
+        cut = n_ts
+    else:
+        ref = tf.fill(tf.shape(user_id), tf.cast(snapshot_ts, tf.int64))
+        cut = tf.reduce_sum(tf.cast(ts < tf.cast(snapshot_ts, tf.int64), tf.int64), axis=1)
+    cluster_ok = tf.equal(hist["hist_cluster_size"].row_lengths(), n_item)
+    out = {"user_id": user_id, "imp_ts": ref}
+    if not schema.cross_domain:
+        with tf.control_dependencies(_rows_check(hist, n_item, user_id, "hist_item_id")):
+            cutoff = tf.minimum(cut, n_item)
+        for prefix, length in ((S.SHORT, schema.short_len), (S.LONG, schema.long_len)):
+            pos, valid = _last_rows(cutoff, length)
+            out.update(_gather_window(fields, pos, valid, ref, cluster_ok, prefix))
+            out[f"{prefix}_len"] = tf.minimum(cutoff, length)
+        return out
+    # Cross-domain (domain_history): per domain, the indices of its rows in the record
+    # (oldest first) and how many of them lie before the cutoff.
+    dom = hist["hist_domain"]
+    rowids = dom.value_rowids()
+    in_row = (tf.range(tf.size(dom.flat_values, out_type=tf.int64))
+              - tf.gather(dom.row_starts(), rowids))
+    n_users = tf.shape(user_id, out_type=tf.int64)[0]
+    keeps = {}
+    for d in (S.TARGET_DOMAIN, S.SOURCE_DOMAIN):
+        mask = tf.equal(dom.flat_values, d)
+        keeps[d] = tf.RaggedTensor.from_value_rowids(
+            tf.boolean_mask(in_row, mask), tf.boolean_mask(rowids, mask), nrows=n_users)
+    either = tf.equal(dom.flat_values, S.TARGET_DOMAIN) | tf.equal(dom.flat_values,
+                                                                     S.SOURCE_DOMAIN)
+    need = tf.maximum(tf.math.unsorted_segment_max(tf.where(either, in_row + 1, 0), rowids,
+                                                   n_users), 0)
+    checks = _rows_check(hist, need, user_id, "the target- and source-domain rows")
+    for prefix, d, length in ((S.SHORT_TARGET, S.TARGET_DOMAIN, schema.short_len),
+                              (S.SHORT_SOURCE, S.SOURCE_DOMAIN, schema.short_len),
+                              (S.LONG, S.SOURCE_DOMAIN, schema.long_len)):
+        keep = keeps[d]
+        before = tf.cast(keep.flat_values < tf.gather(cut, keep.value_rowids()), tf.int64)
+        with tf.control_dependencies(checks):
+            sub_cut = tf.math.unsorted_segment_sum(before, keep.value_rowids(), n_users)
+        keep_rows, width = _padded(keep)
+        pos, valid = _last_rows(sub_cut, length)
+        idx = tf.gather(keep_rows, tf.where(valid, pos, width), batch_dims=1)
+        out.update(_gather_window(fields, idx, valid, ref, cluster_ok, prefix))
+        out[f"{prefix}_len"] = tf.minimum(sub_cut, length)
+    return out
+
+
+def user_history_features_map_fn(serialized: tf.Tensor, schema: S.FeatureSchema,
+                                 snapshot_ts: Optional[tf.Tensor] = None,
+                                 item_table: Optional[S.ItemTable] = None
+                                 ) -> Dict[str, tf.Tensor]:
+    """:func:`user_history_features` as it was before issue 19 (one
+    :func:`parse_user_records` + :func:`history_windows` per record through
+    ``tf.map_fn``): the reference its batched form is tested against, and the
+    "before" of scripts/bench_cformer_formulations.py."""
     def one(x):
         rec = parse_user_records(x, with_impressions=False, item_table=item_table)
         history = {k: rec[k] for k in S.HISTORY_FIELDS if k in rec}
