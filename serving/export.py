@@ -250,6 +250,49 @@ def _pow2_bucket(n: tf.Tensor, minimum: int) -> tf.Tensor:
     return bucket if minimum > 1 else tf.where(n <= 1, 1, bucket)
 
 
+#: the fewest rows a ``--jit_rank`` export's ``rank`` runs (N < 8 is padded to 8)
+MIN_RANK_BUCKET = 8
+#: ``rank_buckets`` ladders (``lifelong export --rank_buckets``); the first is the default
+RANK_BUCKETS = flags.RANK_BUCKETS
+
+
+def rank_bucket(n: tf.Tensor, ladder: str = RANK_BUCKETS[0]) -> tf.Tensor:
+    """The padded candidate count a ``--jit_rank`` export's ``rank`` runs for N = ``n``
+    (int32 scalar tensor): XLA compiles once per value, and the padded rows are
+    computed and cut off. The ONE rule: the export's graph calls it, and
+    :func:`serving.warmup.bucket_sizes` evaluates it to send one warmup request per
+    value.
+
+    * ``"fine"`` (the default): multiples of 8 up to 64 (8, 16, ..., 64), then four
+      steps per octave, multiples of 2^(e-2) for 2^e < N <= 2^(e+1) (80, 96, 112, 128,
+      160, 192, 224, 256, 320, ...): a bucket is at most 1.25x N above 64, so N = 100
+      runs as 112 rows, not 128. Compilations up to N_max: 8 + 4 log2(N_max / 64),
+      37 up to N = 10,000 (the server's ``--max_candidates`` default), 51 up to 10^5
+      (``"pow2"``: 12 and 15). Why this one (docs/benchmarks.md, issue 20 item 6,
+      "Finer XLA candidate buckets"): the padded rows cost as much as real ones (the
+      top-k methods sort per row; TWIN's in-process ``rank`` at L = 1,000: 7.70 / 7.79
+      / 8.14 / 9.56 ms for 100 / 104 / 112 / 128 rows), while every bucket is one more
+      XLA compilation at load (2-6 s each on the 2-core machine, replayed by the warmup
+      records); 8 steps per octave (104 rows) would save about 3% more for twice the
+      compilations.
+    * ``"pow2"``: the next power of two >= max(N, 8) (8, 16, 32, ..., 12 buckets up to
+      10,000; up to 2x N): the ladder before, kept for before/after measurements.
+
+    Few nodes either way: it runs in front of the XLA cluster on every call.
+    Elementwise, so ``n`` may also be a vector of counts (the tests pass 1..10,000).
+    """
+    if ladder == "pow2":
+        return _pow2_bucket(n, MIN_RANK_BUCKET)
+    if ladder != "fine":
+        raise ExportError(f"unknown rank_buckets {ladder!r}; one of {list(RANK_BUCKETS)}")
+    m = tf.maximum(n, MIN_RANK_BUCKET)
+    # e = floor(log2(m - 1)) from the float32 exponent bits (exact for m < 2^24; above,
+    # rounding can only make e, so the bucket, larger), step = max(8, 2^(e - 2))
+    e = tf.bitwise.right_shift(tf.bitcast(tf.cast(m - 1, tf.float32), tf.int32), 23) - 127
+    step = tf.bitwise.left_shift(1, tf.maximum(e - 2, 3))
+    return (m + step - 1) // step * step
+
+
 def _zeros(spec: tf.TensorSpec, batch: int) -> tf.Tensor:
     shape = [batch if d is None else d for d in spec.shape.as_list()]
     return tf.zeros(shape, spec.dtype)
@@ -266,10 +309,11 @@ class ServingSignatures:
     (``jit_compile``). Measured here at N = 100 candidates it takes the in-process
     ``rank`` call from about 1.9 ms to 1.3 ms (docs/serving.md section 6): the ranking
     graph is hundreds of tiny ops whose per-op cost dominates, and XLA fuses them.
-    Candidates are padded to power-of-two buckets so that XLA compiles per bucket, not
-    per distinct N (the first request of a new bucket pays the compilation, tens to
-    hundreds of ms). A real TensorFlow Serving then needs
-    ``--xla_cpu_compilation_enabled=true`` (``serving/tf_serving.sh`` passes it); off
+    Candidates are padded to buckets (``rank_buckets``: the ladder of
+    :func:`rank_bucket`, default ``"fine"``) so that XLA compiles per bucket, not per
+    distinct N (the first request of a new bucket pays the compilation, tens to
+    hundreds of ms; the warmup records pay them at load). A real TensorFlow Serving
+    then needs ``--xla_cpu_compilation_enabled=true`` (``serving/tf_serving.sh`` passes it); off
     by default for that reason.
 
     With ``jit_rank`` the model's small weights (every variable of at most
@@ -300,10 +344,15 @@ class ServingSignatures:
     """
 
     def __init__(self, model, jit_rank: bool = False, max_const_elements: int = 65_536,
-                 item_table: Optional[S.ItemTable] = None, jit_user_tower: bool = False):
+                 item_table: Optional[S.ItemTable] = None, jit_user_tower: bool = False,
+                 rank_buckets: str = RANK_BUCKETS[0]):
         self.model = model
         self.item_table = item_table
         self.jit_rank = bool(jit_rank)
+        if rank_buckets not in RANK_BUCKETS:
+            raise ExportError(f"unknown rank_buckets {rank_buckets!r}; one of "
+                              f"{list(RANK_BUCKETS)}")
+        self.rank_buckets = rank_buckets
         self.jit_user_tower = bool(jit_user_tower)
         self.max_const_elements = int(max_const_elements)
         self.const_weights: List[str] = []
@@ -434,9 +483,9 @@ class ServingSignatures:
         each node costs microseconds per call (docs/serving.md section 6).
 
         * XLA compiles once per input shape: the candidates are padded (id 0, the
-          padding id) to the next power of two >= 8, so a server sees at most ~14
-          compilations (N up to 10^5) instead of one per distinct N; the padded rows
-          are scored independently and cut off.
+          padding id) to :func:`rank_bucket` of ``self.rank_buckets`` (37 buckets up
+          to N = 10,000 with ``"fine"``, 12 with ``"pow2"``) instead of one compilation
+          per distinct N; the padded rows are scored independently and cut off.
         * The input checks are computed INSIDE the cluster (the index of the first
           failing input, from one reduction) and a single ``Assert`` outside it
           (XLA compiles Assert to a no-op) gates the output, with the same messages
@@ -447,7 +496,7 @@ class ServingSignatures:
         """
         checks = _input_checks(inputs, self.fs, "rank", finite=self.cache_keys)
         n = tf.size(inputs["target_item_id"])
-        bucket = _pow2_bucket(n, 8)
+        bucket = rank_bucket(n, self.rank_buckets)
         paddings = tf.expand_dims(tf.stack([0, bucket - n]), 0)
         padded = dict(inputs)
         for k in ("target_item_id", "target_cate_id"):
@@ -520,7 +569,7 @@ def export_model(model, base: str = "saved_models", name: Optional[str] = None,
                  batching_params: Optional[str] = None, jit_rank: bool = False,
                  warmup_max_candidates: Optional[int] = None,
                  item_table: Optional[S.ItemTable] = None,
-                 jit_user_tower: bool = False) -> Dict:
+                 jit_user_tower: bool = False, rank_buckets: str = RANK_BUCKETS[0]) -> Dict:
     """Export ``model`` to ``<base>/<name>/<version>/`` and refresh ``models.config``.
 
     ``version`` defaults to the next free number. ``batching_params``: a TF Serving
@@ -529,11 +578,11 @@ def export_model(model, base: str = "saved_models", name: Optional[str] = None,
     this version. Only for a deployment that serves ``serving_default``: batching
     needs every input of a request to share its 0th dimension, which ``rank``
     (cache [1, ...], candidates [N]) does not. Returns ``{"path", "name",
-    "version", "signatures", "wall_s"}``. ``jit_rank``, ``jit_user_tower``: see
-    :class:`ServingSignatures`.
+    "version", "signatures", "wall_s"}``. ``jit_rank``, ``jit_user_tower``,
+    ``rank_buckets``: see :class:`ServingSignatures`.
     ``warmup_max_candidates``: write TF Serving warmup records
     (``assets.extra/tf_serving_warmup_requests``, :mod:`serving.warmup`: one ``rank``
-    request per candidate bucket up to this N, one ``user_tower``, one
+    request per candidate bucket of ``rank_buckets`` up to this N, one ``user_tower``, one
     ``serving_default``), which TF Serving and the local server replay before the
     version is AVAILABLE; ``None`` / 0 (the default here; ``lifelong export`` writes
     them for N up to 10,000 unless ``--warmup_max_candidates 0``): none.
@@ -551,7 +600,7 @@ def export_model(model, base: str = "saved_models", name: Optional[str] = None,
     if os.path.exists(final):
         raise ExportError(f"{final} already exists; versions are immutable, export a new one")
     sigs = ServingSignatures(model, jit_rank=jit_rank, item_table=item_table,
-                             jit_user_tower=jit_user_tower)
+                             jit_user_tower=jit_user_tower, rank_buckets=rank_buckets)
     tmp = os.path.join(mdir, f"{TMP_PREFIX}{version}-{uuid.uuid4().hex[:8]}")
     try:
         _save(model, sigs, tmp, keras_object)
@@ -563,12 +612,14 @@ def export_model(model, base: str = "saved_models", name: Optional[str] = None,
             requests = W.warmup_requests(sigs, name, warmup_max_candidates)
             W.write_warmup_file(tmp, requests)
             warmup_info = {"records": len(requests),
-                           "rank_candidates": W.bucket_sizes(warmup_max_candidates)}
+                           "rank_candidates": W.bucket_sizes(warmup_max_candidates,
+                                                             sigs.rank_buckets)}
         meta = {"model_name": name, "version": version, "registry_model": model.model_name,
                 "model_config": model.get_config(), "signatures": sigs.describe(),
                 "cache_keys": sigs.cache_keys, "short_features": sigs.short_names,
                 "user_scalars": sigs.user_scalars, "created_unix": time.time(),
                 "keras_object": keras_object, "jit_rank": sigs.jit_rank,
+                "rank_buckets": sigs.rank_buckets,
                 "jit_user_tower": sigs.jit_user_tower,
                 "rank_const_weights": sigs.const_weights, "warmup": warmup_info,
                 "record_formats": ([S.FORMAT_FULL] if item_table is None
@@ -660,7 +711,8 @@ def run(args) -> Dict:
                        batching_params=args.batching_params, jit_rank=args.jit_rank,
                        warmup_max_candidates=getattr(args, "warmup_max_candidates", 0),
                        item_table=S.load_item_table(data_dir),
-                       jit_user_tower=getattr(args, "jit_user_tower", False))
+                       jit_user_tower=getattr(args, "jit_user_tower", False),
+                       rank_buckets=getattr(args, "rank_buckets", RANK_BUCKETS[0]))
     print(f"[export] {out['name']} version {out['version']} -> {out['path']} "
           f"({out['wall_s']:.1f}s)", file=sys.stderr)
     return out

@@ -9,6 +9,8 @@ import argparse
 
 #: TF Serving's gRPC port
 DEFAULT_PORT = 8500
+#: `export --rank_buckets` ladders (serving.export.rank_bucket); the first is the default
+RANK_BUCKETS = ("fine", "pow2")
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,6 +41,11 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jit_rank", action="store_true",
                    help="compile the rank signature's computation with XLA (faster ranking; "
                    "TF Serving then needs --xla_cpu_compilation_enabled=true)")
+    p.add_argument("--rank_buckets", choices=RANK_BUCKETS, default=RANK_BUCKETS[0],
+                   help="with --jit_rank: the candidate counts rank is padded to (one XLA "
+                   "compilation each): fine = 8, 16, ..., 64, then 4 steps per octave (80, 96, "
+                   "112, 128, 160, ...; 37 up to 10,000); pow2 = 8, 16, 32, ... (12 up to "
+                   "10,000; the earlier ladder). Default fine")
     p.add_argument("--jit_user_tower", action="store_true",
                    help="compile the user_tower signature's model part (embeddings, the long "
                    "module's user_cache) with XLA, batch padded to powers of two (faster "

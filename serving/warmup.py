@@ -10,8 +10,9 @@ from the model manager's load, so a version is only swapped in warm).
 
 What :func:`warmup_requests` writes for one export (all ``predict_log``):
 
-* one ``rank`` request per XLA candidate bucket up to ``max_candidates`` (8, 16, ...,
-  the first power of two >= ``max_candidates``; a ``--jit_rank`` export pads N to
+* one ``rank`` request per XLA candidate bucket up to ``max_candidates`` (the export's
+  ``rank_buckets`` ladder, :func:`serving.export.rank_bucket`: 8, 16, ..., 64, 80, 96,
+  ..., the first bucket >= ``max_candidates``; a ``--jit_rank`` export pads N to
   those buckets and XLA compiles once per bucket, so each bucket's first request
   would otherwise pay a compilation), with exactly the bucket size as N: the user
   side is a synthetic user's cache computed by the export's own ``user_tower``, so
@@ -36,6 +37,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from serving import protos
+from serving.export import RANK_BUCKETS, rank_bucket
 from tfmodels import data as D
 from tfmodels import schema as S
 from tfmodels.errors import LifelongError
@@ -44,21 +46,26 @@ log = logging.getLogger("serving.server")
 
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 MAX_RECORDS = 1000          # TF Serving reads at most this many warmup records
-MIN_BUCKET = 8              # serving/export.py pads N to max(8, next power of two)
 
 
 class WarmupError(ValueError, LifelongError):
     """Warmup records that cannot be written, read or run (the version's load fails)."""
 
 
-def bucket_sizes(max_candidates: int) -> List[int]:
-    """The XLA candidate buckets a server with this cap can see: 8, 16, ..., >= cap."""
+def bucket_sizes(max_candidates: int, ladder: str = RANK_BUCKETS[0]) -> List[int]:
+    """The XLA candidate buckets a server with this cap can see, smallest first, up to
+    the first one >= the cap: the values of the export's own
+    :func:`serving.export.rank_bucket` (evaluated here, not a second copy of the rule)."""
     if int(max_candidates) < 1:
         raise WarmupError(f"max_candidates must be >= 1, got {max_candidates}")
-    out, b = [MIN_BUCKET], MIN_BUCKET
-    while b < int(max_candidates):
-        b *= 2
-        out.append(b)
+    if ladder not in RANK_BUCKETS:
+        raise WarmupError(f"unknown rank_buckets {ladder!r}; one of {list(RANK_BUCKETS)}")
+
+    def bucket(n: int) -> int:
+        return int(rank_bucket(tf.constant(n, tf.int32), ladder))
+    out = [bucket(1)]
+    while out[-1] < int(max_candidates):
+        out.append(bucket(out[-1] + 1))
     return out
 
 
@@ -108,7 +115,8 @@ def warmup_requests(sigs, name: str, max_candidates: int, seed: int = 0
                                                max(v.num_categories, S.FIRST_ID + 1),
                                                n).astype(np.int64)}
 
-    out = [_request(name, "rank", {**user, **candidates(n)}) for n in bucket_sizes(max_candidates)]
+    out = [_request(name, "rank", {**user, **candidates(n)})
+           for n in bucket_sizes(max_candidates, sigs.rank_buckets)]
     out.append(_request(name, "user_tower", {"records": np.array([record], dtype=object)}))
     default = {k: np.asarray(feats[k], s.dtype.as_numpy_dtype)
                for k, s in sigs.default_specs.items() if k in feats}

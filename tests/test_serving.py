@@ -346,7 +346,7 @@ def test_jit_rank_export_equals_plain_rank(name, exported, server, records, sche
             a = plain.run("rank", feed)["ctr"]
             b = jit.run("rank", feed)["ctr"]
             np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
-        for n in (1, 8, 9, 17):          # candidates padded to power-of-two buckets, cut back
+        for n in (1, 8, 9, 17):          # candidates padded to buckets 8, 8, 16, 24, cut back
             feed = dict(feed, target_item_id=np.resize(items[0], n).astype(np.int64),
                         target_cate_id=np.resize(cates[0], n).astype(np.int64))
             a, b = plain.run("rank", feed)["ctr"], jit.run("rank", feed)["ctr"]

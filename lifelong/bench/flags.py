@@ -30,11 +30,23 @@ def parse_ints(text: str, flag: str) -> List[int]:
     return values
 
 
+def parse_rank_buckets(text: str) -> List[str]:
+    """``bench serving --rank_buckets``: comma separated ladders of ``lifelong export
+    --rank_buckets`` (:data:`serving.flags.RANK_BUCKETS`), each once."""
+    values = [x.strip() for x in str(text).split(",") if x.strip()]
+    bad = [x for x in values if x not in serving_flags.RANK_BUCKETS]
+    if bad or not values or len(set(values)) < len(values):
+        raise UsageError(f"--rank_buckets must be distinct ladders of "
+                         f"{','.join(serving_flags.RANK_BUCKETS)}, got {text!r}")
+    return values
+
+
 def check_serving_flags(args) -> None:
     """Parse the list flags of ``bench serving|precompute`` up front, so a typo is one
     line (:class:`UsageError`) before any folder is created or model exported."""
     for flag in ("long_lens", "candidates", "din_hidden", "mlp_hidden"):
         parse_ints(getattr(args, flag), flag)
+    parse_rank_buckets(getattr(args, "rank_buckets", serving_flags.RANK_BUCKETS[0]))
     load = getattr(args, "load", "")
     if load:
         check_load_flags(args)
@@ -151,6 +163,11 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no_jit_rank", dest="jit_rank", action="store_false",
                    help="serving: export rank WITHOUT XLA (default: `lifelong export --jit_rank`, "
                    "the recommended ranking deployment)")
+    p.add_argument("--rank_buckets", default=serving_flags.RANK_BUCKETS[0],
+                   help="serving: the exports' `lifelong export --rank_buckets` ladder, or "
+                   "several comma separated (fine,pow2): each --rank_models model is then "
+                   "exported once per ladder and timed as MODEL.LADDER, interleaved in the "
+                   "same server, each against its own identity SavedModel (default fine)")
     p.add_argument("--inter_op", type=int, default=-1,
                    help="serving: the server's --inter_op (default -1, its default)")
     p.add_argument("--intra_op", type=int, default=0,

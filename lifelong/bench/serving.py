@@ -47,7 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from lifelong.bench import record
-from lifelong.bench.flags import check_serving_flags, parse_ints
+from lifelong.bench.flags import check_serving_flags, parse_ints, parse_rank_buckets
 from lifelong.bench.workload import NUM_ITEMS, item_cate, synthetic_records, untrained_model
 from tfmodels.errors import UsageError
 
@@ -162,6 +162,9 @@ def bench_serving(args) -> Dict:
     lens = sorted(parse_ints(args.long_lens, "long_lens"))
     ns = sorted(parse_ints(args.candidates, "candidates"))
     rank_models = [m for m in args.rank_models.split(",") if m]
+    ladders = parse_rank_buckets(getattr(args, "rank_buckets", "fine"))
+    if len(ladders) > 1:                     # one export per ladder, timed as MODEL.LADDER
+        rank_models = [f"{m}.{b}" for m in rank_models for b in ladders]
     work = os.path.join(args.out, "work")
     base = os.path.join(work, "saved_models")
     os.makedirs(base, exist_ok=True)
@@ -172,8 +175,10 @@ def bench_serving(args) -> Dict:
     for L in lens:
         for m in dict.fromkeys(rank_models + [args.one_shot_model]):
             name = f"{m}_L{L}"
-            exports[(m, L)] = export_model(untrained_model(args, m, L), base, name, 1,
-                                           jit_rank=args.jit_rank)["name"]
+            registered, _, ladder = m.partition(".")
+            exports[(m, L)] = export_model(untrained_model(args, registered, L), base, name, 1,
+                                           jit_rank=args.jit_rank,
+                                           rank_buckets=ladder or ladders[0])["name"]
             print(f"[bench] exported {name}", file=sys.stderr, flush=True)
     for m in rank_models:
         for L in lens:
