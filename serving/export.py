@@ -269,11 +269,11 @@ def rank_bucket(n: tf.Tensor, ladder: str = RANK_BUCKETS[0]) -> tf.Tensor:
       runs as 112 rows, not 128. Compilations up to N_max: 8 + 4 log2(N_max / 64),
       37 up to N = 10,000 (the server's ``--max_candidates`` default), 51 up to 10^5
       (``"pow2"``: 12 and 15). Why this one (docs/benchmarks.md, issue 20 item 6,
-      "Finer XLA candidate buckets"): the padded rows cost as much as real ones (the
-      top-k methods sort per row; TWIN's in-process ``rank`` at L = 1,000: 7.70 / 7.79
-      / 8.14 / 9.56 ms for 100 / 104 / 112 / 128 rows), while every bucket is one more
+      "Session 6: finer XLA candidate buckets"): the padded rows cost as much as real
+      ones (the top-k methods sort per row; TWIN's in-process ``rank`` at L = 1,000:
+      7.70 / 7.79 / 8.14 / 9.56 ms for 100 / 104 / 112 / 128 rows), while every bucket is one more
       XLA compilation at load (2-6 s each on the 2-core machine, replayed by the warmup
-      records); 8 steps per octave (104 rows) would save about 3% more for twice the
+      records); 8 steps per octave (104 rows) would save another 3-6% for twice the
       compilations.
     * ``"pow2"``: the next power of two >= max(N, 8) (8, 16, 32, ..., 12 buckets up to
       10,000; up to 2x N): the ladder before, kept for before/after measurements.
