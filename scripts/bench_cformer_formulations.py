@@ -16,7 +16,9 @@ The record parse is baked in too: the rows of parse "map_fn" are exported with
 the user tower's parse before issue 19's batched one), those of parse "batched" with
 today's ``user_history_features`` (one tf.io.parse_example per batch). Per row it also prints the ``user_tower`` signature
 alone on the same records (batches of 64: the TensorFlow compute) and the rest of the
-steady CPU per user (the pipeline overhead)."""
+steady CPU per user (the pipeline overhead); after the Beam rounds, a second table times
+the batched engine's per-batch work without Beam (read, record_key, user_tower,
+NumPy + encode), which has no start-up in it."""
 import argparse, json, os, sys
 import tfmodels  # noqa: F401
 from beam_jobs import precompute as P
@@ -92,3 +94,57 @@ for form, engine, xla, parse in variants:
           f"({each('steady_cpu_ms_per_user', '{:.2f}')}) | {med('tower_cpu_ms_per_user'):.2f} "
           f"| {med('other_cpu_ms_per_user'):.2f} | {med('startup_s'):.1f} |")
 print(f"load average: {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+
+# The batched engine's per-batch work WITHOUT Beam, same process and records: what
+# RefreshBucket does per chunk (read the file, record_key of every record, then per batch
+# of 64 the user_tower call, outputs to NumPy, encode_cache_batch). Steady CPU through Beam
+# subtracts a one-user run that loads the SavedModel and (XLA) compiles again: seconds of
+# CPU that vary by about one second under load, i.e. tenths of a ms per user; this split
+# has no start-up in it.
+import time
+import numpy as np
+import tensorflow as tf
+from beam_jobs import precompute_batched as PB
+
+
+def direct_pass(fn, bs=64):
+    cpu = {"read": 0.0, "record_key": 0.0, "user_tower": 0.0, "numpy_encode": 0.0}
+    t = time.process_time(); recs = list(PB._tfrecords(rec)); cpu["read"] += time.process_time() - t
+    t = time.process_time(); keys = [PB.record_key(x) for x in recs]
+    cpu["record_key"] += time.process_time() - t
+    for i in range(0, len(recs), bs):
+        part, meta = recs[i:i + bs], keys[i:i + bs]
+        part += part[-1:] * (bs - len(part)); meta += meta[-1:] * (bs - len(meta))
+        t = time.process_time(); res = fn(records=tf.constant(part))
+        cpu["user_tower"] += time.process_time() - t
+        t = time.process_time()
+        PB.encode_cache_batch("cformer", 1, {k: v.numpy() for k, v in res.items()},
+                              [m[1] for m in meta], [m[2] for m in meta])
+        cpu["numpy_encode"] += time.process_time() - t
+    return {k: v / len(recs) * 1e3 for k, v in cpu.items()}
+
+
+direct_variants = [v for v in variants if v[1] == "batched"]
+fns = {v: tf.saved_model.load(os.path.join(base, export_name(v[0], v[2], v[3]), "1"))
+       .signatures["user_tower"] for v in direct_variants}
+first = tf.constant([x for _, x in zip(range(64), PB._tfrecords(rec))])
+for fn in fns.values():
+    fn(records=first)                                   # (XLA: compiled here, untimed)
+direct = []
+for r in range(rounds):
+    for v, fn in fns.items():
+        direct.append({"round": r, "formulation": v[0], "xla": v[2], "parse": v[3],
+                       **direct_pass(fn), "load": os.getloadavg()[0]})
+        print(json.dumps(direct[-1]), flush=True)
+json.dump({"rows": rows, "direct": direct, "load_start": load0, "load_end": os.getloadavg()[0]},
+          open(os.path.join(out_dir, "results.json"), "w"), indent=1)
+parts = ("read", "record_key", "user_tower", "numpy_encode")
+print("\nWithout Beam (median CPU ms/user over the rounds):")
+print("| formulation | xla | parse | read | record_key | user_tower | NumPy + encode | total |")
+print("|---|---|---|---|---|---|---|---|")
+for v in direct_variants:
+    got = [d for d in direct if (d["formulation"], d["xla"], d["parse"]) == (v[0], v[2], v[3])]
+    med = {k: float(np.median([d[k] for d in got])) for k in parts}
+    print(f"| {v[0]} | {v[2]} | {v[3]} | " + " | ".join(f"{med[k]:.3f}" for k in parts)
+          + f" | {sum(med.values()):.3f} |")
+print(f"load average at the end: {os.getloadavg()[0]:.1f}")
