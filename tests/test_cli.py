@@ -59,7 +59,10 @@ def test_config_file_and_flags(tmp_path, tiny_data):
         cli._train_config(args)
 
 
-def test_train_evaluate_resume(tiny_data, tmp_path):
+def test_train_evaluate_resume(tiny_data, tmp_path, capsys):
+    """train in a fresh process (the console entry point as a user runs it), resume it
+    in-process, then `lifelong evaluate` in a fresh process: its stderr holds only the
+    CLI's own lines (TensorFlow's start-up lines are silenced), the count labelled `done:`."""
     out = str(tmp_path / "run")
     r = run_cli("train", "--data", tiny_data, "--model", "din_l", "--out_dir", out,
                 "--epochs", "1", *TINY)
@@ -79,15 +82,23 @@ def test_train_evaluate_resume(tiny_data, tmp_path):
         assert f"{k:>15}: {metrics[k]:.4f}" in r.stdout.splitlines()
     assert os.path.isdir(os.path.join(out, "tb"))
     # resume: continue the same run to epoch 2 from its checkpoint
-    r = run_cli("train", "--data", tiny_data, "--model", "din_l", "--out_dir", out,
-                "--epochs", "2", "--resume", "--no_eval", *TINY)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "resumed from" in r.stderr and "at epoch 1" in r.stderr
+    capsys.readouterr()
+    assert cli.main(["train", "--data", tiny_data, "--model", "din_l", "--out_dir", out,
+                     "--epochs", "2", "--resume", "--no_eval", *TINY]) == 0
+    err = capsys.readouterr().err
+    assert "resumed from" in err and "at epoch 1" in err
     run2 = json.load(open(os.path.join(out, "run.json")))
     assert len(run2["history"]["total_loss"]) == 1      # only epoch 2 ran
-    r = run_cli("evaluate", "--run", out, "--split", "valid")
+    env = dict(os.environ)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    r = subprocess.run([sys.executable, "-m", "lifelong.cli", "evaluate", "--run", out,
+                        "--split", "valid"], capture_output=True, text=True, timeout=300,
+                       env=env)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert os.path.exists(os.path.join(out, "metrics-valid.json"))
+    lines = r.stderr.strip().splitlines()
+    assert all(line.startswith("[evaluate] ") for line in lines), lines
+    valid = json.load(open(os.path.join(out, "metrics-valid.json")))
+    assert f"[evaluate] done: {valid['samples']} examples scored" in lines
 
 
 def test_compare_resume_reuses_finished_runs(tiny_data, tmp_path, capsys):
@@ -425,20 +436,12 @@ def test_a_failing_tensorflow_import_still_shows_its_error(tmp_path):
 
 
 def test_evaluate_speaks_progress_and_a_final_count(tiny_data, tmp_path, capsys):
-    """`lifelong evaluate` in a fresh process: stderr holds only the CLI's own lines
-    (TensorFlow's start-up lines are silenced), the last count is labelled `done:`;
-    progress lines say they are progress."""
+    """Progress lines say they are progress, the last count is labelled `done:` (the
+    fresh-process evaluate, whose stderr holds only such lines, is checked in
+    test_train_evaluate_resume)."""
     out = str(tmp_path / "run")
     assert cli.main(["train", "--data", tiny_data, "--model", "din", "--out_dir", out,
                      "--epochs", "1", "--no_eval", *TINY]) == 0
-    env = dict(os.environ)
-    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
-    r = subprocess.run([sys.executable, "-m", "lifelong.cli", "evaluate", "--run", out],
-                       capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode == 0, r.stderr[-2000:]
-    lines = r.stderr.strip().splitlines()
-    assert all(line.startswith("[evaluate] ") for line in lines), lines
-    assert "[evaluate] done: 96 examples scored" in lines
     from tfmodels import train as T
     cfg, model = T.load_run(out)
     capsys.readouterr()

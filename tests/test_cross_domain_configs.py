@@ -193,10 +193,15 @@ def test_cross_domain_config_trains_one_step(tmp_path):
     out = str(tmp_path / "run")
     rc = cli.main(["train", "--data", data, "--config_dir", ROOT, "--model", "lcn_crp_no_pc",
                    "--epochs", "1", "--steps_per_epoch", "1", "--batch_size", "16",
-                   "--out_dir", out, "--verbose", "0"])
+                   "--out_dir", out, "--verbose", "0",
+                   # tiny sizes from the command line (they override the files' L = 500
+                   # and MLP 200-80); the fields checked below come from the files
+                   "--short_len", "5", "--long_len", "24", "--emb_dim", "4",
+                   "--mlp_hidden", "8", "--din_hidden", "8,4", "--no_eval"])
     assert rc in (0, None)
     run = json.load(open(os.path.join(out, "run.json")))
     cfg = run["config"]
     assert cfg["model"] == "lcn" and cfg["cross_domain"] is True
     assert cfg["crp_weight"] == 0.1 and cfg["crp_lambdas"] == [1, 1, 0]
+    assert (cfg["long_len"], cfg["emb_dim"], cfg["learning_rate"]) == (24, 4, 0.001)
     assert "crp_loss" in run["history"]
