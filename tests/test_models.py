@@ -15,8 +15,18 @@ from tfmodels.testing import layer_test, model_test, tiny_schema
 BASE_NAMES = [n for n in registry.names() if not registry.preset_config(n)]
 
 
-@pytest.mark.parametrize("run_eagerly", [False, True], ids=["graph", "eager"])
-@pytest.mark.parametrize("name", BASE_NAMES)
+# The eager train step (Keras' run_eagerly) for one model of each structure: DIN over the
+# window (din_l), search then attend over cached rows with clusters (twin_v2), three
+# candidate-dependent levels (lcn), an encoder over the sequence (cformer), a compressed
+# cache absorbed into the head (lrea). The other methods' layers share these ops; their
+# graph-mode runs below and their layer tests cover them.
+EAGER_NAMES = ("din_l", "twin_v2", "lcn", "cformer", "lrea")
+assert set(EAGER_NAMES) <= set(BASE_NAMES), EAGER_NAMES
+CASES = [(n, False) for n in BASE_NAMES] + [(n, True) for n in BASE_NAMES if n in EAGER_NAMES]
+
+
+@pytest.mark.parametrize("name,run_eagerly", CASES,
+                         ids=[f"{n}-{'eager' if e else 'graph'}" for n, e in CASES])
 def test_model(name, run_eagerly, tiny_data, tmp_path):
     # export=False: tests/test_serving.py exports every registered model through
     # serving.export and checks the reloaded SavedModel against the Keras model (1e-5),
