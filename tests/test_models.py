@@ -28,7 +28,7 @@ CASES = [(n, False) for n in BASE_NAMES] + [(n, True) for n in BASE_NAMES if n i
 @pytest.mark.parametrize("name,run_eagerly", CASES,
                          ids=[f"{n}-{'eager' if e else 'graph'}" for n, e in CASES])
 def test_model(name, run_eagerly, tiny_data, tmp_path):
-    # export=False: tests/test_serving.py exports every registered model through
+    # export=False: tests/test_serving.py exports every registered base method through
     # serving.export and checks the reloaded SavedModel against the Keras model (1e-5),
     # which is what model_test's own export check would repeat at twice the cost.
     out = model_test(name, tiny_data, str(tmp_path), run_eagerly=run_eagerly, export=False)
