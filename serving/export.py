@@ -256,6 +256,13 @@ MIN_RANK_BUCKET = 8
 RANK_BUCKETS = flags.RANK_BUCKETS
 
 
+def _check_ladder(ladder: str) -> str:
+    """``ladder`` if it is one of :data:`RANK_BUCKETS`, else :class:`ExportError`."""
+    if ladder not in RANK_BUCKETS:
+        raise ExportError(f"unknown rank_buckets {ladder!r}; one of {list(RANK_BUCKETS)}")
+    return ladder
+
+
 def rank_bucket(n: tf.Tensor, ladder: str = RANK_BUCKETS[0]) -> tf.Tensor:
     """The padded candidate count a ``--jit_rank`` export's ``rank`` runs for N = ``n``
     (int32 scalar tensor): XLA compiles once per value, and the padded rows are
@@ -281,10 +288,8 @@ def rank_bucket(n: tf.Tensor, ladder: str = RANK_BUCKETS[0]) -> tf.Tensor:
     Few nodes either way: it runs in front of the XLA cluster on every call.
     Elementwise, so ``n`` may also be a vector of counts (the tests pass 1..10,000).
     """
-    if ladder == "pow2":
+    if _check_ladder(ladder) == "pow2":
         return _pow2_bucket(n, MIN_RANK_BUCKET)
-    if ladder != "fine":
-        raise ExportError(f"unknown rank_buckets {ladder!r}; one of {list(RANK_BUCKETS)}")
     m = tf.maximum(n, MIN_RANK_BUCKET)
     # e = floor(log2(m - 1)) from the float32 exponent bits (exact for m < 2^24; above,
     # rounding can only make e, so the bucket, larger), step = max(8, 2^(e - 2))
@@ -349,10 +354,7 @@ class ServingSignatures:
         self.model = model
         self.item_table = item_table
         self.jit_rank = bool(jit_rank)
-        if rank_buckets not in RANK_BUCKETS:
-            raise ExportError(f"unknown rank_buckets {rank_buckets!r}; one of "
-                              f"{list(RANK_BUCKETS)}")
-        self.rank_buckets = rank_buckets
+        self.rank_buckets = _check_ladder(rank_buckets)
         self.jit_user_tower = bool(jit_user_tower)
         self.max_const_elements = int(max_const_elements)
         self.const_weights: List[str] = []

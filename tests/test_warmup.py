@@ -166,7 +166,6 @@ def test_broken_warmup_record_fails_the_load(exported, tmp_path):
         mgr.get("din_l")
 
 
-
 def test_pow2_and_fine_ladders_rank_like_the_unpadded_model(model, exported, tmp_path):
     """N = 17 and 100 (not bucket sizes: padded to 24 / 112 rows by the default fine
     ladder, 32 / 128 by pow2, the earlier ladder kept for before/after measurements)
