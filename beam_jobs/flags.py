@@ -169,8 +169,9 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_precompute_arguments(p: argparse.ArgumentParser) -> None:
     """Add the ``precompute`` flags. Unknown extra arguments are Beam pipeline options."""
-    p.add_argument("--records", required=True,
-                   help="per-user record files (glob), e.g. data/test-*.tfrecord.gz")
+    p.add_argument("--records",
+                   help="per-user record files (glob), e.g. data/test-*.tfrecord.gz "
+                   "(required unless --changed_records)")
     p.add_argument("--model", help="served model name under --base")
     p.add_argument("--base", default="saved_models", help="model base path (default saved_models)")
     p.add_argument("--version", type=int, help="model version (default: the latest)")
@@ -196,3 +197,10 @@ def add_precompute_arguments(p: argparse.ArgumentParser) -> None:
                    "history fingerprint, model and version match are carried over unchanged, "
                    "only the others go through user_tower; users absent from --records are "
                    "dropped (listed in <output>/removed-*.txt, deleted from --store)")
+    p.add_argument("--changed_records",
+                   help="delta refresh (with --previous_cache, instead of --records): the "
+                   "per-user records of the changed and new users ONLY (glob); they go "
+                   "through user_tower, every other user of --previous_cache is carried "
+                   "without reading a record (its shards hard-linked into --output, rows "
+                   "of changed users masked by the shard index); no user is removed; "
+                   "--store gets the changed users only (it must hold --previous_cache)")

@@ -335,7 +335,11 @@ def cache_files(output_or_pattern: str) -> List[str]:
 
 def read_cache_records(output_or_pattern: str) -> Iterator[bytes]:
     import tensorflow as tf
+    from beam_jobs import precompute_batched as B
     for path in cache_files(output_or_pattern):
+        if B.is_sparse(path):    # a delta refresh's shared shard: its live rows only
+            yield from B.live_records(path)
+            continue
         comp = "GZIP" if path.endswith(".gz") else ""
         for rec in tf.data.TFRecordDataset(path, compression_type=comp).as_numpy_iterator():
             yield rec
@@ -399,9 +403,15 @@ def run(args, beam_args: Sequence[str] = (), store=None) -> Dict:
     incremental refresh (:mod:`beam_jobs.precompute_incremental`); the report then
     counts carried, recomputed, new and removed users, and a store given gets the
     whole new cache and loses the removed users' entries."""
+    if getattr(args, "changed_records", None):   # a delta refresh: the changed users only
+        from beam_jobs import precompute_incremental as INC
+        return INC.run_delta(args, beam_args, store)
     model_path, model_name, version = resolve_model(args)
     if not os.path.exists(os.path.join(model_path, "saved_model.pb")):
         raise PrecomputeError(f"{model_path!r} holds no SavedModel")
+    if not getattr(args, "records", None):
+        raise PrecomputeError("give --records (every user's records) or, with "
+                              "--previous_cache, --changed_records (the changed users')")
     if not glob.glob(args.records):
         raise PrecomputeError(f"no record files match {args.records!r}")
     previous = getattr(args, "previous_cache", None)

@@ -304,12 +304,14 @@ def index_path(shard_path: str) -> str:
     return os.path.join(folder, f"{INDEX_PREFIX}{stem}.npz")
 
 
-def write_index(shard_path: str, model_name: str, model_version: int, entries: List) -> None:
+def write_index(shard_path: str, model_name: str, model_version: int, entries: List,
+                shard_bytes: Optional[int] = None) -> None:
     """The shard's row index next to it: per row ``user_id``, history ``fingerprint``,
     ``last_ts`` (``has_last``), and the ``offset`` / ``length`` of its framed TFRecord
     bytes in the (uncompressed) shard, with the shard's model, version and size. An
     incremental refresh reads this instead of every row, and copies carried rows as
-    byte ranges (:class:`RefreshBucket`)."""
+    byte ranges (:class:`RefreshBucket`). ``shard_bytes``: the shard's size where the
+    entries do not cover it (a delta refresh's ``.sparse`` shard, :func:`is_sparse`)."""
     import io
     from apache_beam.io.filesystems import FileSystems
     n = len(entries)
@@ -324,14 +326,59 @@ def write_index(shard_path: str, model_name: str, model_version: int, entries: L
              offset=np.asarray(off, np.int64).reshape(n),
              length=np.asarray(ln, np.int64).reshape(n),
              model_name=np.array(model_name), model_version=np.array(int(model_version)),
-             shard_bytes=np.array(int(sum(ln))))
+             shard_bytes=np.array(int(sum(ln)) if shard_bytes is None else int(shard_bytes)))
     with FileSystems.create(index_path(shard_path)) as f:
         f.write(buf.getvalue())
 
 
+#: the name mark of a shard a delta refresh shared with the previous cache (a hard link)
+#: that still holds rows of superseded users: only its index's rows are live
+SPARSE_MARK = ".sparse.tfrecord"
+
+
+def is_sparse(shard_path: str) -> bool:
+    """Whether ``shard_path`` holds superseded rows: read it through its index only
+    (:func:`live_records`; :mod:`beam_jobs.precompute_incremental`, delta refresh)."""
+    return shard_path.endswith(SPARSE_MARK)
+
+
+class SparseShardError(IOError, P.LifelongError):
+    """A ``.sparse`` shard without a matching index: its live rows cannot be told apart."""
+
+
+def live_records(shard_path: str) -> Iterator[bytes]:
+    """The live rows of a ``.sparse`` shard (the ones its index lists), in index order,
+    each checked against its TFRecord CRCs (Beam's reader, the one tf.data's matches)."""
+    from apache_beam.io.filesystems import FileSystems
+    from apache_beam.io.tfrecordio import _TFRecordUtil
+    idx = read_index(shard_path)
+    order = np.argsort(idx["offset"], kind="stable")
+    with FileSystems.open(shard_path, compression_type="uncompressed") as f:
+        for off, ln in zip(idx["offset"][order].tolist(), idx["length"][order].tolist()):
+            f.seek(off)
+            rec = _TFRecordUtil.read_record(f)
+            if rec is None or len(rec) + FRAME != ln:
+                raise SparseShardError(f"{shard_path}: no row of {ln} bytes at {off}, where "
+                                       f"its index names one")
+            yield rec
+
+
 def read_index(shard_path: str) -> Optional[Dict[str, np.ndarray]]:
     """The index of an uncompressed shard if it has one that matches its size, else None
-    (a gzip shard, a shard of the RunInference engine, an edited shard)."""
+    (a gzip shard, a shard of the RunInference engine, an edited shard). A ``.sparse``
+    shard (:func:`is_sparse`) cannot be read without it: then :class:`SparseShardError`."""
+    if is_sparse(shard_path):
+        idx = _read_index(shard_path)
+        if idx is None:
+            raise SparseShardError(
+                f"{shard_path} holds rows of superseded users (a delta refresh's shard) and "
+                f"its index {index_path(shard_path)} is missing or does not match its size: "
+                f"its live rows cannot be told apart (rebuild the cache with a full refresh)")
+        return idx
+    return _read_index(shard_path)
+
+
+def _read_index(shard_path: str) -> Optional[Dict[str, np.ndarray]]:
     import io
     from apache_beam.io.filesystems import FileSystems
     if shard_path.endswith(".gz"):

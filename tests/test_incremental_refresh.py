@@ -313,3 +313,223 @@ def test_shard_index_locates_rows_and_a_stale_index_is_ignored(setup, tmp_path):
     for k, row in enumerate(P.read_cache_records(out)):
         off, ln = int(idx2["offset"][k]), int(idx2["length"][k])
         assert data2[off + 12:off + ln - 4] == row
+
+
+# ---- delta refresh (--changed_records): the changed users' records only -------------------
+def _old_records(setup):
+    return {
+        int(tf.train.Example.FromString(r).features.feature["user_id"].int64_list.value[0]): r
+        for r in tf.data.TFRecordDataset(setup["old_path"], compression_type="GZIP")
+        .as_numpy_iterator()}
+
+
+def _new_records(setup):
+    return {int(tf.train.Example.FromString(r).features.feature["user_id"].int64_list.value[0]): r
+            for r in tf.data.TFRecordDataset(setup["new_path"], compression_type="GZIP")
+            .as_numpy_iterator()}
+
+
+@pytest.fixture(scope="module")
+def delta(setup):
+    """The delta (CHANGED + NEW users' new records) and a full recompute over the histories
+    after it: the new records plus the removed user's old one (a delta removes nobody)."""
+    root = setup["root"]
+    new, old = _new_records(setup), _old_records(setup)
+    path = _write(str(root / "delta-00000-of-00001.tfrecord.gz"), [new[u] for u in CHANGED + NEW])
+    keep = _write(str(root / "keep-00000-of-00001.tfrecord.gz"),
+                  [new[u] for u in UNCHANGED + CHANGED + NEW] + [old[u] for u in REMOVED])
+    setup["run"](keep, "cache_full_keep")
+    return {"path": path, "new": new, "old": old}
+
+
+def _delta(setup, changed_records, output, previous, store=None, **kw):
+    ns = argparse.Namespace(records=None, changed_records=changed_records, model="din_l",
+                            base=setup["base"], version=1, model_dir=None,
+                            output=str(setup["root"] / output), num_shards=1,
+                            no_reshuffle=True, store=None, previous_cache=previous, **kw)
+    return P.run(ns, [], store=store)
+
+
+def _index_by_user(folder):
+    """Every index entry of a cache folder by user: (fingerprint, last ts, framed length),
+    each checked to point at its row's bytes in its shard; live users only."""
+    import glob
+    from beam_jobs import precompute_batched as B
+    out = {}
+    for shard in glob.glob(os.path.join(str(folder), "cache-*.tfrecord")):
+        idx, data = B.read_index(shard), open(shard, "rb").read()
+        for k, uid in enumerate(idx["user_id"].tolist()):
+            off, ln = int(idx["offset"][k]), int(idx["length"][k])
+            row = data[off + 12:off + ln - 4]
+            assert P.cache_record_meta(row).user_id == uid
+            assert uid not in out
+            out[uid] = (bytes(idx["fingerprint"][k]), int(idx["last_ts"][k]),
+                        bool(idx["has_last"][k]), ln, _canonical(row))
+    return out
+
+
+def _canonical(row: bytes) -> bytes:
+    """A row's bytes with its feature map in key order. Two full runs over the same records
+    write rows that differ only in that order (tfx-bsl's C++ encoder serializes the map in
+    hash order, per row), so rows from two runs are compared in this form; a carried row is
+    compared raw (byte for byte with the previous cache's)."""
+    return tf.train.Example.FromString(row).SerializeToString(deterministic=True)
+
+
+def _assert_identical(folder, expected_folder):
+    """Row bytes per user (canonical map order) and index entries per user equal (user,
+    fingerprint, last ts, framed length, the row it points at; offsets differ by layout)."""
+    a, b = _by_user(folder), _by_user(expected_folder)
+    assert sorted(a) == sorted(b)
+    for u in a:
+        assert len(a[u][0]) == len(b[u][0]) and _canonical(a[u][0]) == _canonical(b[u][0]), \
+            f"user {u}: rows differ"
+    ia, ib = _index_by_user(folder), _index_by_user(expected_folder)
+    assert sorted(ia) == sorted(a) and ia == ib
+
+
+def test_delta_refresh_equals_full_recompute(setup, delta, tmp_path):
+    import glob
+    root = setup["root"]
+    store = SQLiteCacheStore(str(tmp_path / "c.db"))
+    P.load_into_store(str(root / "cache_old"), store)
+    before = store.get("din_l", 5)
+    rep = _delta(setup, delta["path"], "cache_delta", str(root / "cache_old"), store=store)
+    _assert_identical(root / "cache_delta", root / "cache_full_keep")
+    # exactly the delta's users reached the model; the others were carried unread
+    assert rep["mode"] == "delta" and rep["users_to_model"] == len(CHANGED + NEW)
+    assert (rep["users_carried"], rep["users_changed"], rep["users_new"]) == (
+        len(UNCHANGED + REMOVED), len(CHANGED), len(NEW))
+    assert rep["users"] == len(UNCHANGED + REMOVED + CHANGED + NEW)
+    old, out = _by_user(root / "cache_old"), _by_user(root / "cache_delta")
+    for u in UNCHANGED + REMOVED:
+        assert out[u][0] == old[u][0]
+    # the previous shard is shared (a hard link), not rewritten; its changed rows are dead
+    (shared,) = glob.glob(str(root / "cache_delta" / "cache-prev*.sparse.tfrecord"))
+    (prev,) = glob.glob(str(root / "cache_old" / "cache-*.tfrecord"))
+    assert os.path.samefile(shared, prev)
+    assert (rep["previous_shards_linked"], rep["previous_shards_sparse"],
+            rep["previous_shards_rewritten"]) == (1, 1, 0)
+    assert rep["dead_bytes_shared"] == sum(len(old[u][0]) + 16 for u in CHANGED)
+    # the store (loaded from the previous cache) got the recomputed users only
+    assert rep["loaded"] == len(CHANGED + NEW) and store.count("din_l") == 8
+    after = store.get("din_l", 5)
+    for k, v in out[5][2][3].items():         # the recomputed row, not the previous one
+        np.testing.assert_array_equal(after.tensors[k], v)
+    assert not all(np.array_equal(before.tensors[k], after.tensors[k]) for k in before.tensors)
+    store.close()
+
+
+def test_delta_layered_cache_every_reader(setup, delta):
+    """A cache written by a delta refresh (a shared .sparse shard + the delta shard) read by
+    every reader: read_cache_records / load_into_store (above), a fingerprint refresh on
+    both engines, a second delta over it (a chain), compaction, a lost index."""
+    import glob
+    import shutil
+    from beam_jobs import precompute_batched as B
+    root = setup["root"]
+    layered = str(root / "cache_delta")
+    if not os.path.exists(layered):
+        _delta(setup, delta["path"], "cache_delta", str(root / "cache_old"))
+    # fingerprint refreshes over the layered cache: same as full, dead rows never carried
+    for engine in ("batched", "runinference"):
+        rep = setup["run"](setup["new_path"], f"cache_fp_over_delta_{engine}",
+                           previous=layered, engine=engine)
+        assert (rep["users_carried"], rep["users_to_model"], rep["removed_user_ids"]) == (
+            len(UNCHANGED + CHANGED + NEW), 0, REMOVED), engine
+        _assert_same_cache(_by_user(root / "cache_full"),
+                           _by_user(root / f"cache_fp_over_delta_{engine}"))
+    # a second delta over the layered one: user 2 changes, user 5 changes again
+    hist2 = {k: np.concatenate([v, v[-1:]]) for k, v in _history(2, 10).items()}
+    hist2["hist_ts"][-1] += 5
+    hist5 = {k: np.concatenate([v, v[-1:]]) for k, v in _history(5, 13).items()}
+    hist5["hist_ts"][-2:] += np.array([60, 120])
+    rec2, rec5 = _record(2, hist2), _record(5, hist5)
+    d2 = _write(str(root / "delta2-00000-of-00001.tfrecord.gz"), [rec2, rec5])
+    new = {**delta["new"], 2: rec2, 5: rec5}
+    keep2 = _write(str(root / "keep2-00000-of-00001.tfrecord.gz"),
+                   list(new.values()) + [delta["old"][u] for u in REMOVED])
+    setup["run"](keep2, "cache_full_keep2")
+    rep = _delta(setup, d2, "cache_delta2", layered)
+    assert (rep["users_to_model"], rep["users_carried"], rep["users_changed"]) == (2, 6, 2)
+    assert rep["previous_shards_sparse"] == 2          # both shards of the layered cache
+    _assert_identical(root / "cache_delta2", root / "cache_full_keep2")
+    # most of a shard superseded: rewritten with its live rows (a plain shard) instead
+    big = _write(str(root / "delta_big-00000-of-00001.tfrecord.gz"),
+                 [new[u] for u in (2, 3, 4, 5, 6, 8)])
+    rep = _delta(setup, big, "cache_delta_big", layered)
+    assert rep["previous_shards_rewritten"] >= 1 and rep["carried_bytes_rewritten"] > 0
+    assert not glob.glob(str(root / "cache_delta_big" / "*.sparse.*"))
+    setup["run"](_write(str(root / "keep3-00000-of-00001.tfrecord.gz"),
+                        [new[u] for u in (2, 3, 4, 5, 6, 8, 9)] + [delta["old"][7]]),
+                 "cache_full_keep3")
+    _assert_identical(root / "cache_delta_big", root / "cache_full_keep3")
+    # a .sparse shard whose index is lost cannot be read as a whole file: every reader refuses
+    lost = root / "cache_lost_index"
+    shutil.copytree(layered, lost)
+    for f in glob.glob(str(lost / "index-*.sparse.npz")):
+        os.remove(f)
+    with pytest.raises(B.SparseShardError, match="superseded"):
+        list(P.read_cache_records(str(lost)))
+    with pytest.raises(Exception, match="superseded"):
+        setup["run"](setup["new_path"], "cache_from_lost", previous=str(lost))
+
+
+def test_delta_refresh_errors(setup, delta):
+    import glob
+    root = setup["root"]
+    old = str(root / "cache_old")
+    with pytest.raises(P.PrecomputeError, match="holds no cache records"):
+        _delta(setup, delta["path"], "d_err", str(root / "nothing"))
+    with pytest.raises(P.PrecomputeError, match="needs --previous_cache"):
+        _delta(setup, delta["path"], "d_err", None)
+    with pytest.raises(P.PrecomputeError, match="exclude each other"):
+        setup["run"](setup["new_path"], "d_err", previous=old, changed_records=delta["path"])
+    with pytest.raises(P.PrecomputeError, match="no record files match"):
+        _delta(setup, str(root / "absent-*.tfrecord.gz"), "d_err", old)
+    # records of another format: cache rows, and examples without a history
+    rows = _write(str(root / "rows.tfrecord.gz"), list(P.read_cache_records(old))[:2])
+    with pytest.raises(P.PrecomputeError, match="user-cache rows, not per-user records"):
+        _delta(setup, rows, "d_err", old)
+    ex = tf.train.Example()
+    ex.features.feature["user_id"].int64_list.value.append(5)
+    ex.features.feature["label"].float_list.value.append(1.0)
+    other = _write(str(root / "other.tfrecord.gz"), [ex.SerializeToString()])
+    with pytest.raises(P.PrecomputeError, match="not a per-user record"):
+        _delta(setup, other, "d_err", old)
+    plain = str(root / "plain.tfrecord")
+    with tf.io.TFRecordWriter(plain) as w:       # gzip by name, but not gzip
+        w.write(delta["new"][5])
+    os.rename(plain, plain + ".gz")
+    with pytest.raises(P.PrecomputeError, match="not a readable TFRecord"):
+        _delta(setup, plain + ".gz", "d_err", old)
+    # a user twice in the delta: refused, and nothing is left in --output
+    twice = _write(str(root / "twice.tfrecord.gz"),
+                   [delta["new"][5], delta["new"][8], delta["new"][5]])
+    with pytest.raises(P.PrecomputeError, match="holds user 5 2 times"):
+        _delta(setup, twice, "d_twice", old)
+    assert not glob.glob(str(root / "d_twice" / "*.tfrecord")) and not glob.glob(
+        str(root / "d_twice" / "*.npz"))
+    # a previous cache without shard indexes (the runinference engine's gzip files)
+    if not os.path.exists(root / "cache_full_ri"):
+        setup["run"](setup["new_path"], "cache_full_ri", engine="runinference")
+    with pytest.raises(P.PrecomputeError, match="needs a previous cache with shard indexes"):
+        _delta(setup, delta["path"], "d_err", str(root / "cache_full_ri"))
+    with pytest.raises(P.PrecomputeError, match="must not be the --output"):
+        _delta(setup, delta["path"], "cache_old", old)
+    assert len(_by_user(root / "cache_old")) == 6
+
+
+def test_cli_changed_records(setup, delta, capsys):
+    from lifelong import cli
+    import json
+    capsys.readouterr()
+    assert cli.main(["precompute", "--changed_records", delta["path"], "--model", "din_l",
+                     "--base", setup["base"], "--output", str(setup["root"] / "cache_cli_d"),
+                     "--previous_cache", str(setup["root"] / "cache_old")]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert (rep["mode"], rep["users_to_model"], rep["users_carried"]) == (
+        "delta", len(CHANGED + NEW), len(UNCHANGED + REMOVED))
+    assert cli.main(["precompute", "--model", "din_l", "--base", setup["base"],
+                     "--output", str(setup["root"] / "cache_cli_d2")]) == 2
+    assert "give --records" in capsys.readouterr().err
