@@ -387,8 +387,10 @@ def run_delta(args, beam_args: Sequence[str] = (), store=None) -> Dict:
               f"{int(c[c > 1][0])} times: a delta must hold each changed user once")
     prev_uids = (np.concatenate([i["user_id"] for i in indexes]) if indexes
                  else np.zeros(0, np.int64))
+    t1 = time.perf_counter()
     rep = share_previous(previous_files, indexes, u, args.output, model_name, version)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    rep["share_previous_s"] = time.perf_counter() - t1     # of wall_s: linking, indexes
     changed = int(np.isin(u, prev_uids).sum())
     users = int(u.size) + rep["users_carried"]
     report = {"model": model_name, "version": version, "engine": "batched", "mode": "delta",

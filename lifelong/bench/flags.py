@@ -160,6 +160,11 @@ def add_serving_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--changed", default="0.01,0.1,1.0",
                    help="precompute --incremental: shares of users whose history changed "
                    "(default 0.01,0.1,1.0)")
+    p.add_argument("--incremental_modes", default="fingerprint",
+                   help="precompute --incremental: refresh modes timed, comma separated, of "
+                   "fingerprint (--records: every user's new record, changed users found by "
+                   "their history fingerprint) and delta (--changed_records: the changed "
+                   "users' records only, written by the bench) (default fingerprint)")
     p.add_argument("--no_jit_rank", dest="jit_rank", action="store_false",
                    help="serving: export rank WITHOUT XLA (default: `lifelong export --jit_rank`, "
                    "the recommended ranking deployment)")

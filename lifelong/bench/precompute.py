@@ -17,7 +17,11 @@ the users, then for each ``--changed`` share an incremental refresh
 (``--previous_cache`` = the full run's cache) over records where that share of the
 users got one new behavior; wall time next to the full refresh, start-up excluded
 (start-up = the same run over ONE user, measured for both modes and subtracted);
-engine: batched unless ``--precompute_engines`` says otherwise.
+engine: batched unless ``--precompute_engines`` says otherwise. ``--incremental_modes``:
+``fingerprint`` (``--records`` = every user's new record), ``delta``
+(``--changed_records`` = the changed users' new records only, in their own file,
+``delta<share>-00000-of-00001.tfrecord.gz``; the same users as the fingerprint run's)
+or both.
 """
 from __future__ import annotations
 
@@ -175,6 +179,23 @@ def _parse_shares(text: str):
     return shares
 
 
+MODES = ("fingerprint", "delta")
+
+
+def _modes(args):
+    from tfmodels.errors import UsageError
+    modes = [m for m in str(getattr(args, "incremental_modes", "") or "fingerprint").split(",")
+             if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise UsageError(f"--incremental_modes must be a comma separated subset of "
+                         f"{','.join(MODES)}, got {bad or modes}")
+    if "delta" in modes and _engines(args) != ["batched"]:
+        raise UsageError("--incremental_modes delta runs on the batched engine only "
+                         "(--precompute_engines batched)")
+    return modes
+
+
 def grow_history(serialized: bytes, seconds: int = 60) -> bytes:
     """The record with one more behavior: a copy of its last one, ``seconds`` later
     (so the history, and its fingerprint, change)."""
@@ -212,22 +233,30 @@ def bench_incremental(args) -> Dict:
     old = _records_file(work, n, L, args.seed)
     one = _first_records(old, 1, os.path.join(work, f"one-L{L}-s{args.seed}.tfrecord.gz"))
     records = [r.numpy() for r in tf.data.TFRecordDataset(old, compression_type="GZIP")]
+    modes = _modes(args)
     rng = np.random.default_rng(args.seed + 7)
-    new_files = {}
+    new_files, delta_files = {}, {}
     for share in shares:
         k = max(1, int(round(share * n)))
         grow = set(rng.choice(n, size=k, replace=False).tolist())
-        new_files[share] = (k, _write(
-            os.path.join(work, f"new{share:g}-00000-of-00001.tfrecord.gz"),
-            [grow_history(r) if i in grow else r for i, r in enumerate(records)]))
+        if "fingerprint" in modes:
+            new_files[share] = (k, _write(
+                os.path.join(work, f"new{share:g}-00000-of-00001.tfrecord.gz"),
+                [grow_history(r) if i in grow else r for i, r in enumerate(records)]))
+        if "delta" in modes:     # what a log-joining job emits: the changed users only
+            delta_files[share] = (k, _write(
+                os.path.join(work, f"delta{share:g}-00000-of-00001.tfrecord.gz"),
+                [grow_history(records[i]) for i in sorted(grow)]))
+    del records
     rows = []
     batch_size = getattr(args, "precompute_batch_size", 64)
     for m, engine in [(m, e) for m in models for e in engines]:
         export_model(untrained_model(args, m, L), base, m, 1)
 
-        def run(recs, output, previous=None):
-            ns = argparse.Namespace(records=recs, model=m, base=base, version=1,
-                                    model_dir=None,
+        def run(recs, output, previous=None, delta=False):
+            ns = argparse.Namespace(records=None if delta else recs,
+                                    changed_records=recs if delta else None, model=m,
+                                    base=base, version=1, model_dir=None,
                                     output=os.path.join(work, f"{m}-{engine}-{output}"),
                                     num_shards=1, no_reshuffle=False, store=None,
                                     previous_cache=previous, engine=engine,
@@ -239,7 +268,12 @@ def bench_incremental(args) -> Dict:
         # TensorFlow's first session on top)
         run(one, "warmup")
         s_full = run(one, "one")
-        s_incr = run(one, "one-incr", os.path.join(work, f"{m}-{engine}-one"))
+        s_mode = {}
+        if "fingerprint" in modes:
+            s_mode["fingerprint"] = run(one, "one-incr", os.path.join(work, f"{m}-{engine}-one"))
+        if "delta" in modes:
+            s_mode["delta"] = run(one, "one-delta", os.path.join(work, f"{m}-{engine}-one"),
+                                  delta=True)
         full = run(old, "full")
         prev = os.path.join(work, f"{m}-{engine}-full")
         full_net = full["wall_s"] - s_full["wall_s"]
@@ -251,16 +285,22 @@ def bench_incremental(args) -> Dict:
                      "net_vs_full": 1.0, "cpu_s": full["cpu_s"],
                      "startup_cpu_s": s_full["cpu_s"], "net_cpu_s": full_cpu,
                      "net_cpu_vs_full": 1.0})
-        for share in shares:
-            k, path = new_files[share]
-            rep = run(path, f"incr{share:g}", prev)
+        for share, mode in [(s, md) for s in shares for md in modes]:
+            s_incr = s_mode[mode]
+            if mode == "delta":
+                k, path = delta_files[share]
+                rep = run(path, f"delta{share:g}", prev, delta=True)
+            else:
+                k, path = new_files[share]
+                rep = run(path, f"incr{share:g}", prev)
             if rep["users_to_model"] != k or rep["users_carried"] != n - k:
-                raise RuntimeError(f"incremental run at {share:g}: {rep['users_to_model']} "
+                raise RuntimeError(f"{mode} run at {share:g}: {rep['users_to_model']} "
                                    f"users to the model, {rep['users_carried']} carried; "
                                    f"expected {k} and {n - k}")
             net = rep["wall_s"] - s_incr["wall_s"]
             net_cpu = rep["cpu_s"] - s_incr["cpu_s"]
-            rows.append({"model": m, "engine": engine, "mode": "incremental",
+            rows.append({"model": m, "engine": engine,
+                         "mode": "delta" if mode == "delta" else "incremental",
                          "changed_share": share,
                          "changed_users": k, "users": rep["users"],
                          "users_to_model": rep["users_to_model"], "wall_s": rep["wall_s"],
@@ -268,12 +308,15 @@ def bench_incremental(args) -> Dict:
                          "net_vs_full": net / full_net if full_net > 0 and net >= 0 else None,
                          "cpu_s": rep["cpu_s"], "startup_cpu_s": s_incr["cpu_s"],
                          "net_cpu_s": net_cpu, "net_cpu_vs_full":
-                         net_cpu / full_cpu if full_cpu > 0 and net_cpu >= 0 else None})
-            print(f"[bench] precompute {m} {engine} incremental {share:.0%}: {rep['wall_s']:.1f} s "
+                         net_cpu / full_cpu if full_cpu > 0 and net_cpu >= 0 else None,
+                         **{k2: rep[k2] for k2 in ("previous_shards_sparse",
+                                                   "previous_shards_rewritten",
+                                                   "dead_bytes_shared") if k2 in rep}})
+            print(f"[bench] precompute {m} {engine} {mode} {share:.0%}: {rep['wall_s']:.1f} s "
                   f"({net:.1f} s net, {_pct(rows[-1]['net_vs_full'])} of full; CPU "
                   f"{net_cpu:.1f} s net, {_pct(rows[-1]['net_cpu_vs_full'])})",
                   file=sys.stderr, flush=True)
-    return {"rows": rows, "L": L, "users": n, "incremental": True}
+    return {"rows": rows, "L": L, "users": n, "incremental": True, "modes": modes}
 
 
 def _pct(x) -> str:
@@ -287,7 +330,7 @@ def print_incremental(res: Dict, command: str) -> None:
           "CPU - start-up s | vs full (CPU, start-up excluded) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res["rows"]:
-        what = "full" if r["mode"] == "full" else f"incremental, {r['changed_share']:.0%} changed"
+        what = "full" if r["mode"] == "full" else f"{r['mode']}, {r['changed_share']:.0%} changed"
         print(f"| {r['model']} | {r.get('engine', 'runinference')} | {what} | "
               f"{r['changed_users']:,} | {r['users_to_model']:,} | "
               f"{r['wall_s']:.1f} | {r['startup_s']:.1f} | {r['net_s']:.1f} | "
@@ -325,5 +368,6 @@ def run(args) -> int:
     _engines(args)                           # a typo is one line before any folder exists
     if getattr(args, "incremental", False):
         _parse_shares(args.changed)
+        _modes(args)
         return record.run_in_folder(args, bench_incremental, print_precompute)
     return record.run_in_folder(args, bench_precompute, print_precompute)
