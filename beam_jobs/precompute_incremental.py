@@ -30,6 +30,10 @@ item 2; :func:`beam_jobs.precompute.run` dispatches here). One Beam pipeline:
 So the output holds the same set of records as a full recompute over the new
 records (tests/test_incremental_refresh.py checks it record by record); only the
 file order and sharding may differ, which no reader depends on.
+
+The delta refresh (``--changed_records``, :func:`run_delta`, section at the end):
+only the changed users' records are given, read and recomputed; the previous cache's
+shards are hard-linked, not rewritten.
 """
 from __future__ import annotations
 

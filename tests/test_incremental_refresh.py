@@ -4,7 +4,9 @@ One tiny untrained DIN-L export; a full precompute over the OLD records is the
 previous cache; the NEW records have users unchanged (one with new impressions
 only), changed (a behavior appended; an engagement edited), new and removed. The
 incremental refresh must write the same records as a full recompute over the new
-records, and the model must see only the changed and new users.
+records, and the model must see only the changed and new users. The delta refresh
+(``--changed_records``: the changed and new users' records only) must give what a full
+recompute over the histories after the delta gives, through every cache reader.
 """
 import argparse
 import os
@@ -343,11 +345,11 @@ def delta(setup):
 
 
 def _delta(setup, changed_records, output, previous, store=None, **kw):
-    ns = argparse.Namespace(records=None, changed_records=changed_records, model="din_l",
-                            base=setup["base"], version=1, model_dir=None,
-                            output=str(setup["root"] / output), num_shards=1,
-                            no_reshuffle=True, store=None, previous_cache=previous, **kw)
-    return P.run(ns, [], store=store)
+    ns = dict(records=None, changed_records=changed_records, model="din_l",
+              base=setup["base"], version=1, model_dir=None,
+              output=str(setup["root"] / output), num_shards=1,
+              no_reshuffle=True, store=None, previous_cache=previous)
+    return P.run(argparse.Namespace(**{**ns, **kw}), [], store=store)
 
 
 def _index_by_user(folder):
@@ -497,6 +499,12 @@ def test_delta_refresh_errors(setup, delta):
     other = _write(str(root / "other.tfrecord.gz"), [ex.SerializeToString()])
     with pytest.raises(P.PrecomputeError, match="not a per-user record"):
         _delta(setup, other, "d_err", old)
+    no_id = tf.train.Example.FromString(delta["new"][8])
+    del no_id.features.feature["user_id"]          # past the first record: found by the job
+    later = _write(str(root / "later.tfrecord.gz"), [delta["new"][5], no_id.SerializeToString()])
+    with pytest.raises(P.PrecomputeError, match="1 record\\(s\\) without exactly one user_id"):
+        _delta(setup, later, "d_later", old)
+    assert not glob.glob(str(root / "d_later" / "*.tfrecord"))
     plain = str(root / "plain.tfrecord")
     with tf.io.TFRecordWriter(plain) as w:       # gzip by name, but not gzip
         w.write(delta["new"][5])
@@ -518,6 +526,25 @@ def test_delta_refresh_errors(setup, delta):
     with pytest.raises(P.PrecomputeError, match="must not be the --output"):
         _delta(setup, delta["path"], "cache_old", old)
     assert len(_by_user(root / "cache_old")) == 6
+    # previous rows of another version, or indexed without fingerprints: refused
+    import shutil
+    from beam_jobs import precompute_batched as B
+    v2 = os.path.join(setup["base"], "din_l", "2")
+    if not os.path.exists(v2):
+        shutil.copytree(os.path.join(setup["base"], "din_l", "1"), v2)
+    try:
+        with pytest.raises(P.PrecomputeError, match="holds din_l v1, this run is din_l v2"):
+            _delta(setup, delta["path"], "d_err", old, version=None)
+    finally:
+        shutil.rmtree(v2)
+    nofp = root / "cache_old_nofp"
+    shutil.copytree(old, nofp)
+    (shard,) = glob.glob(str(nofp / "cache-*.tfrecord"))
+    idx = B.read_index(shard)
+    B.write_index(shard, "din_l", 1, [(u, None, None, o, n) for u, o, n in zip(
+        idx["user_id"].tolist(), idx["offset"].tolist(), idx["length"].tolist())])
+    with pytest.raises(P.PrecomputeError, match="rows without a history fingerprint"):
+        _delta(setup, delta["path"], "d_err", str(nofp))
 
 
 def test_cli_changed_records(setup, delta, capsys):
