@@ -251,3 +251,34 @@ def test_gap_buckets_are_measured_to_the_request_time():
         np.testing.assert_allclose(got, layer(hand, t).numpy(), atol=1e-5)
     assert np.abs(layer.score(cache, tgt).numpy()
                   - layer.score(cache, dict(tgt, ts=tgt["ts"] + 7 * 86400)).numpy()).max() > 1e-4
+
+
+@pytest.mark.parametrize("cls", [Twin, TwinV2])
+def test_one_user_path_equals_batched_path(cls):
+    """The serving path (a cache of batch 1 against N candidates: alpha's q term laid out
+    [H, N, L], the cross term and ln n added after the head mean and at the gathered rows)
+    selects the same rows and gives the same alpha, GSU scores, ESU weights and output
+    as the batched path on the window tiled N times. L = 40 > 1.25 k, so the serving
+    top-k's pre-filter is active; 9 padded rows; cluster sizes and the gap feature."""
+    tf.keras.utils.set_random_seed(0)
+    n, length, k = 6, 40, 8
+    sizes = np.random.default_rng(4).integers(1, 19, (1, length))
+    seq = _seq(batch=1, length=length, lengths=(31,), seed=5, sizes=sizes)
+    layer = cls(D, top_k=k)
+    tgt = random_target(n, D, seed=6)
+    tgt["ts"] = tgt["ts"][:1]                # one request time (rank's imp_ts is [1])
+    cache = layer.user_cache(seq)
+    assert cache["keys"].shape[0] == 1 and layer.request_terms(cache, tgt)[1].shape[0] == 1
+    one = layer.attend(cache, tgt)
+    tiled = {key: tf.repeat(v, n, axis=0) for key, v in seq.items()}
+    ref = layer.attend(layer.user_cache(tiled), tgt)
+    np.testing.assert_array_equal(one["index"].numpy(), ref["index"].numpy())
+    np.testing.assert_array_equal(one["selected_mask"].numpy(), ref["selected_mask"].numpy())
+    assert one["selected_mask"].numpy().all()          # 31 valid rows >= k: no padding picked
+    for key in ("alpha", "gsu_score", "weights", "output"):
+        np.testing.assert_allclose(one[key].numpy(), ref[key].numpy(), atol=1e-5, err_msg=key)
+    # the GSU key by hand: mean over heads of alpha, + ln n for TWIN V2
+    expect = ref["alpha"].numpy().mean(1) + (np.log(np.maximum(sizes, 1)) * seq["mask"].numpy()
+                                             if layer.gsu_log_n else 0.0)
+    np.testing.assert_allclose(one["gsu_score"].numpy(), expect, atol=1e-5)
+    assert np.abs(one["output"].numpy()).max() > 1e-3  # not a vacuous zero output

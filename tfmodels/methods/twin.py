@@ -273,12 +273,11 @@ class Twin(LongSequenceModule):
             cross, values = cross + terms[0], values + terms[1]
         one_user = one_user and values.shape[0] == 1    # one request time for all candidates
         if one_user:
-            alpha = tf.einsum("lhk,bhk->bhl", cache["keys"][0], q_proj) + cross
-        else:
-            keys = tf.broadcast_to(cache["keys"], tf.concat(
-                [tf.shape(values)[:1], tf.shape(cache["keys"])[1:]], 0)) \
-                if cache["keys"].shape[0] == 1 else cache["keys"]
-            alpha = tf.einsum("blhk,bhk->bhl", keys, q_proj) + cross
+            return self._attend_one_user(cache, q_proj, cross, values)
+        keys = tf.broadcast_to(cache["keys"], tf.concat(
+            [tf.shape(values)[:1], tf.shape(cache["keys"])[1:]], 0)) \
+            if cache["keys"].shape[0] == 1 else cache["keys"]
+        alpha = tf.einsum("blhk,bhk->bhl", keys, q_proj) + cross
         length = tf.shape(alpha)[2]
         mask = tf.broadcast_to(cache["mask"], tf.stack([batch, length]))
         log_n = tf.broadcast_to(cache["log_n"], tf.stack([batch, length]))
@@ -288,22 +287,63 @@ class Twin(LongSequenceModule):
         static_len = cache["keys"].shape[1]
         k = min(self.top_k, static_len) if static_len is not None else tf.minimum(
             self.top_k, length)
-        index = top_k_indices(gsu_key, k, cache["mask"] > 0, one_user)            # [B, k]
+        index = top_k_indices(gsu_key, k, cache["mask"] > 0, False)              # [B, k]
         sel_mask = tf.gather(mask, index, batch_dims=1)                          # [B, k]
         logits = alpha + (log_n[:, None, :] if self.esu_log_n else 0.0)
         sel_logits = tf.gather(logits, index, axis=2, batch_dims=1)              # [B, H, k]
         sel_mask_h = tf.broadcast_to(sel_mask[:, None, :], tf.shape(sel_logits))
         weights = masked_softmax(sel_logits, sel_mask_h)                         # (T8, T9)
-        if one_user:
-            values = tf.gather(values[0], index)                                 # [B, k, H, dv]
-        else:
-            values = tf.gather(tf.broadcast_to(values, tf.concat(
-                [[batch], tf.shape(values)[1:]], 0)), index, batch_dims=1)
+        values = tf.gather(tf.broadcast_to(values, tf.concat(
+            [[batch], tf.shape(values)[1:]], 0)), index, batch_dims=1)
+        return self._esu_output(alpha, gsu, index, sel_mask, weights, values)
+
+    def _esu_output(self, alpha, gsu, index, sel_mask, weights, values):
+        """(T10) v_long = Concat(head_1..head_H) W^o from the ESU weights [B, H, k] and
+        the selected rows' values [B, k, H, d_v]; the dict :meth:`attend` returns."""
+        batch = tf.shape(weights)[0]
         heads = tf.einsum("bhk,bkhv->bhv", weights, values)
         out = tf.matmul(tf.reshape(heads, tf.stack([batch, self.num_heads * self.value_dim])),
                         self.w_o)                                                # (T10)
         return {"alpha": alpha, "gsu_score": gsu, "index": index, "selected_mask": sel_mask,
                 "weights": weights, "output": out}
+
+    def _attend_one_user(self, cache, q_proj, cross, values):
+        """:meth:`attend` for one user's cache (batch 1: keys [1, L, H, d_k], cross
+        [1, H, L], values [1, L, H, d_v], one request time) and N candidates
+        (``q_proj`` [N, H, d_k]): the serving ``rank`` path. The same equations as the
+        batched path, with two float reassociations (issue 20 item 6, session 7; in
+        process the exported TWIN ``rank`` took 3-5% less CPU, docs/benchmarks.md):
+
+        * the candidate term (K_h W^h_a)(q W^q_a)^T comes out of one batched dot in the
+          layout [H, N, L] (q W^q as the left operand), so no [N, H, L] transpose of
+          the H N L products is made;
+        * the per-request terms (cross, ln n) are never added to that [H, N, L] block:
+          the GSU key is mean_a(q term) + (mean_a(cross) [+ ln n]) ([1, L], once per
+          request) and the ESU logits add cross (+ ln n) at the k gathered rows only.
+          mean_a(q_a + c_a) = mean_a(q_a) + mean_a(c_a) up to float rounding.
+        """
+        batch = tf.shape(q_proj)[0]
+        qk = tf.einsum("hbk,hlk->hbl", tf.transpose(q_proj, [1, 0, 2]),
+                       tf.transpose(cache["keys"][0], [1, 0, 2]))                # [H, N, L]
+        length = tf.shape(qk)[2]
+        mask = tf.broadcast_to(cache["mask"], tf.stack([batch, length]))        # [N, L]
+        log_n = cache["log_n"]                                                   # [1, L]
+        row = tf.reduce_mean(cross[0], axis=0)[None] + (log_n if self.gsu_log_n else 0.0)
+        gsu = tf.reduce_mean(qk, axis=0) + row                                   # (T7) [N, L]
+        gsu_key = tf.where(mask > 0, tf.maximum(gsu, _VALID_FLOOR), NEG_INF)
+        static_len = cache["keys"].shape[1]
+        k = min(self.top_k, static_len) if static_len is not None else tf.minimum(
+            self.top_k, length)
+        index = top_k_indices(gsu_key, k, cache["mask"] > 0, True)               # [N, k]
+        sel_mask = tf.gather(mask, index, batch_dims=1)                          # [N, k]
+        esu_row = cross[0] + (log_n if self.esu_log_n else 0.0)                  # [H, L]
+        sel_logits = (tf.gather(tf.transpose(qk, [1, 0, 2]), index, axis=2, batch_dims=1)
+                      + tf.transpose(tf.gather(esu_row, index, axis=1), [1, 0, 2]))  # [N, H, k]
+        sel_mask_h = tf.broadcast_to(sel_mask[:, None, :], tf.shape(sel_logits))
+        weights = masked_softmax(sel_logits, sel_mask_h)                         # (T8, T9)
+        alpha = tf.transpose(qk, [1, 0, 2]) + cross     # (T4) [N, H, L], for callers only
+        return self._esu_output(alpha, gsu, index, sel_mask, weights,
+                                tf.gather(values[0], index))                    # [N, k, H, dv]
 
     def score(self, cache, target, training=None):
         return self.attend(cache, target)["output"]
