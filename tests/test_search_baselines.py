@@ -525,6 +525,26 @@ def test_prefiltered_top_k_equals_top_k(k):
         np.testing.assert_array_equal(jit(tf.constant(key), tf.constant(valid)).numpy(), want)
 
 
+def test_prefilter_with_one_user_mask_equals_the_broadcast_mask():
+    """The serving callers pass one user's mask [1, L] (counted once, not per candidate
+    row): the pre-filtered keys and the selection equal those with the mask broadcast to
+    the N rows, and tf.math.top_k's indices; 30% padding, one key row all padding-free
+    ties (zeros)."""
+    from tfmodels.methods.esu import prefilter, prefiltered_top_k
+    rng = np.random.default_rng(5)
+    n, length, k = 12, 200, 20
+    valid = rng.random((1, length)) < 0.7
+    x = rng.normal(size=(n, length))
+    x[3] = 0.0
+    key = tf.constant(np.where(valid, x, -1e9).astype(np.float32))
+    full = np.broadcast_to(valid, (n, length))
+    got = prefilter(key, k, tf.constant(valid)).numpy()
+    np.testing.assert_array_equal(got, prefilter(key, k, tf.constant(full)).numpy())
+    assert (got < -1e30).sum(1)[[0, 1, 2, 4]].min() > 0          # the filter is active
+    np.testing.assert_array_equal(prefiltered_top_k(key, k, tf.constant(valid)).numpy(),
+                                  tf.math.top_k(key, k=k).indices.numpy())
+
+
 def test_one_user_selection_uses_the_prefilter_and_matches_the_batched_path():
     """SIM soft and ETA on one user's cache (the rank signature's case) select the same
     rows and give the same outputs as the same window tiled per candidate (the training

@@ -71,9 +71,10 @@ def top_k_rows(score: tf.Tensor, mask: tf.Tensor, k: int):
     the more recent behavior. The selection carries no gradient. Returns
     ``(index [N, k] int32, selected_mask [N, k] float)``."""
     one = one_user(mask)                 # serving: one user's window for N candidates
+    valid = mask > 0                     # [N or 1, L]: the pre-filter counts it once per row
     mask = tf.broadcast_to(mask, tf.shape(score))
     key = tf.where(mask > 0, tf.maximum(score, VALID_FLOOR), NEG_INF)
-    index = top_k_indices(key, k, mask > 0, one)
+    index = top_k_indices(key, k, valid, one)
     return index, tf.gather(mask, index, batch_dims=1)
 
 
@@ -101,9 +102,11 @@ def prefilter(key: tf.Tensor, k, valid: tf.Tensor) -> tf.Tensor:
     the statistics are taken over (padding would drag them to -1e9).
     tests/test_search_baselines.py checks the indices against ``tf.math.top_k``.
     """
+    # the valid count per row of ``valid`` as given: once per user for a window of
+    # batch 1 ([1, L]), not over its broadcast to the N candidates' rows (session 7)
+    count = tf.reduce_sum(tf.cast(valid, key.dtype), -1, keepdims=True)
     valid = tf.broadcast_to(valid, tf.shape(key))
     w = tf.cast(valid, key.dtype)
-    count = tf.reduce_sum(w, -1, keepdims=True)
     safe = tf.where(valid, key, tf.zeros_like(key))
     mean = tf.math.divide_no_nan(tf.reduce_sum(safe, -1, keepdims=True), count)
     var = tf.math.divide_no_nan(tf.reduce_sum(tf.square(safe - mean) * w, -1, keepdims=True),

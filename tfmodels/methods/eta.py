@@ -76,7 +76,8 @@ class ETA(_TwoStage):
         valid = tf.broadcast_to(mask > 0, tf.shape(dist))
         dist = tf.where(valid, dist, tf.fill(tf.shape(dist), self.num_bits + 1))
         k = static_k(self.top_k, sig)
-        index = top_k_indices(-tf.cast(dist, tf.float32), k, valid, one_user(sig))
+        # the unbroadcast mask [1 or N, L]: the pre-filter counts the valid rows once per user
+        index = top_k_indices(-tf.cast(dist, tf.float32), k, mask > 0, one_user(sig))
         sel_mask = tf.gather(tf.cast(valid, tf.float32), index, batch_dims=1)
         return {"distance": dist, **self._esu(cache, target, index, sel_mask)}
 
