@@ -101,27 +101,6 @@ def test_train_evaluate_resume(tiny_data, tmp_path, capsys):
     assert f"[evaluate] done: {valid['samples']} examples scored" in lines
 
 
-def test_compare_resume_reuses_finished_runs(tiny_data, tmp_path, capsys):
-    work = str(tmp_path / "cmp")
-    base = ["compare", "--prepared", tiny_data, "--models", "din,avg_pool", "--seeds", "0",
-            "--work_dir", work, "--epochs", "1", *TINY]
-    assert cli.main(base) == 0
-    first = json.load(open(os.path.join(work, "results.json")))
-    stamp = os.path.getmtime(os.path.join(work, "runs", "din-s0", "run.json"))
-    capsys.readouterr()
-    assert cli.main(base + ["--resume"]) == 0
-    err = capsys.readouterr().err
-    assert err.count("reusing finished run") == 2
-    assert os.path.getmtime(os.path.join(work, "runs", "din-s0", "run.json")) == stamp
-    again = json.load(open(os.path.join(work, "results.json")))
-    assert [r["auc"] for r in again["rows"]] == [r["auc"] for r in first["rows"]]
-    # a changed config is trained afresh, not reused
-    assert cli.main(base + ["--epochs", "2", "--resume", "--models", "din"]) == 0
-    assert "reusing" not in capsys.readouterr().err
-    assert json.load(open(os.path.join(work, "runs", "din-s0", "run.json")))[
-        "config"]["epochs"] == 2
-
-
 def test_compare_routes_twin_v2_to_the_clustered_dataset(tmp_path):
     """One compare call covers raw baselines and TWIN V2: cluster-aware models train on
     --clustered, the others on --prepared; a TWIN V2 without clusters is refused."""

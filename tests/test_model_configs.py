@@ -288,9 +288,10 @@ def test_compare_records_resolved_configs_curves_and_stopping_epochs(tmp_path, t
     root = tmp_path / "configs"
     _write(root, "tiny/din_l.json", {"learning_rate": 0.005})
     work = tmp_path / "cmp"
-    argv = ["compare", "--prepared", tiny_data, "--models", "din_l,cformer", "--seeds", "0",
+    # sim_soft: the cheapest model with a nested long_module_config field to --set
+    argv = ["compare", "--prepared", tiny_data, "--models", "din_l,sim_soft", "--seeds", "0",
             "--work_dir", str(work), "--epochs", "2", "--steps_per_epoch", "2",
-            "--config_dir", str(root), "--set", "cformer.long_module_config.num_clusters=3",
+            "--config_dir", str(root), "--set", "sim_soft.long_module_config.top_k=3",
             *TINY]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
@@ -298,9 +299,9 @@ def test_compare_records_resolved_configs_curves_and_stopping_epochs(tmp_path, t
     mcs = res["model_configs"]
     assert mcs["din_l"]["files"] == [str(root / "tiny" / "din_l.json")]
     assert mcs["din_l"]["resolved"]["learning_rate"] == 0.005
-    assert mcs["cformer"]["files"] == [] and mcs["cformer"]["resolved"]["learning_rate"] == 0.001
+    assert mcs["sim_soft"]["files"] == [] and mcs["sim_soft"]["resolved"]["learning_rate"] == 0.001
     assert mcs["din_l"]["resolved"]["long_module_config"] == {}
-    assert mcs["cformer"]["resolved"]["long_module_config"] == {"num_clusters": 3}
+    assert mcs["sim_soft"]["resolved"]["long_module_config"] == {"top_k": 3}
     for row in res["rows"]:
         run = json.load(open(os.path.join(row["run_dir"], "run.json")))
         resolved = {k: v for k, v in run["config"].items() if k not in ("out_dir", "seed")}
@@ -311,16 +312,21 @@ def test_compare_records_resolved_configs_curves_and_stopping_epochs(tmp_path, t
         assert f"| {run['stopped_epoch']}/{run['best_epoch']} | 1 |" in line
     png = work / "learning_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # resume: unchanged configs are reused, a changed per-model override is a new run
+    # resume: unchanged configs are reused (run.json untouched, the same table), a changed
+    # per-model override is a new run (was tests/test_cli.py's compare-resume test)
+    stamp = os.path.getmtime(work / "runs" / "din_l-s0" / "run.json")
     assert cli.main(argv + ["--resume"]) == 0
     assert capsys.readouterr().err.count("reusing finished run") == 2
-    argv[argv.index("cformer.long_module_config.num_clusters=3")] = \
-        "cformer.long_module_config.num_clusters=2"
+    assert os.path.getmtime(work / "runs" / "din_l-s0" / "run.json") == stamp
+    again = json.load(open(work / "results.json"))
+    assert [r["auc"] for r in again["rows"]] == [r["auc"] for r in res["rows"]]
+    argv[argv.index("sim_soft.long_module_config.top_k=3")] = \
+        "sim_soft.long_module_config.top_k=2"
     assert cli.main(argv + ["--resume"]) == 0
     err = capsys.readouterr().err
     assert "reusing finished run" in err and err.count("reusing finished run") == 1
-    assert json.load(open(work / "runs" / "cformer-s0" / "run.json"))["config"][
-        "long_module_config"] == {"num_clusters": 2}
+    assert json.load(open(work / "runs" / "sim_soft-s0" / "run.json"))["config"][
+        "long_module_config"] == {"top_k": 2}
 
 
 def test_train_reads_the_model_file_and_says_so(tmp_path, tiny_data, capsys):

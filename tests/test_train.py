@@ -95,8 +95,8 @@ def test_keeps_best_epoch_weights(run, tiny_data, tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     script = ScriptedValidation(monkeypatch, AUCS,
                                 crash_at=4 if run == "killed_in_epoch4" else None)
-    if run == "straight":
-        T.train(_config(tiny_data, out, epochs=4))
+    if run == "straight":      # 6 epochs allowed: patience 2 stops it after epoch 4
+        T.train(_config(tiny_data, out, epochs=6))
     elif run == "epochs3_then_resume":
         T.train(_config(tiny_data, out, epochs=3))
         T.train(_config(tiny_data, out, epochs=4), resume=True)
@@ -114,6 +114,8 @@ def test_keeps_best_epoch_weights(run, tiny_data, tmp_path, monkeypatch):
     assert summary["best_epoch"] == 2 and summary["final_epoch"] == 2
     assert summary["best_val_auc"] == pytest.approx(0.70)
     assert summary["stopped_epoch"] == 4
+    if run == "straight":
+        assert summary["early_stopped"] is True
     # superseded best-epoch files are gone; the best one stays for a later --resume
     best_files = sorted(os.listdir(os.path.join(out, "ckpt", "best")))
     assert best_files and all(f.startswith("epoch-2.") for f in best_files), best_files
@@ -121,22 +123,18 @@ def test_keeps_best_epoch_weights(run, tiny_data, tmp_path, monkeypatch):
 
 def test_patience_counts_across_resume(tiny_data, tmp_path, monkeypatch):
     """Epochs 3 and 4 do not improve on epoch 2: with patience 2 the run stops after
-    epoch 4 whether or not it was interrupted after epoch 3, and never sees epoch 5's
-    (better) AUC; resuming the stopped run trains nothing more."""
+    epoch 4 also when it was interrupted after epoch 3 (the uninterrupted run's stop is
+    test_keeps_best_epoch_weights[straight]), and never sees epoch 5's (better) AUC;
+    resuming the stopped run trains nothing more."""
     aucs = [0.60, 0.70, 0.65, 0.62, 0.80, 0.90]
-    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
-    script = ScriptedValidation(monkeypatch, aucs)
-    s1 = T.train(_config(tiny_data, straight, epochs=6))
-    assert script.validated == [1, 2, 3, 4]
-
+    resumed = str(tmp_path / "resumed")
     script = ScriptedValidation(monkeypatch, aucs)
     T.train(_config(tiny_data, resumed, epochs=3))
     s2 = T.train(_config(tiny_data, resumed, epochs=6), resume=True)
     assert script.validated == [1, 2, 3, 4]          # epoch 4 only after the resume
     assert len(s2["history"]["val_auc"]) == 1
     _assert_same(_final_weights(resumed), script.weights[2], "final/ is not epoch 2")
-    for s in (s1, s2):
-        assert (s["stopped_epoch"], s["early_stopped"], s["best_epoch"]) == (4, True, 2)
+    assert (s2["stopped_epoch"], s2["early_stopped"], s2["best_epoch"]) == (4, True, 2)
 
     # the stopped run, resumed again: nothing is trained, final/ still epoch 2
     s3 = T.train(_config(tiny_data, resumed, epochs=6), resume=True)
