@@ -246,6 +246,14 @@ def _expand_user(serialized: tf.Tensor, short_len: int, long_len: int,
     return chunks.unbatch()
 
 
+#: tf.data traces every map / interleave function through autograph by default, which
+#: rewrote the source of the 7 parsing and windowing functions on each new process
+#: (~3 of make_dataset's ~4.6 s before the first batch, tiny data). They branch only on
+#: Python values (explicit tf.cond where a tensor decides), so they are traced as plain
+#: Python; functions they create inside (the per-user chunk map) inherit the setting.
+_plain = tf.autograph.experimental.do_not_convert
+
+
 def item_table_for(pattern: str):
     """The item table of the prepared dataset a file pattern points into
     (:func:`schema.load_item_table` of its folder: None for full or bare records)."""
@@ -293,12 +301,12 @@ def make_dataset(pattern: str, short_len: int, long_len: int, batch_size: int,
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.interleave(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP"),
+    ds = ds.interleave(_plain(lambda f: tf.data.TFRecordDataset(f, compression_type="GZIP")),
                        cycle_length=min(cycle_length, len(files)), block_length=16,
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     # Interleave users so a heavy user's impressions are spread out before the shuffle.
-    ds = ds.interleave(lambda x: _expand_user(x, short_len, long_len, cross_domain, pipeline,
-                                              item_table),
+    ds = ds.interleave(_plain(lambda x: _expand_user(x, short_len, long_len, cross_domain,
+                                                     pipeline, item_table)),
                        cycle_length=16 if shuffle else 1, block_length=1,
                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if shuffle:
@@ -307,7 +315,8 @@ def make_dataset(pattern: str, short_len: int, long_len: int, batch_size: int,
         ds = ds.repeat()
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if pipeline == "parallel":
-        ds = ds.map(widen_windows, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(_plain(widen_windows), num_parallel_calls=tf.data.AUTOTUNE,
+                    deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
