@@ -26,9 +26,14 @@ def movielens_dir():
 # order (--dist loadfile), so starting the long ones first keeps the two workers' ends
 # close (longest-processing-time-first). Every worker sorts the same way (a stable sort
 # by a fixed list), as xdist requires identical collections.
-LONG_FILES = ("test_serving.py", "test_learning.py", "test_models.py", "test_cli.py",
-              "test_incremental_refresh.py", "test_lrea.py", "test_compact_readers.py",
-              "test_multiworker.py", "test_replay.py", "test_cluster.py")
+# Order: summed test seconds per file of a `./test.sh --durations=0` run (session 7).
+LONG_FILES = ("test_models.py", "test_serving.py", "test_prepare.py", "test_learning.py",
+              "test_cli.py", "test_lrea.py", "test_model_configs.py", "test_train.py",
+              "test_multiworker.py", "test_bench_accuracy.py", "test_cformer.py",
+              "test_prepare_cross_domain.py", "test_replay.py", "test_encode.py",
+              "test_cross_domain.py", "test_compact_readers.py", "test_cross_domain_configs.py",
+              "test_incremental_refresh.py", "test_crp.py", "test_staleness.py",
+              "test_precompute.py")
 
 
 def pytest_collection_modifyitems(config, items):
