@@ -283,12 +283,7 @@ class Twin(LongSequenceModule):
         log_n = tf.broadcast_to(cache["log_n"], tf.stack([batch, length]))
         # GSU (T7): mean over heads of alpha (+ ln n); padding never outranks a valid row.
         gsu = tf.reduce_mean(alpha, axis=1) + (log_n if self.gsu_log_n else 0.0)
-        gsu_key = tf.where(mask > 0, tf.maximum(gsu, _VALID_FLOOR), NEG_INF)
-        static_len = cache["keys"].shape[1]
-        k = min(self.top_k, static_len) if static_len is not None else tf.minimum(
-            self.top_k, length)
-        index = top_k_indices(gsu_key, k, cache["mask"] > 0, False)              # [B, k]
-        sel_mask = tf.gather(mask, index, batch_dims=1)                          # [B, k]
+        index, sel_mask = self._gsu_select(gsu, mask, cache, one_user=False)     # [B, k]
         logits = alpha + (log_n[:, None, :] if self.esu_log_n else 0.0)
         sel_logits = tf.gather(logits, index, axis=2, batch_dims=1)              # [B, H, k]
         sel_mask_h = tf.broadcast_to(sel_mask[:, None, :], tf.shape(sel_logits))
@@ -296,6 +291,18 @@ class Twin(LongSequenceModule):
         values = tf.gather(tf.broadcast_to(values, tf.concat(
             [[batch], tf.shape(values)[1:]], 0)), index, batch_dims=1)
         return self._esu_output(alpha, gsu, index, sel_mask, weights, values)
+
+    def _gsu_select(self, gsu, mask, cache, one_user):
+        """The GSU's top-k rows (T7) of the scores ``gsu`` [B, L] under ``mask`` [B, L]
+        (padding never outranks a valid row): their indices [B, k] and mask [B, k].
+        ``one_user``: one user's window ranked for the B candidates (serving), which
+        :func:`top_k_indices` selects through its pre-filter (same indices)."""
+        gsu_key = tf.where(mask > 0, tf.maximum(gsu, _VALID_FLOOR), NEG_INF)
+        static_len = cache["keys"].shape[1]
+        k = min(self.top_k, static_len) if static_len is not None else tf.minimum(
+            self.top_k, tf.shape(gsu)[1])
+        index = top_k_indices(gsu_key, k, cache["mask"] > 0, one_user)
+        return index, tf.gather(mask, index, batch_dims=1)
 
     def _esu_output(self, alpha, gsu, index, sel_mask, weights, values):
         """(T10) v_long = Concat(head_1..head_H) W^o from the ESU weights [B, H, k] and
@@ -330,12 +337,7 @@ class Twin(LongSequenceModule):
         log_n = cache["log_n"]                                                   # [1, L]
         row = tf.reduce_mean(cross[0], axis=0)[None] + (log_n if self.gsu_log_n else 0.0)
         gsu = tf.reduce_mean(qk, axis=0) + row                                   # (T7) [N, L]
-        gsu_key = tf.where(mask > 0, tf.maximum(gsu, _VALID_FLOOR), NEG_INF)
-        static_len = cache["keys"].shape[1]
-        k = min(self.top_k, static_len) if static_len is not None else tf.minimum(
-            self.top_k, length)
-        index = top_k_indices(gsu_key, k, cache["mask"] > 0, True)               # [N, k]
-        sel_mask = tf.gather(mask, index, batch_dims=1)                          # [N, k]
+        index, sel_mask = self._gsu_select(gsu, mask, cache, one_user=True)      # [N, k]
         esu_row = cross[0] + (log_n if self.esu_log_n else 0.0)                  # [H, L]
         sel_logits = (tf.gather(tf.transpose(qk, [1, 0, 2]), index, axis=2, batch_dims=1)
                       + tf.transpose(tf.gather(esu_row, index, axis=1), [1, 0, 2]))  # [N, H, k]
