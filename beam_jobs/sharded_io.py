@@ -19,6 +19,7 @@ work alike.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any, Dict, Iterable, List, Mapping, Optional
 
@@ -76,11 +77,76 @@ def read_split(folder: str, split: str) -> beam.PTransform:
                                     compression_type=CompressionTypes.GZIP)
 
 
+def shard_of(record: bytes, num_shards: int) -> int:
+    """The shard a serialized record goes to: a hash of its bytes, so the same records
+    land in the same shard on every run, runner and bundle split."""
+    return _digest(record) % num_shards
+
+
+def _digest(record: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(record, digest_size=8).digest(), "little")
+
+
+class _WriteShard(beam.DoFn):
+    """(shard index, records) -> one gzip TFRecord file, records in a fixed order
+    (their hash, then their bytes), written under a temporary name and renamed when
+    complete, so a retried bundle rewrites the shard whole."""
+
+    def __init__(self, prefix: str, num_shards: int):
+        self._prefix = prefix
+        self._n = num_shards
+
+    def process(self, element):
+        # Beam has no public per-file TFRecord writer; _TFRecordUtil is the framing its
+        # own WriteToTFRecord uses (and beam_jobs.precompute_batched writes with)
+        from apache_beam.io.tfrecordio import _TFRecordUtil
+        index, records = element
+        rows = sorted((r for r in records if r is not None), key=lambda r: (_digest(r), r))
+        path = shard_path(self._prefix, index, self._n)
+        folder, name = FileSystems.split(path)
+        tmp = FileSystems.join(folder, f".tmp-{name}")
+        with FileSystems.create(tmp, compression_type=CompressionTypes.GZIP) as out:
+            for r in rows:
+                _TFRecordUtil.write_record(out, r)
+        FileSystems.rename([tmp], [path])
+        yield path
+
+
+def shard_path(prefix: str, index: int, num_shards: int) -> str:
+    """``<prefix>-SSSSS-of-NNNNN.tfrecord.gz``, the name Beam's sharded writers use."""
+    return f"{prefix}-{index:05d}-of-{num_shards:05d}{TFRECORD_SUFFIX}"
+
+
+class _WriteSplit(beam.PTransform):
+    def __init__(self, folder: str, split: str, num_shards: int):
+        super().__init__()
+        if int(num_shards) < 1:
+            raise ValueError(f"num_shards must be at least 1, got {num_shards}")
+        self._prefix = join(folder, split)
+        self._n = int(num_shards)
+
+    def expand(self, records):
+        n = self._n
+        keyed = records | "ShardKey" >> beam.Map(lambda r: (shard_of(r, n), r))
+        # one marker per shard, so that a shard no record hashes to is still written
+        markers = records.pipeline | "ShardMarkers" >> beam.Create([(i, None) for i in range(n)])
+        return ((keyed, markers) | "WithMarkers" >> beam.Flatten()
+                | "GroupByShard" >> beam.GroupByKey()
+                | "WriteShard" >> beam.ParDo(_WriteShard(self._prefix, n)))
+
+
 def write_split(folder: str, split: str, num_shards: int) -> beam.PTransform:
-    """Serialized records -> ``<folder>/<split>-SSSSS-of-NNNNN.tfrecord.gz``."""
-    return beam.io.WriteToTFRecord(file_path_prefix=join(folder, split),
-                                   file_name_suffix=TFRECORD_SUFFIX, num_shards=num_shards,
-                                   compression_type=CompressionTypes.GZIP)
+    """Serialized records -> ``<folder>/<split>-SSSSS-of-NNNNN.tfrecord.gz``.
+
+    Deterministic, unlike ``WriteToTFRecord(num_shards=N)``, whose round-robin starts
+    at a random shard per bundle (the same records, but under other shard names from
+    run to run, so a seeded file shuffle read them in another order): a record's shard
+    is a hash of its bytes (:func:`shard_of`) and a shard's records are written in a
+    fixed order, so two runs over the same input write byte-identical files. A shard
+    is held in one worker's memory while it is written: raise ``num_shards`` for
+    larger splits.
+    """
+    return _WriteSplit(folder, split, num_shards)
 
 
 # ---- the job's report: per-bundle counts, summed -----------------------------------------------

@@ -43,6 +43,13 @@ def read_records(out, split):
     return recs
 
 
+def shard_bytes(out, split):
+    """{shard file name: its bytes}: two runs over the same input must write the same
+    files, not only the same records (a seeded file shuffle reads them by name)."""
+    return {os.path.basename(f): open(f, "rb").read()
+            for f in sorted(glob.glob(S.split_pattern(out, split)))}
+
+
 def as_dict(raw):
     ex = tf.train.Example.FromString(raw)
     out = {}
@@ -261,7 +268,9 @@ def test_movielens_multiprocessing_same_outputs(ml_run, ml_input, tmp_path_facto
                              "--num_shards", "2", "--direct_running_mode=multi_processing",
                              "--direct_num_workers=2", *ML_TOY_WINDOW])
     for split in S.SPLITS:
-        assert sorted(read_records(out, split)) == sorted(read_records(out_mp, split))
+        # the in-process runner and two worker processes write byte-identical shards
+        assert shard_bytes(out, split) == shard_bytes(out_mp, split)
+        assert len(shard_bytes(out, split)) == 2
     for name in ("items", "categories", "users"):
         assert read_vocab(out, name) == read_vocab(out_mp, name)
     for key in ("vocab", "stats", "rows", "split_rule"):
@@ -468,7 +477,8 @@ def test_taobao_determinism(tb_run, tb_input, tmp_path_factory):
     out0b, _ = _run_taobao(tb_input, tmp_path_factory, 0)
     out1, report1 = _run_taobao(tb_input, tmp_path_factory, 1)
     for split in S.SPLITS:
-        assert sorted(read_records(out0, split)) == sorted(read_records(out0b, split))
+        assert shard_bytes(out0, split) == shard_bytes(out0b, split)
+        assert read_records(out0, split)
     a = {(r["user_key"], r["imp_item_id"][0], r["imp_label"][0])
          for s in S.SPLITS for r in all_records(out0)[s]}
     b = {(r["user_key"], r["imp_item_id"][0], r["imp_label"][0])
@@ -773,3 +783,30 @@ def test_engage_step_flag_is_checked(tmp_path):
                      "--engage_step", "0.3"])
     with pytest.raises(P.PrepareError, match="--record_format compact only"):
         run_prepare(["--output", str(tmp_path / "b"), "--engage_step", "0.5"])
+
+
+def test_write_split_is_deterministic_and_writes_every_shard(tmp_path):
+    """``write_split``: every record once, in the shard its bytes hash to, in a fixed
+    order; a shard no record hashes to is still written (empty); two runs with the
+    input in another order write the same bytes."""
+    import apache_beam as beam
+    from beam_jobs.sharded_io import shard_of, write_split
+    recs = [f"record-{i}".encode() for i in range(40)]
+    outs = []
+    for k, order in enumerate((recs, recs[::-1])):
+        out = str(tmp_path / f"run{k}")
+        with beam.Pipeline() as p:
+            _ = p | beam.Create(order) | write_split(out, "train", 3)
+            _ = p | "One" >> beam.Create([b"only"]) | "W1" >> write_split(out, "valid", 4)
+        outs.append(out)
+    assert shard_bytes(outs[0], "train") == shard_bytes(outs[1], "train")
+    files = sorted(glob.glob(S.split_pattern(outs[0], "train")))
+    assert [os.path.basename(f) for f in files] == [
+        f"train-{i:05d}-of-00003.tfrecord.gz" for i in range(3)]
+    for i, f in enumerate(files):
+        got = [r.numpy() for r in tf.data.TFRecordDataset(f, compression_type="GZIP")]
+        assert got and all(shard_of(r, 3) == i for r in got)
+    assert sorted(read_records(outs[0], "train")) == sorted(recs)
+    valid = sorted(glob.glob(S.split_pattern(outs[0], "valid")))
+    assert len(valid) == 4 and read_records(outs[0], "valid") == [b"only"]
+    assert not glob.glob(os.path.join(outs[0], ".tmp-*"))
