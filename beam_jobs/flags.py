@@ -28,15 +28,20 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                         "an existing one is an error: stale shards would mix in)")
     g.add_argument("--num_shards", type=int, default=4,
                    help="TFRecord shards per split (default 4)")
-    g.add_argument("--record_format", default="full", choices=["full", "compact"],
+    g.add_argument("--record_format", default="full", choices=["full", "compact", "compact2"],
                    help="per-user record layout: full (default; per_user_record, every field "
                         "per behavior) | compact (per_user_record_compact_v1: item-side fields "
                         "in vocab/item_table.tsv, timestamp deltas, engagement quantised to "
-                        "--engage_step; see docs/data.md)")
+                        "--engage_step) | compact2 (per_user_record_compact_v2: compact with "
+                        "items as item-table addresses, optional --ts_step; see docs/data.md)")
     g.add_argument("--engage_step", type=float, default=None,
                    help="compact: engagement quantisation step, a power of two (default per "
                         "source: movielens 0.5 (half stars, exact), taobao / taobao_ad 1 "
                         "(behavior codes, exact), synthetic 1/16 (|error| <= 1/32))")
+    g.add_argument("--ts_step", type=int, default=None,
+                   help="compact2: history timestamps rounded to this many seconds (LOSSY: "
+                        "|error| <= ts_step / 2; impression timestamps stay exact); default 1 "
+                        "= exact")
 
     g = parser.add_argument_group("protocol")
     g.add_argument("--protocol", default=None,

@@ -205,7 +205,8 @@ def check_delta_records(files: Sequence[str]) -> None:
                   f"(give the records `lifelong prepare` writes)")
         ids = feat["user_id"].int64_list.value if "user_id" in feat else []
         compact = ("record_format" in feat
-                   and list(feat["record_format"].bytes_list.value) == [S.COMPACT_MARKER])
+                   and len(feat["record_format"].bytes_list.value) == 1
+                   and feat["record_format"].bytes_list.value[0] in S.COMPACT_MARKERS)
         if len(ids) != 1 or not ("hist_item_id" in feat or compact):
             _fail(f"--changed_records {path}: its first record is not a per-user record of "
                   f"`lifelong prepare` (needs one user_id and the history fields, "

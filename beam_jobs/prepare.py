@@ -182,14 +182,21 @@ def _validate_args(args: argparse.Namespace) -> Dict[str, Any]:
     step = getattr(args, "engage_step", None)
     if step is None:
         step = DEFAULT_ENGAGE_STEP[source]
-    elif record_format != "compact":
-        raise PrepareError("--engage_step applies to --record_format compact only")
+    elif record_format not in ("compact", "compact2"):
+        raise PrepareError("--engage_step applies to --record_format compact only (or compact2)")
     try:
         step = S.check_engage_step(step)
     except ValueError as e:
         raise PrepareError(f"--engage_step: {e}") from None
+    ts_step = getattr(args, "ts_step", None)
+    if ts_step is not None and record_format != "compact2":
+        raise PrepareError("--ts_step applies to --record_format compact2 only")
+    try:
+        ts_step = S.check_ts_step(1 if ts_step is None else ts_step)
+    except ValueError as e:
+        raise PrepareError(f"--ts_step: {e}") from None
     return {"source": source, "protocol": protocol, "num_shards": num_shards,
-            "record_format": record_format, "engage_step": step,
+            "record_format": record_format, "engage_step": step, "ts_step": ts_step,
             "fractions": fractions, "keep": keep, "time_window": window,
             "movielens_domains": ml_domains, "cuts": cuts,
             "time_window_from": "--valid_time_window" if window is not None else

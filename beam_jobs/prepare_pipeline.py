@@ -167,7 +167,7 @@ def build_pipeline(p: beam.Pipeline, settings: Mapping[str, Any], args: argparse
     counts_parts.append(user_vocab | "usersCounts" >> beam.Map(vocab_counts, "users"))
 
     # ---- 6. encode and write sharded TFRecords ----------------------------------------------
-    if settings.get("record_format", "full") == "compact":
+    if settings.get("record_format", "full") in ("compact", "compact2"):
         # the item table (item id -> category, domain) of the compact records
         item_domains = (users
                         | "ItemDomainRows" >> beam.FlatMap(item_domain_rows)
@@ -178,7 +178,8 @@ def build_pipeline(p: beam.Pipeline, settings: Mapping[str, Any], args: argparse
         _ = (item_table | "ItemTableTsv" >> beam.Map(item_table_tsv)
              | "Write_item_table" >> beam.Map(write_text_file, join(out, S.ITEM_TABLE_FILE)))
         encoded = records | "Encode" >> beam.ParDo(
-            EncodeRecords(settings["engage_step"]), beam.pvalue.AsSingleton(user_vocab),
+            EncodeRecords(settings["engage_step"], settings["record_format"],
+                          settings.get("ts_step", 1)), beam.pvalue.AsSingleton(user_vocab),
             beam.pvalue.AsSingleton(item_table)).with_outputs("counts", main="records")
     else:
         encoded = records | "Encode" >> beam.ParDo(

@@ -250,9 +250,15 @@ def split_index(key, cuts: Sequence[Any]) -> int:
 
 
 def encode_record(rec: Mapping[str, Any], user_ids: Mapping[str, int],
-                  item_table: Optional["S.ItemTable"] = None, engage_step: float = 1.0) -> bytes:
+                  item_table: Optional["S.ItemTable"] = None, engage_step: float = 1.0,
+                  record_format: str = "compact", ts_step: int = 1) -> bytes:
     """Record -> serialized per-user tf.Example (validated, deterministic bytes); with an
-    ``item_table``, in the compact format (:func:`tfmodels.schema.encode_compact_user_record`)."""
+    ``item_table``, in the compact format (:func:`tfmodels.schema.encode_compact_user_record`;
+    ``record_format`` "compact2": :func:`tfmodels.schema.encode_compact_v2_user_record`)."""
+    if item_table is not None and record_format == "compact2":
+        return S.encode_compact_v2_user_record(user_ids[rec["user_key"]], rec["user_key"],
+                                               rec["hist"], rec["imps"], item_table,
+                                               engage_step, ts_step)
     if item_table is not None:
         return S.encode_compact_user_record(user_ids[rec["user_key"]], rec["user_key"],
                                             rec["hist"], rec["imps"], item_table, engage_step)

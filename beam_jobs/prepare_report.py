@@ -86,6 +86,15 @@ def build_report(counts: Mapping[str, Any], settings: Mapping[str, Any],
             "engage_max_abs_error": step / 2,
             "layout": "per behavior: item id, timestamp delta, round(engage / engage_step); "
                       "category and domain from the item table (exceptions stored per row)"}
+    elif settings.get("record_format", "full") == "compact2":
+        step, ts_step = float(settings["engage_step"]), int(settings.get("ts_step", 1))
+        report["record"] = {
+            "item_table": S.ITEM_TABLE_FILE, "engage_step": step,
+            "engage_max_abs_error": step / 2, "ts_step": ts_step,
+            "hist_ts_max_abs_error": ts_step // 2,
+            "layout": "per behavior: item address (category group, rank in the item table), "
+                      "delta of round(ts / ts_step), round(engage / engage_step); category "
+                      "and domain from the item table (exceptions stored per row)"}
     if settings.get("time_window") is not None:
         report["valid_time_window"] = {
             **A.TimeWindow(*settings["time_window"]).to_dict(),

@@ -288,9 +288,11 @@ class EncodeRecords(_CountingDoFn):
     and the item table side input (a dict of ``cate`` / ``domain`` lists): the compact
     format."""
 
-    def __init__(self, engage_step: Optional[float] = None):
+    def __init__(self, engage_step: Optional[float] = None, record_format: str = "compact",
+                 ts_step: int = 1):
         super().__init__()
         self._step = engage_step
+        self._format, self._ts_step = record_format, ts_step
 
     def process(self, rec, user_vocab, item_table=None):
         self._count(_record_counts(rec))
@@ -303,4 +305,5 @@ class EncodeRecords(_CountingDoFn):
                 table = S.ItemTable(np.asarray(item_table["cate"], np.int64),
                                     np.asarray(item_table["domain"], np.int64))
                 self._table, self._table_src = table, item_table
-        yield rec["split"], encode_record(rec, user_vocab["ids"], table, self._step or 1.0)
+        yield rec["split"], encode_record(rec, user_vocab["ids"], table, self._step or 1.0,
+                                          self._format, self._ts_step)

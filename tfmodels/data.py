@@ -41,28 +41,34 @@ def _dense(parsed: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
             for name, value in parsed.items()}
 
 
+def _not_compact(marker: tf.Tensor) -> tf.Tensor:
+    """Elementwise: the record-format marker is none of the compact versions'."""
+    return tf.reduce_all(tf.stack([tf.not_equal(marker, m) for m in S.COMPACT_MARKERS]), 0)
+
+
 def parse_user_records(serialized: tf.Tensor, with_impressions: bool = True,
                        item_table: Optional[S.ItemTable] = None) -> Dict[str, tf.Tensor]:
     """Parse ONE serialized per-user record into dense 1-D tensors (the full layout).
 
     ``item_table`` (:func:`schema.load_item_table`): the records are in the compact
-    format (``per_user_record_compact_v1``) and are decoded with it
+    format (``per_user_record_compact_v1`` or ``_v2``) and are decoded with it
     (:func:`schema.decode_compact_tensors`); None = the full format, and a compact
     record met there fails with a message saying its item table is missing.
     """
     if item_table is not None:
         parsed = _dense(tf.io.parse_single_example(
             serialized, S.compact_parse_spec(with_impressions)))
-        out = S.decode_compact_tensors(parsed, tf.constant(item_table.cate, tf.int64),
-                                       tf.constant(item_table.domain, tf.int64))
+        tables = S.item_table_tensors(item_table)
+        out = S.decode_compact_tensors(parsed, tables["cate"], tables["domain"], tables)
     else:
         spec = dict(S.user_record_parse_spec(with_impressions))
         spec["record_format"] = tf.io.FixedLenFeature([], tf.string, default_value=b"")
         out = _dense(tf.io.parse_single_example(serialized, spec))
         marker = out.pop("record_format")
         with tf.control_dependencies([tf.debugging.Assert(
-                tf.not_equal(marker, S.COMPACT_MARKER),
-                [f"a compact per-user record ({S.FORMAT_COMPACT}) was read without its item "
+                _not_compact(marker),
+                [f"a compact per-user record ({' / '.join(S.COMPACT_FORMATS)}) was read "
+                 "without its item "
                  f"table: read the prepared dataset through make_dataset (which loads "
                  f"{S.ITEM_TABLE_FILE} when meta.json says compact) or pass item_table="
                  "tfmodels.schema.load_item_table(data_dir)"])]):
@@ -381,14 +387,31 @@ def _decode_compact_batch(p: Dict[str, tf.Tensor],
                           item_table: S.ItemTable) -> Dict[str, tf.RaggedTensor]:
     """Batched twin of :func:`schema.decode_compact_tensors` (history fields) on the
     ragged parse of compact records: per user the same values."""
-    cate_table = tf.constant(item_table.cate, tf.int64)
-    domain_table = tf.constant(item_table.domain, tf.int64)
-    item = p["hist_item_id"]
+    tables = S.item_table_tensors(item_table)
+    cate_table, domain_table = tables["cate"], tables["domain"]
+    # v1 records store hist_item_id, v2 records the item address (group, rank): the
+    # items are the two concatenated per user (schema.decode_compact_tensors)
+    group, rank = p["hist_item_group"], p["hist_item_rank"]
+    same = tf.debugging.Assert(tf.reduce_all(tf.equal(group.row_lengths(), rank.row_lengths())), [
+        "compact v2 per-user record: the history's item group and rank lists differ in "
+        "length (a corrupt record)"])
+    with tf.control_dependencies([same]):
+        v2_item = group.with_flat_values(S.item_from_address_tensor(
+            group.flat_values, rank.flat_values, tables, "the history"))
+    item = tf.concat([p["hist_item_id"], v2_item], axis=1)
     deltas = p["hist_ts_delta"]
-    # each user's cumsum, on the zero-padded [B, W] matrix (integers: exact)
-    ts = tf.RaggedTensor.from_tensor(tf.cumsum(deltas.to_tensor(), axis=1),
-                                     lengths=deltas.row_lengths())
     q = p["hist_engage_q"]
+    lens = tf.debugging.Assert(tf.reduce_all(
+        tf.equal(item.row_lengths(), deltas.row_lengths())
+        & tf.equal(item.row_lengths(), q.row_lengths())), [
+        "compact per-user record: the history's lists (hist_item_id or the item address, "
+        "hist_ts_delta, hist_engage_q) differ in length (a corrupt record)"])
+    item = _after(lens, item)
+    # each user's cumsum, on the zero-padded [B, W] matrix (integers: exact), times the
+    # record's ts_step (1 for v1 and for exact v2 records)
+    ts = tf.RaggedTensor.from_tensor(
+        tf.cumsum(deltas.to_tensor(), axis=1) * p["ts_step"][:, None],
+        lengths=deltas.row_lengths())
     step = tf.gather(p["engage_step"], q.value_rowids())
     return {"hist_item_id": item,
             "hist_cate_id": _compact_lookup_batch(item, cate_table, p["hist_cate_exc_pos"],
@@ -412,8 +435,9 @@ def _parse_history_batch(serialized: tf.Tensor, item_table: Optional[S.ItemTable
     spec["record_format"] = tf.io.FixedLenFeature([], tf.string, default_value=b"")
     p = tf.io.parse_example(serialized, spec)
     check = tf.debugging.Assert(
-        tf.reduce_all(tf.not_equal(p["record_format"], S.COMPACT_MARKER)),
-        [f"a compact per-user record ({S.FORMAT_COMPACT}) was read without its item "
+        tf.reduce_all(_not_compact(p["record_format"])),
+        [f"a compact per-user record ({' / '.join(S.COMPACT_FORMATS)}) was read without "
+         "its item "
          f"table: read the prepared dataset through make_dataset (which loads "
          f"{S.ITEM_TABLE_FILE} when meta.json says compact) or pass item_table="
          "tfmodels.schema.load_item_table(data_dir)"])

@@ -99,7 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train: the pipeline's shuffle buffer (default 20000, TrainConfig's)")
     p.add_argument("--split", default="test", help="storage: which split")
     p.add_argument("--record_formats", action="store_true",
-                   help="storage: compare the full and compact per-user record formats on the "
+                   help="storage: compare the full and compact (v1, v2) per-user record formats on the "
                    "train split (bytes per behavior, training examples/s of --models' first "
                    "model) instead of the materialised windows")
     p.add_argument("--format_long_len", type=int, default=1000,
@@ -110,6 +110,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format_input_batches", type=int, default=20,
                    help="storage --record_formats: batches of the input pipeline alone timed "
                    "per format and repeat (default 20; 0 = skip)")
+    p.add_argument("--format_input_repeats", type=int, default=None,
+                   help="storage --record_formats: input-pipeline cells per format, ABBA "
+                   "order (default: --format_repeats, at least 1)")
+    p.add_argument("--format_ts_step", type=int, default=0,
+                   help="storage --record_formats: also write compact v2 with history "
+                   "timestamps rounded to this many seconds (lossy; default 0 = no such copy)")
     p.add_argument("--out", help="write results JSON (and a PNG for train) with this prefix")
 
 

@@ -7,15 +7,17 @@ each ``--long_lens`` L, gzip and raw (gzip hides the duplication: a user's windo
 repeat the same history), with the command line that produced the table; ``--out``
 writes JSON. Numbers, not timed tests.
 
-``--record_formats`` instead compares the two per-user record formats (issue 19 item
-5, docs/data.md "Record formats") on the SAME records of the train split: every record
-is decoded and written again as ``full`` (``per_user_record``) and as ``compact``
-(``per_user_record_compact_v1``) by one writer (GZIP TFRecords), giving bytes per
-behavior (gzip and serialized) of each; then the training examples/s of one model
-(``--models``' first, din_l by default) at ``--format_long_len`` on each copy, measured
-by :func:`lifelong.bench.train.measure_cell` in its own process per cell, the cells in
-the order full, compact, compact, full (``--format_repeats`` 2: ABBA, so a drift of the
-machine's load hits both formats alike).
+``--record_formats`` instead compares the per-user record formats (issue 19 item 5,
+docs/data.md "Record formats") on the SAME records of the train split: every record is
+decoded and written again as ``full`` (``per_user_record``), ``compact``
+(``per_user_record_compact_v1``) and ``compact2`` (``per_user_record_compact_v2``,
+exact timestamps; with ``--format_ts_step N`` also ``compact2_tsN``, history timestamps
+rounded to N s) by one writer (GZIP TFRecords), giving bytes per behavior (gzip and
+serialized) of each; then the input pipeline alone and the training examples/s of one
+model (``--models``' first, din_l by default) at ``--format_long_len`` on each copy,
+measured by :func:`lifelong.bench.train.measure_cell` in its own process per cell, the
+cells in the order A, B, ..., ..., B, A (``--format_repeats`` 2, so a drift of the
+machine's load hits every format alike).
 """
 from __future__ import annotations
 
@@ -147,10 +149,24 @@ def _engage_step(meta: Dict) -> float:
     return float(DEFAULT_ENGAGE_STEP.get(meta.get("source"), 1.0))
 
 
-def write_formats(data_dir: str, out_dir: str, split: str = "train") -> Dict:
-    """Decode every record of ``split`` and write it again as a full and as a compact
-    prepared dataset (``<out_dir>/full``, ``<out_dir>/compact``: one shard, meta.json,
-    the compact one with its item table). Returns the bytes of each."""
+def _abba(formats: List[str], repeats: int) -> List[str]:
+    """``repeats`` cells per format, in the order A B .. B A A B ..."""
+    seq = list(formats) + list(formats)[::-1]
+    return (seq * repeats)[:len(formats) * repeats]
+
+
+def _format_label(fmt: str) -> str:
+    """A copy's name -> its format (``compact2_ts60`` -> per_user_record_compact_v2 ts 60s)."""
+    if fmt.startswith("compact2_ts"):
+        return f"{S.FORMAT_COMPACT_V2} (ts_step {fmt[len('compact2_ts'):]} s)"
+    return S.RECORD_FORMATS[fmt]
+
+
+def write_formats(data_dir: str, out_dir: str, split: str = "train", ts_step: int = 0) -> Dict:
+    """Decode every record of ``split`` and write it again as a full, a compact v1 and a
+    compact v2 prepared dataset (``<out_dir>/full``, ``/compact``, ``/compact2``; with
+    ``ts_step`` > 1 also ``/compact2_ts<ts_step>``, lossy history timestamps): one shard,
+    meta.json, the compact ones with their item table. Returns the bytes of each."""
     meta = S.read_meta(data_dir)
     table = S.load_item_table(data_dir)
     files = sorted(tf.io.gfile.glob(S.split_pattern(data_dir, split)))
@@ -167,15 +183,21 @@ def write_formats(data_dir: str, out_dir: str, split: str = "train") -> Dict:
            "prepared_bytes": sum(os.path.getsize(f) for f in files),
            "prepared_format": meta.get("format", S.FORMAT_FULL), "engage_step": step,
            "formats": {}}
-    max_err = 0.0
-    for fmt in ("full", "compact"):
+    max_err = ts_err = 0.0
+    fmts = {"full": 1, "compact": 1, "compact2": 1}
+    if ts_step and int(ts_step) > 1:
+        fmts[f"compact2_ts{int(ts_step)}"] = S.check_ts_step(ts_step)
+    for fmt, fmt_ts in fmts.items():
+        kind = "compact2" if fmt.startswith("compact2") else fmt
         d = os.path.join(out_dir, fmt)
         os.makedirs(os.path.join(d, "vocab"), exist_ok=True)
-        m = dict(meta, format=S.RECORD_FORMATS[fmt])
+        m = dict(meta, format=S.RECORD_FORMATS[kind])
         m.pop("record", None)
-        if fmt == "compact":
+        if kind != "full":
             m["record"] = {"item_table": S.ITEM_TABLE_FILE, "engage_step": step,
                            "engage_max_abs_error": step / 2}
+            if kind == "compact2":
+                m["record"].update(ts_step=fmt_ts, hist_ts_max_abs_error=fmt_ts // 2)
             with open(os.path.join(d, S.ITEM_TABLE_FILE), "w") as f:
                 f.write(table.to_tsv())
         with open(os.path.join(d, S.META_FILE), "w") as f:
@@ -187,13 +209,20 @@ def write_formats(data_dir: str, out_dir: str, split: str = "train") -> Dict:
                 hist = {k: r[k] for k in S.HISTORY_FIELDS if k in r}
                 imps = {k: r[k] for k in S.IMPRESSION_FIELDS}
                 key = r["user_key"].decode("utf-8")
-                b = (S.encode_user_record(int(r["user_id"]), key, hist, imps) if fmt == "full"
-                     else S.encode_compact_user_record(int(r["user_id"]), key, hist, imps,
-                                                       table, step))
-                if fmt == "compact":
-                    back = S.decode_user_record(b, table)["hist_engage"]
-                    if back.size:
-                        max_err = max(max_err, float(np.abs(back - r["hist_engage"]).max()))
+                if kind == "full":
+                    b = S.encode_user_record(int(r["user_id"]), key, hist, imps)
+                elif kind == "compact":
+                    b = S.encode_compact_user_record(int(r["user_id"]), key, hist, imps,
+                                                     table, step)
+                else:
+                    b = S.encode_compact_v2_user_record(int(r["user_id"]), key, hist, imps,
+                                                        table, step, fmt_ts)
+                if kind != "full":
+                    back = S.decode_user_record(b, table)
+                    if back["hist_engage"].size:
+                        max_err = max(max_err, float(np.abs(back["hist_engage"]
+                                                            - r["hist_engage"]).max()))
+                        ts_err = max(ts_err, float(np.abs(back["hist_ts"] - r["hist_ts"]).max()))
                 raw += len(b)
                 w.write(b)
         size = os.path.getsize(path)
@@ -202,10 +231,17 @@ def write_formats(data_dir: str, out_dir: str, split: str = "train") -> Dict:
                                "raw_bytes_per_behavior": raw / max(res["behaviors"], 1)}
     res["compact_field_cost"] = field_costs(os.path.join(out_dir, "compact"), split,
                                             res["behaviors"])
+    res["compact2_field_cost"] = field_costs(os.path.join(out_dir, "compact2"), split,
+                                             res["behaviors"])
     f, c = res["formats"]["full"], res["formats"]["compact"]
     res["compact_over_full_gzip"] = c["gzip_bytes"] / f["gzip_bytes"]
     res["compact_over_full_raw"] = c["raw_bytes"] / f["raw_bytes"]
+    res["over_full_gzip"] = {k: v["gzip_bytes"] / f["gzip_bytes"]
+                             for k, v in res["formats"].items() if k != "full"}
+    res["over_full_raw"] = {k: v["raw_bytes"] / f["raw_bytes"]
+                            for k, v in res["formats"].items() if k != "full"}
     res["engage_max_abs_error_measured"] = max_err
+    res["ts_max_abs_error_measured"] = ts_err
     res["item_table_rows"] = len(table)
     return res
 
@@ -241,7 +277,7 @@ def train_formats(res: Dict, model: str, long_len: int, args) -> List[Dict]:
     """Training examples/s of ``model`` on the full and the compact copy (ABBA order)."""
     from lifelong.bench.train import PATHS, _run_cell
     spec = PATHS["new"]
-    order = (["full", "compact", "compact", "full"] * args.format_repeats)[:2 * args.format_repeats]
+    order = _abba(list(res["formats"]), args.format_repeats)
     rows = []
     for fmt in order:
         cell = {"data": res["formats"][fmt]["dir"], "model": model, "long_len": long_len,
@@ -262,7 +298,7 @@ def input_formats(res: Dict, long_len: int, batches: int, repeats: int,
     (make_dataset, shuffled, as training reads it) on each format, ABBA order, in this
     process; wall and CPU time (all threads) per 1,000 examples. This is where decoding
     the compact record costs, if anywhere."""
-    order = (["full", "compact", "compact", "full"] * repeats)[:2 * repeats]
+    order = _abba(list(res["formats"]), repeats)
     rows = []
     for fmt in order:
         ds = D.make_dataset(S.split_pattern(res["formats"][fmt]["dir"], "train"), short_len,
@@ -290,16 +326,22 @@ def print_formats(res: Dict, train_rows: List[Dict], command: str) -> None:
           "bytes / behavior serialized |")
     print("|---|---|---|---|---|")
     for fmt, r in res["formats"].items():
-        print(f"| {S.RECORD_FORMATS[fmt]} | {r['gzip_bytes']:,} | "
+        print(f"| {_format_label(fmt)} | {r['gzip_bytes']:,} | "
               f"{r['gzip_bytes_per_behavior']:.3f} | {r['raw_bytes']:,} | "
               f"{r['raw_bytes_per_behavior']:.3f} |")
-    print(f"\ncompact / full: {res['compact_over_full_gzip']:.3f} gzip, "
-          f"{res['compact_over_full_raw']:.3f} serialized; engagement step "
-          f"{res['engage_step']:g} (max |error| measured {res['engage_max_abs_error_measured']:.4g}, "
-          f"bound {res['engage_step'] / 2:g}); item table {res['item_table_rows']:,} rows\n")
-    costs = res.get("compact_field_cost", {})
-    if costs:
-        print("gzip bytes per behavior that each field of the compact record costs (all "
+    print()
+    for fmt, ratio in res.get("over_full_gzip", {"compact": res["compact_over_full_gzip"]}).items():
+        raw = res.get("over_full_raw", {}).get(fmt, res["compact_over_full_raw"])
+        print(f"{fmt} / full: {ratio:.3f} gzip, {raw:.3f} serialized")
+    print(f"\nengagement step {res['engage_step']:g} (max |error| measured "
+          f"{res['engage_max_abs_error_measured']:.4g}, bound {res['engage_step'] / 2:g}); "
+          f"history timestamps max |error| measured {res.get('ts_max_abs_error_measured', 0):g} s "
+          f"(compact2_tsN: bound N / 2); item table {res['item_table_rows']:,} rows\n")
+    for fmt in ("compact", "compact2"):
+        costs = res.get(f"{fmt}_field_cost", {})
+        if not costs:
+            continue
+        print(f"gzip bytes per behavior that each field of the {fmt} record costs (all "
               "records in one stream minus the same without the field; deflate is not "
               "additive):\n")
         print("| field | bytes / behavior |")
@@ -315,8 +357,10 @@ def print_formats(res: Dict, train_rows: List[Dict], command: str) -> None:
         for r in inp:
             print(f"| {r['format']} | {r['long_len']} | {r['examples']:,} | "
                   f"{r['examples_per_s']:.0f} | {r['cpu_ms_per_1000']:.0f} |")
-        for fmt in ("full", "compact"):
+        for fmt in res["formats"]:
             ok = [r for r in inp if r["format"] == fmt]
+            if not ok:
+                continue
             print(f"\n{fmt}: mean {np.mean([r['examples_per_s'] for r in ok]):.0f} examples/s, "
                   f"{np.mean([r['cpu_ms_per_1000'] for r in ok]):.0f} CPU ms / 1,000", end="")
         print("\n")
@@ -334,7 +378,7 @@ def print_formats(res: Dict, train_rows: List[Dict], command: str) -> None:
               f"{r['pipeline_examples_per_s']:.0f} | {r['examples_per_s']:.0f} | "
               f"{r['input_share_wall']:.0%} | {r['pipeline_cpu_s_per_step'] * 1000:.0f} "
               f"({r['cpu_s_per_step'] * 1000:.0f}) |")
-    for fmt in ("full", "compact"):
+    for fmt in res["formats"]:
         ok = [r for r in train_rows if r.get("format") == fmt and "error" not in r]
         if ok:
             print(f"\n{fmt}: mean live-pipeline examples/s "
@@ -351,10 +395,12 @@ def run(args) -> int:
     if getattr(args, "record_formats", False):
         tmp = tempfile.mkdtemp(prefix="bench_formats_")
         try:
-            res = write_formats(args.data, tmp, "train")
+            res = write_formats(args.data, tmp, "train",
+                                getattr(args, "format_ts_step", 0) or 0)
+            in_repeats = getattr(args, "format_input_repeats", None)
+            in_repeats = max(args.format_repeats if in_repeats is None else in_repeats, 1)
             res["input"] = (input_formats(res, args.format_long_len, args.format_input_batches,
-                                          max(args.format_repeats, 1), args.short_len,
-                                          args.batch_size)
+                                          in_repeats, args.short_len, args.batch_size)
                             if args.format_input_batches > 0 else [])
             rows = []
             if args.format_repeats > 0:
