@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -38,6 +39,22 @@ class SignatureInfo:
     inputs: Dict[str, TensorSpecInfo]
     outputs: Dict[str, TensorSpecInfo]
     any_inputs: bool = False            # accepts whatever it is sent (no input checks)
+
+    @functools.cached_property
+    def plan(self) -> Tuple[tuple, ...]:
+        """What :func:`serving.validation.decode_inputs` checks per input, read once:
+        ``(name, dtype enum, NumPy dtype or None (strings, undecodable), shape, is the
+        first dim the batch)`` sorted by name. Built on first use, so ``inputs`` must not
+        change after that (no code here changes it)."""
+        out = []
+        for name in sorted(self.inputs):
+            spec = self.inputs[name]
+            np_dtype = protos.DTYPE_TO_NUMPY.get(spec.dtype)
+            if np_dtype is not None and np_dtype.kind == "O":
+                np_dtype = None
+            out.append((name, spec.dtype, np_dtype, spec.shape,
+                        bool(spec.shape) and spec.shape[0] is None))
+        return tuple(out)
 
 
 class Servable:

@@ -28,7 +28,71 @@ class Limits:
 
 
 def decode_inputs(request, info: SignatureInfo, limits: Limits, where: str) -> Dict[str, np.ndarray]:
-    """Validate a PredictRequest's inputs against a signature and decode them to NumPy."""
+    """Validate a PredictRequest's inputs against a signature and decode them to NumPy.
+
+    A request that passes every check in the common form (each input named by the
+    signature, of its dtype and shape, as ``tensor_content``) is decoded by
+    :func:`_decode_fast`; anything else, refusals included, by :func:`_decode_checked`,
+    so both accept the same requests, give the same arrays and every refusal keeps its
+    message."""
+    if not info.any_inputs:
+        out = _decode_fast(request.inputs, info, limits)
+        if out is not None:
+            return out
+    return _decode_checked(request, info, limits, where)
+
+
+def _decode_fast(inputs, info: SignatureInfo, limits: Limits):
+    """The inputs as NumPy views of their ``tensor_content``, or None when anything is
+    off (then :func:`_decode_checked` decides, and words the refusal).
+
+    The same checks as :func:`_decode_checked` in one pass over the signature's inputs
+    (:attr:`SignatureInfo.plan`, built once per signature) without building a message
+    or a set per input: measured in-process (scripts/profile_serving_request.py, N = 100,
+    5 inputs) about 0.05 ms of CPU less per request on this machine."""
+    plan = info.plan
+    if len(inputs) != len(plan):
+        return None
+    out = {}
+    total, rows = 0, -1
+    for name, enum, np_dtype, shape, batch in plan:
+        if name not in inputs:      # (indexing a missing key would insert it)
+            return None
+        proto = inputs[name]
+        if proto.dtype != enum:
+            return None
+        ts = proto.tensor_shape
+        if ts.unknown_rank:
+            return None
+        dims = [d.size for d in ts.dim]
+        if shape is not None:
+            if len(dims) != len(shape):
+                return None
+            for want, got in zip(shape, dims):
+                if got < 0 or (want is not None and want != got):
+                    return None
+            if batch:
+                if rows < 0:
+                    rows = dims[0]
+                elif rows != dims[0]:
+                    return None
+        elif dims and min(dims) < 0:
+            return None
+        n = math.prod(dims)
+        total += n
+        content = proto.tensor_content
+        if (np_dtype is None or total > limits.max_elements or not content
+                or len(content) != n * np_dtype.itemsize):
+            return None
+        out[name] = np.frombuffer(content, dtype=np_dtype).reshape(dims)
+    if rows == 0 or rows > limits.max_candidates:
+        return None
+    return out
+
+
+def _decode_checked(request, info: SignatureInfo, limits: Limits,
+                    where: str) -> Dict[str, np.ndarray]:
+    """Every check input by input, each refusal naming the input (the reference path)."""
     names = set(request.inputs)
     if not info.any_inputs:
         unknown = sorted(names - set(info.inputs))
