@@ -188,9 +188,25 @@ def messages(metadata: bool = False) -> Messages:
 
 
 # ---- NumPy <-> TensorProto ---------------------------------------------------------------
+#: little-endian numeric dtypes -> DataType enum: fill_tensor_proto's fast path (a dict hit
+#: instead of numpy_to_dtype_enum's dtype normalisation, ~2 us per tensor); '<' and '|'
+#: dtypes hash like the native ones on a little-endian machine, '>' ones miss and take the
+#: general path, which converts them
+_FAST_ENUM: Dict[np.dtype, int] = {dt: k for k, dt in DTYPE_TO_NUMPY.items()
+                                   if dt.kind != "O" and dt.byteorder != ">"}
+
+
 def fill_tensor_proto(proto, value) -> None:
     """Write ``value`` (array-like) into an empty TensorProto message of any generated class."""
     arr = np.asarray(value)
+    enum = _FAST_ENUM.get(arr.dtype) if arr.dtype.isnative else None
+    if enum is not None:            # the server's answers: one dict hit, tobytes, the dims
+        proto.dtype = enum
+        proto.tensor_content = arr.tobytes()   # C order whatever the strides, as below
+        dims = proto.tensor_shape.dim
+        for size in arr.shape:
+            dims.add().size = size
+        return
     if arr.dtype.kind in "SUO":
         proto.dtype = 7
         flat = arr.reshape(-1)
@@ -217,8 +233,8 @@ def tensor_shape(proto) -> Tuple[int, ...]:
     ts = proto.tensor_shape
     if ts.unknown_rank:
         raise TensorError("tensor has unknown rank; a concrete shape is required")
-    shape = tuple(d.size for d in ts.dim)
-    if any(s < 0 for s in shape):
+    shape = tuple([d.size for d in ts.dim])
+    if shape and min(shape) < 0:
         raise TensorError(f"tensor shape {list(shape)} has a negative dimension")
     return shape
 
