@@ -49,6 +49,7 @@ class ServerMetrics:
         self.requests = Counter("lifelong_serving_requests", "Requests answered, by API, "
                                 "method, resolved model/version/signature and status code",
                                 REQUEST_LABELS, registry=self.registry)
+        self._children = {}     # request label values -> (counter, histogram) child
         self.latency = Histogram("lifelong_serving_request_latency_seconds",
                                  "Request latency in the server (handler start to answer)",
                                  REQUEST_LABELS, buckets=REQUEST_BUCKETS,
@@ -63,8 +64,15 @@ class ServerMetrics:
     def observe_request(self, api: str, method: str, model: str, version: str,
                         signature: str, code: str, seconds: float) -> None:
         labels = (api, method, model, version, signature, code)
-        self.requests.labels(*labels).inc()
-        self.latency.labels(*labels).observe(seconds)
+        children = self._children.get(labels)
+        if children is None:
+            # labels() checks and stringifies the values and takes the metric's lock on
+            # every call; its child for a label set never changes, so it is kept here
+            # (bounded like the series: the services pass only names they serve)
+            children = (self.requests.labels(*labels), self.latency.labels(*labels))
+            self._children[labels] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_load(self, model: str, version: int, seconds: float, ok: bool) -> None:
         self.loads.labels(model, str(version), "ok" if ok else "failed").inc()
