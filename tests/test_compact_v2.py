@@ -325,3 +325,45 @@ def test_bench_storage_writes_v2_next_to_full_and_v1(tmp_path):
     assert res["ts_max_abs_error_measured"] <= 30
     assert res["over_full_gzip"]["compact2"] == pytest.approx(
         res["formats"]["compact2"]["gzip_bytes"] / res["formats"]["full"]["gzip_bytes"])
+
+
+def test_prepare_writes_compact2_records_equal_to_full(tmp_path):
+    """``lifelong prepare --record_format compact2 --ts_step 60`` on a tiny synthetic
+    source: the records decode to the full prepare's (engagement within 1/32, history
+    timestamps within 30 s, everything else exact) and meta.json states the steps."""
+    import argparse
+    import glob
+    from beam_jobs import prepare as P
+
+    def prepare(out, *flags):
+        parser = argparse.ArgumentParser()
+        P.add_arguments(parser)
+        args, beam_args = parser.parse_known_args(
+            ["--source", "synthetic", "--synthetic_users", "6", "--num_shards", "1",
+             "--output", out, *flags])
+        return P.run(args, beam_args)
+
+    def records(out):
+        table = S.load_item_table(out)
+        files = sorted(glob.glob(S.split_pattern(out, "train")))
+        return {d["user_key"]: d for d in (S.decode_user_record(r.numpy(), table) for r in
+                tf.data.TFRecordDataset(files, compression_type="GZIP"))}
+    full, v2 = str(tmp_path / "full"), str(tmp_path / "v2")
+    prepare(full)
+    report = prepare(v2, "--record_format", "compact2", "--ts_step", "60")
+    assert report["format"] == S.FORMAT_COMPACT_V2 == S.record_format(v2)
+    assert report["record"]["ts_step"] == 60 and report["record"]["hist_ts_max_abs_error"] == 30
+    a, b = records(full), records(v2)
+    assert a.keys() == b.keys() and len(a) > 0
+    raw = next(iter(tf.data.TFRecordDataset(glob.glob(S.split_pattern(v2, "train")),
+                                            compression_type="GZIP"))).numpy()
+    assert tf.train.Example.FromString(raw).features.feature["ts_step"].int64_list.value == [60]
+    for key, rec in a.items():
+        for k in rec:
+            if k == "hist_engage":
+                assert np.abs(rec[k] - b[key][k]).max(initial=0) <= 1 / 32
+            elif k == "hist_ts":
+                assert np.abs(rec[k] - b[key][k]).max(initial=0) <= 30
+                np.testing.assert_array_equal(b[key][k] % 60, 0)
+            else:
+                np.testing.assert_array_equal(rec[k], b[key][k], err_msg=f"{key} {k}")
