@@ -6,10 +6,12 @@ Two record kinds exist (``../shared/DESIGN.md``, "Store each user's history once
    the user's chronological behaviors, *oldest first*, stored once, plus the
    user's labeled impressions. ``imp_hist_index[j]`` is the number of history
    behaviors that happened strictly before impression ``j``; only
-   ``hist_*[:imp_hist_index[j]]`` is visible to it. Two layouts (meta.json
-   ``format``): ``per_user_record`` (every field per behavior) and
+   ``hist_*[:imp_hist_index[j]]`` is visible to it. Three layouts (meta.json
+   ``format``): ``per_user_record`` (every field per behavior),
    ``per_user_record_compact_v1`` (section 3 below: category / domain in an item
-   table, timestamp deltas, quantised engagement), decoded to the same fields.
+   table, timestamp deltas, quantised engagement) and ``per_user_record_compact_v2``
+   (section 3b: v1 with items as item-table addresses, optional lossy timestamps),
+   decoded to the same fields.
 
 2. **Window example** (built in tf.data by :mod:`tfmodels.data`, never stored):
    one impression with its short window (last ``S`` behaviors before it) and
