@@ -58,8 +58,9 @@ TRAIN_FLAGS = {  # flag -> (type, help); defaults come from TrainConfig
     "verbose": (int, "Keras progress: 1 bar, 2 a line per epoch, 0 silent"),
     "jit_compile": (str, "XLA for the training step: auto (default; = off, measured "
                          "slower on CPU) | on | off"),
-    "din_path": (str, "DIN unit layout in training: folded (default) | rows | "
-                      "per_candidate (the layout before issue 22; same function)"),
+    "din_path": (str, "DIN unit layout in training: valid (default; padded positions "
+                      "skipped) | folded | rows | per_candidate (the layout before issue "
+                      "22; same function)"),
     "input_pipeline": (str, "input pipeline: parallel (default) | legacy (the pipeline "
                             "before issue 22; same batches)"),
 }
@@ -446,6 +447,11 @@ def _module_arguments(p: argparse.ArgumentParser, command: str, module: str):
     return None
 
 
+#: commands that train models: their processes get TensorFlow's oneDNN kernels
+#: (:func:`tfmodels._env.prefer_onednn_for_training`), as does ``bench accuracy``
+TRAINING_COMMANDS = ("train", "compare")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     # --debug is global: accepted anywhere before a `--` separator.
@@ -461,6 +467,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     _ARGV_HINT.update(command=command, bench=next(
         (a for a in rest if a in SERVING_BENCHES + ("accuracy",)), None)
         if command == "bench" else None)
+    if command in TRAINING_COMMANDS or _ARGV_HINT["bench"] == "accuracy":
+        from tfmodels._env import prefer_onednn_for_training
+        prefer_onednn_for_training()   # before TensorFlow loads; TF_ENABLE_ONEDNN_OPTS wins
     parser = build_parser(prepare_flags=command == "prepare", command=command)
     args, extra = parser.parse_known_args(argv)
     if args.command is None:

@@ -43,6 +43,7 @@ signatures are identical either way. ``keras_object=True`` saves the model objec
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -430,7 +431,10 @@ class ServingSignatures:
             return D.user_history_features(records, self.fs)
         marker = tf.io.parse_example(records, {"record_format": tf.io.FixedLenFeature(
             [], tf.string, default_value=b"")})["record_format"]
-        n_compact = tf.reduce_sum(tf.cast(tf.equal(marker, S.COMPACT_MARKER), tf.int32))
+        # compact v1 and v2 records alike (one decoder reads both, in one batch too)
+        is_compact = tf.reduce_any(tf.equal(marker[:, None], tf.constant(
+            list(S.COMPACT_MARKERS))), axis=1)
+        n_compact = tf.reduce_sum(tf.cast(is_compact, tf.int32))
         ok = tf.logical_or(tf.equal(n_compact, 0), tf.equal(n_compact, tf.size(marker)))
         check = tf.debugging.Assert(ok, [
             f"user_tower: one request mixes compact ({S.FORMAT_COMPACT}) and full "
@@ -564,6 +568,19 @@ def _save(model, sigs: ServingSignatures, path: str, keras_object: bool) -> None
     tf.saved_model.save(module, path, signatures=signatures)
 
 
+def _static_din_path(fn):
+    """Trace a whole export under the DIN unit's "folded" layout: a training process may
+    have chosen "valid" (:data:`tfmodels.layers.DIN_PATHS`), whose data-dependent row
+    count XLA (``jit_rank``, ``jit_user_tower``) cannot compile."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        from tfmodels.layers import din_path_scope
+        with din_path_scope("folded"):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+@_static_din_path
 def export_model(model, base: str = "saved_models", name: Optional[str] = None,
                  version: Optional[int] = None, config_base: str = "/models",
                  num_versions: int = 2, keras_object: bool = False,

@@ -109,8 +109,24 @@ def test_user_tower_on_compact_records(pair, exported):
     for k, v in ref.items():
         np.testing.assert_allclose(out_c[k].numpy(), v.numpy(), rtol=1e-5, atol=1e-6,
                                    err_msg=k)
+    # compact v2 records of the same users (items as item-table addresses), alone and
+    # in one batch with v1 records: the same cache tensors
+    v2 = []
+    for raw in full:
+        r = S.decode_user_record(raw)
+        v2.append(S.encode_compact_v2_user_record(
+            int(r["user_id"]), r["user_key"].decode("utf-8"),
+            {k: r[k] for k in S.HISTORY_FIELDS if k in r},
+            {k: r[k] for k in S.IMPRESSION_FIELDS}, pair["table"], STEP))
+    half = len(comp) // 2
+    for batch in (v2, comp[:half] + v2[half:]):
+        out = fn(records=tf.constant(batch))
+        for k in out_c:
+            np.testing.assert_array_equal(out[k].numpy(), out_f[k].numpy(), err_msg=k)
     with pytest.raises(tf.errors.InvalidArgumentError, match="mixes compact"):
         fn(records=tf.constant([comp[0], full[1]]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="mixes compact"):
+        fn(records=tf.constant([v2[0], full[1]]))
     plain = tf.saved_model.load(exported["without"]["path"]).signatures["user_tower"]
     with pytest.raises(tf.errors.InvalidArgumentError, match="read without its item table"):
         plain(records=tf.constant(comp[:2]))

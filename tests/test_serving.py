@@ -338,7 +338,12 @@ def test_jit_rank_export_equals_plain_rank(name, exported, server, records, sche
     plain = server.manager.get(name)
     # The same weights as the plain export: rebuilt with its seed, exported with jit_rank.
     jit_model = _build(schema, name, seed=MODELS.index(name))
-    out = E.export_model(jit_model, str(tmp_path), name, 1, jit_rank=True)
+    # as from a training process that traced the DIN unit's "valid" layout (data-dependent
+    # rows, which XLA cannot compile): the export traces "folded" and gives it back
+    from tfmodels import layers
+    with layers.din_path_scope("valid"):
+        out = E.export_model(jit_model, str(tmp_path), name, 1, jit_rank=True)
+        assert layers.din_path() == "valid"
     assert E.read_export_meta(out["path"])["jit_rank"] is True
     jit = SavedModelServable(name, 1, out["path"])
     try:

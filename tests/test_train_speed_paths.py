@@ -68,15 +68,18 @@ def din_path_restored():
 @pytest.mark.parametrize("normalize", ["softmax", None])
 @pytest.mark.parametrize("keys_batch", [4, 1])
 def test_din_rows_path_equals_per_candidate_path(din_path_restored, normalize, keys_batch):
-    """Outputs and gradients of the DIN unit on fixed weights: the "folded" and "rows"
-    layouts equal the "per_candidate" one (before issue 22) and the explicit concatenation
+    """Outputs and gradients of the DIN unit on fixed weights: the "folded", "rows" and
+    "valid" (padded positions skipped) layouts equal the "per_candidate" one (before issue 22) and the explicit concatenation
     [e_l, e_t, e_l - e_t, e_l * e_t] W + b (G2) computed here by hand."""
     layers = din_path_restored
     rng = np.random.default_rng(0)
     d, L, B = 6, 7, 4
     keys = tf.constant(rng.normal(size=(keys_batch, L, d)), tf.float32)
     query = tf.constant(rng.normal(size=(B, d)), tf.float32)
-    mask = tf.constant(rng.random((keys_batch, L)) > 0.3, tf.float32)
+    mask = rng.random((keys_batch, L)) > 0.3
+    if keys_batch > 1:
+        mask[-1] = False        # a window of padding only: "valid" has no row of it
+    mask = tf.constant(mask, tf.float32)
     din = layers.DinAttention([5, 3], normalize)
     din.build(keys.shape)
     for v in din.weights:   # non-zero PReLU slopes and biases, so every term is tested
@@ -91,8 +94,14 @@ def test_din_rows_path_equals_per_candidate_path(din_path_restored, normalize, k
         return out.numpy(), tape.gradient(loss, [keys, query] + din.trainable_variables)
 
     old, g_old = run("per_candidate")
-    for path in ("folded", "rows"):
-        out, g_out = run(path)
+    max_share = layers.VALID_PATH_MAX_SHARE
+    # "valid" on the valid rows (share below the threshold), then its "folded" branch
+    for path, share in (("folded", None), ("rows", None), ("valid", 1.01), ("valid", 0.0)):
+        layers.VALID_PATH_MAX_SHARE = max_share if share is None else share
+        try:
+            out, g_out = run(path)
+        finally:
+            layers.VALID_PATH_MAX_SHARE = max_share
         np.testing.assert_allclose(out, old, rtol=1e-5, atol=1e-5, err_msg=path)
         for a, b in zip(g_out, g_old):
             np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(),
@@ -132,7 +141,7 @@ def test_train_config_speed_fields_resolve_and_reject_bad_values():
     assert T.resolve_jit_compile("auto") is (T.JIT_AUTO == "on")
     assert T.resolve_jit_compile("on") is True and T.resolve_jit_compile("off") is False
     for field, bad, msg in [("jit_compile", "yes", "jit_compile must be one of auto, on, off"),
-                            ("din_path", "fused", "din_path must be one of folded, rows, per_candidate"),
+                            ("din_path", "fused", "din_path must be one of folded, rows, per_candidate, valid"),
                             ("input_pipeline", "fast", "input_pipeline must be one of")]:
         with pytest.raises(T.ConfigError, match=msg):
             T.TrainConfig(data="d", **{field: bad}).validate()
@@ -140,7 +149,11 @@ def test_train_config_speed_fields_resolve_and_reject_bad_values():
         ["train", "--data", "d", "--jit_compile", "on", "--din_path", "per_candidate",
          "--input_pipeline", "legacy", "--config_dir", "none"])
     cfg = cli._train_config(args)
-    assert T.TrainConfig().din_path == "folded"
+    assert T.TrainConfig().din_path == "valid"
+    # "valid" has a data-dependent row count: under XLA the run traces "folded"
+    assert T.traced_din_path(T.TrainConfig(din_path="valid", jit_compile="on")) == "folded"
+    assert T.traced_din_path(T.TrainConfig(din_path="valid", jit_compile="off")) == "valid"
+    assert T.traced_din_path(T.TrainConfig(din_path="rows", jit_compile="on")) == "rows"
     assert (cfg.jit_compile, cfg.din_path, cfg.input_pipeline) == ("on", "per_candidate",
                                                                    "legacy")
 

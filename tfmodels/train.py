@@ -60,6 +60,14 @@ def resolve_jit_compile(choice: str) -> bool:
     return (JIT_AUTO if choice == "auto" else choice) == "on"
 
 
+def traced_din_path(cfg: "TrainConfig") -> str:
+    """The DIN layout a run's functions are traced with: ``cfg.din_path``, except that
+    "valid" (a data-dependent number of rows) becomes "folded" under XLA."""
+    if cfg.din_path == "valid" and resolve_jit_compile(cfg.jit_compile):
+        return "folded"
+    return cfg.din_path
+
+
 @dataclasses.dataclass
 class TrainConfig:
     data: str = ""                       # a prepared dataset directory (lifelong prepare)
@@ -103,11 +111,12 @@ class TrainConfig:
     verbose: int = 1                     # Keras progress bar: 1 bar, 2 one line/epoch, 0 off
     # Speed only (issue 22 item 6; same function up to float rounding, docs/benchmarks.md
     # "Training speed paths"): XLA for the training step, "auto" = off (measured slower
-    # on CPU, see JIT_AUTO); the DIN unit's layout (tfmodels.layers.DIN_PATHS; "folded" =
-    # one d x h0 product per behavior row, "per_candidate" = the layout before); the input
+    # on CPU, see JIT_AUTO); the DIN unit's layout (tfmodels.layers.DIN_PATHS; "valid" =
+    # the attention MLP over the valid (non-padded) behavior rows only, "folded" = one
+    # d x h0 product per behavior row, "per_candidate" = the layout before); the input
     # pipeline (tfmodels.data.PIPELINES; "legacy" = the pipeline before).
     jit_compile: str = "auto"
-    din_path: str = "folded"
+    din_path: str = "valid"
     input_pipeline: str = "parallel"
 
 
@@ -400,7 +409,7 @@ def train(cfg: TrainConfig, resume: bool = False, distribute: str = "none",
     fschema = feature_schema_for(cfg)
     _write_json(os.path.join(out_dir, "config.json"), dataclasses.asdict(cfg))
 
-    set_din_path(cfg.din_path)   # read when the train/eval functions are traced
+    set_din_path(traced_din_path(cfg))   # read when the train/eval functions are traced
     with dist.scope():
         model = model_from_config(cfg, fschema)
         optimizer = DIST.mean_aggregating(_optimizer(cfg), dist)
@@ -504,7 +513,7 @@ def load_run(run_dir: str, data: Optional[str] = None):
         cfg = TrainConfig.from_dict(json.load(f))
     if data:
         cfg.data = data
-    set_din_path(cfg.din_path)
+    set_din_path(traced_din_path(cfg))
     with open(os.path.join(run_dir, "run.json")) as f:
         fschema = S.FeatureSchema.from_dict(json.load(f)["feature_schema"])
     model = model_from_config(cfg, fschema)

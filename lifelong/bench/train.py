@@ -23,8 +23,13 @@ Paths (:data:`PATHS`):
   (``TF_CPU_ALLOCATOR_USE_BFC=false``), the DIN unit's per-candidate layout, the legacy
   input pipeline, no XLA;
 * ``new`` -- TensorFlow's BFC allocator for CPU memory (``tfmodels/_env.py`` makes it the
-  default), the DIN unit's "folded" layout, the parallel input pipeline, ``--jit_compile``
-  (auto = :data:`tfmodels.train.JIT_AUTO`);
+  default), the DIN unit's "valid" layout (its MLP over the non-padded positions only;
+  "folded" when a batch is mostly valid, and under XLA), the parallel input pipeline,
+  ``--jit_compile`` (auto = :data:`tfmodels.train.JIT_AUTO`);
+* ``new_folded`` -- ``new`` as it was before session 8 (the "folded" layout over every
+  position, TensorFlow's default kernels); ``new`` and ``new_xla`` run with oneDNN
+  (``TF_ENABLE_ONEDNN_OPTS=1``, what training commands choose,
+  :func:`tfmodels._env.prefer_onednn_for_training`), ``today`` and ``today_bfc`` without;
 * ``new_xla`` -- ``new`` with XLA on (how ``auto`` was decided);
 * ``today_bfc`` (today + the BFC allocator) and ``new_rows`` (new with the DIN unit's
   "rows" layout): one change at a time, to see what each gives.
@@ -43,19 +48,27 @@ import sys
 import time
 from typing import Dict, List
 
+#: the environments of the paths: allocator, oneDNN kernels
+_MALLOC = {"TF_CPU_ALLOCATOR_USE_BFC": "false", "TF_ENABLE_ONEDNN_OPTS": "0"}
+_BFC = {"TF_CPU_ALLOCATOR_USE_BFC": "true", "TF_ENABLE_ONEDNN_OPTS": "0"}
+_BFC_ONEDNN = {"TF_CPU_ALLOCATOR_USE_BFC": "true", "TF_ENABLE_ONEDNN_OPTS": "1"}
+
 #: path -> (environment of the cell's process, TrainConfig-like settings)
 PATHS: Dict[str, Dict] = {
-    "today": {"env": {"TF_CPU_ALLOCATOR_USE_BFC": "false"}, "din_path": "per_candidate",
-              "input_pipeline": "legacy", "jit_compile": "off"},
-    "new": {"env": {"TF_CPU_ALLOCATOR_USE_BFC": "true"}, "din_path": "folded",
-            "input_pipeline": "parallel", "jit_compile": None},   # None: --jit_compile
-    "new_xla": {"env": {"TF_CPU_ALLOCATOR_USE_BFC": "true"}, "din_path": "folded",
-                "input_pipeline": "parallel", "jit_compile": "on"},
+    "today": {"env": _MALLOC, "din_path": "per_candidate", "input_pipeline": "legacy",
+              "jit_compile": "off"},
+    "new": {"env": _BFC_ONEDNN, "din_path": "valid", "input_pipeline": "parallel",
+            "jit_compile": None},   # None: --jit_compile
+    "new_xla": {"env": _BFC_ONEDNN, "din_path": "valid", "input_pipeline": "parallel",
+                "jit_compile": "on"},
     # single changes against today, to see what each one gives
-    "today_bfc": {"env": {"TF_CPU_ALLOCATOR_USE_BFC": "true"}, "din_path": "per_candidate",
-                  "input_pipeline": "legacy", "jit_compile": "off"},
-    "new_rows": {"env": {"TF_CPU_ALLOCATOR_USE_BFC": "true"}, "din_path": "rows",
-                 "input_pipeline": "parallel", "jit_compile": None},
+    "today_bfc": {"env": _BFC, "din_path": "per_candidate", "input_pipeline": "legacy",
+                  "jit_compile": "off"},
+    "new_rows": {"env": _BFC_ONEDNN, "din_path": "rows", "input_pipeline": "parallel",
+                 "jit_compile": None},
+    # "new" as it was before session 8 (the DIN unit over every position, TF's own kernels)
+    "new_folded": {"env": _BFC, "din_path": "folded", "input_pipeline": "parallel",
+                   "jit_compile": None},
 }
 INPUTS = ("materialised", "pipeline", "both")
 
@@ -84,7 +97,9 @@ def measure_cell(cell: Dict) -> Dict:
     from tfmodels.train import resolve_jit_compile
 
     L, batch, steps, warmup = cell["long_len"], cell["batch_size"], cell["steps"], cell["warmup"]
-    layers.set_din_path(cell["din_path"])
+    jit = resolve_jit_compile(cell["jit_compile"])
+    # as tfmodels.train.traced_din_path: "valid" has data-dependent rows, XLA gets "folded"
+    layers.set_din_path("folded" if jit and cell["din_path"] == "valid" else cell["din_path"])
     tf.keras.backend.clear_session()
     tf.keras.utils.set_random_seed(0)
     fschema = S.FeatureSchema.from_data_dir(cell["data"], cell["short_len"], L)
@@ -98,11 +113,14 @@ def measure_cell(cell: Dict) -> Dict:
     first = next(it)
     out["first_batch_s"] = time.perf_counter() - t0   # includes the shuffle buffer's fill
     batches = [first] + [next(it) for _ in range(warmup + steps - 1)]
+    # the share of the long window's positions that hold a behavior (the "valid" DIN
+    # layout skips the others, so its speed-up depends on it)
+    lens = tf.concat([tf.reshape(b[f"{S.LONG}_len"], [-1]) for b in batches], 0)
+    out["long_valid_share"] = float(tf.reduce_mean(tf.cast(lens, tf.float64))) / L
     held = tf.data.Dataset.from_tensor_slices(
         {k: tf.stack([b[k] for b in batches]) for k in batches[0]}).repeat()
     del batches, first
     m = build_model(fschema, cell["model"], emb_dim=cell["emb_dim"])
-    jit = resolve_jit_compile(cell["jit_compile"])
     m.compile(tf.keras.optimizers.Adam(1e-3), jit_compile=jit)
     out["jit_compile_resolved"] = jit
     step = m.make_train_function()
@@ -184,19 +202,19 @@ def summarise(rows: List[Dict], lens: List[int]) -> List[Dict]:
 def print_train(rows: List[Dict], summary: List[Dict], lens: List[int], command: str) -> None:
     print(f"command: {command}\n")
     print("| model | L | path | examples/s | wall ms/step | CPU ms/step | input share "
-          "(wall / CPU) | first batch s | trace s | peak RSS MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "(wall / CPU) | first batch s | trace s | peak RSS MiB | long window valid |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
             print(f"| {r['model']} | {r['long_len']} | {r['path']} | failed: {r['error']} "
-                  f"| | | | | | |")
+                  f"| | | | | | | |")
             continue
         share = (f"{r['input_share_wall']:.0%} / {r['input_share_cpu']:.0%}"
                  if "input_share_wall" in r else "")
         print(f"| {r['model']} | {r['long_len']} | {r['path']} | {r['examples_per_s']:.0f} | "
               f"{r['wall_s_per_step'] * 1000:.0f} | {r['cpu_s_per_step'] * 1000:.0f} | "
               f"{share} | {r['first_batch_s']:.1f} | {r['trace_and_warmup_s']:.1f} | "
-              f"{r['peak_rss_mb']:.0f} |")
+              f"{r['peak_rss_mb']:.0f} | {r.get('long_valid_share', float('nan')):.0%} |")
     print()
     print("| model | path | " + " | ".join(f"speed-up L={L} (wall / CPU)" for L in lens)
           + f" | time ratio L={max(lens)} / L={min(lens)} (wall / CPU) |")
