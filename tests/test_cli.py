@@ -77,8 +77,11 @@ def test_train_evaluate_resume(tiny_data, tmp_path, capsys):
     from tfmodels import train as T
     again = T.evaluate(out, "test")
     assert metrics["samples"] == again["samples"] == 96     # 24 tiny users x 4 impressions
+    # 1e-6, not bit equality: `lifelong train` runs TensorFlow's oneDNN kernels
+    # (tfmodels._env.prefer_onednn_for_training), this test process TF's default ones, so
+    # the same weights give a logloss a few 1e-9 apart
     for k in ("auc", "gauc", "logloss"):
-        assert metrics[k] == pytest.approx(again[k], abs=1e-9), k
+        assert metrics[k] == pytest.approx(again[k], abs=1e-6), k
         assert f"{k:>15}: {metrics[k]:.4f}" in r.stdout.splitlines()
     assert os.path.isdir(os.path.join(out, "tb"))
     # resume: continue the same run to epoch 2 from its checkpoint
