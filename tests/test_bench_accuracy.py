@@ -201,3 +201,38 @@ def test_table_without_serving_figures_says_n_a(tmp_path):
     assert A.plot_frontier({"din_l": agg}, {"din_l": None}, str(tmp_path / "x.png"),
                            "x", "t") is None
     assert not (tmp_path / "x.png").exists()
+
+
+def test_server_start_waits_while_versions_load(tmp_path):
+    """The bench's wait for its server: the limit is on time without progress, so a
+    start that keeps loading versions for longer than the limit is still waited for;
+    a silent one fails naming the stall, and an exited one its exit code."""
+    import subprocess
+    import sys
+    from lifelong.bench.serving import wait_until_listening
+
+    def fake(script):
+        log = tmp_path / f"log{len(list(tmp_path.iterdir()))}.txt"
+        proc = subprocess.Popen([sys.executable, "-c", script],
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT)
+        return proc, str(log)
+
+    # five versions 0.4 s apart (2 s in all) under a 1 s stall limit, then it listens
+    proc, log = fake("import time\nfor i in range(5):\n"
+                     "    print(f'[serve] loaded m{i} version 1 in 0.4s', flush=True)\n"
+                     "    time.sleep(0.4)\n"
+                     "print('[serve] listening on localhost:1234; 5 models', flush=True)\n"
+                     "time.sleep(5)")
+    try:
+        assert wait_until_listening(proc, log, stall_s=1.0) == "localhost:1234"
+    finally:
+        proc.kill()
+    proc, log = fake("import time\nprint('[serve] loaded m0 version 1', flush=True)\n"
+                     "time.sleep(30)")
+    with pytest.raises(RuntimeError, match=r"no progress for 0.5 s after 1 loaded version"):
+        wait_until_listening(proc, log, stall_s=0.5)
+    proc.wait(timeout=10)
+    proc, log = fake("import sys; sys.exit(3)")
+    proc.wait(timeout=10)
+    with pytest.raises(RuntimeError, match="server exited with 3"):
+        wait_until_listening(proc, log, stall_s=5)

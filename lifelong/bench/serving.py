@@ -89,6 +89,10 @@ def _throughput(fn, threads: int, seconds: float) -> float:
 
 
 # ---- server process ------------------------------------------------------------------------------
+#: seconds the bench waits for the server's next loaded version (or for it to listen)
+START_STALL_S = 300
+
+
 def start_server(base: str, identity: Sequence[str], log_path: str,
                  extra: Sequence[str] = ()) -> Tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "lifelong.bench.identity", "--base", base, "--port", "0",
@@ -97,17 +101,35 @@ def start_server(base: str, identity: Sequence[str], log_path: str,
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 300
+    return proc, wait_until_listening(proc, log_path)
+
+
+def wait_until_listening(proc: subprocess.Popen, log_path: str,
+                         stall_s: Optional[float] = None) -> str:
+    """The address a starting server process logs (``listening on ADDRESS;``).
+
+    The server loads (and warms up) one version after another before it listens: with
+    13 models on a loaded machine that took over 300 s. So the limit is on the time
+    WITHOUT progress (no new ``] loaded `` line), ``stall_s`` (default
+    :data:`START_STALL_S`), not on the whole start. Raises RuntimeError when the process
+    exits or stalls (and terminates it then)."""
+    stall_s = START_STALL_S if stall_s is None else stall_s
+    deadline, loaded = time.time() + stall_s, 0
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
         with open(log_path) as f:
-            for line in f:
-                if "listening on " in line:
-                    return proc, line.split("listening on ")[1].split(";")[0].strip()
-        time.sleep(0.2)
+            lines = f.readlines()
+        for line in lines:
+            if "listening on " in line:
+                return line.split("listening on ")[1].split(";")[0].strip()
+        now_loaded = sum(1 for line in lines if "] loaded " in line)
+        if now_loaded > loaded:
+            loaded, deadline = now_loaded, time.time() + stall_s
+        time.sleep(0.05)
     proc.terminate()
-    raise RuntimeError(f"server did not start within 300 s; see {log_path}")
+    raise RuntimeError(f"server did not start: no progress for {stall_s:g} s after "
+                       f"{loaded} loaded version(s); see {log_path}")
 
 
 # ---- identity SavedModel ------------------------------------------------------------------------
