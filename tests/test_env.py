@@ -26,14 +26,9 @@ def test_explicit_zero_is_rejected_with_clear_message():
     assert "TF_USE_LEGACY_KERAS" in r.stderr and "Keras 2" in r.stderr
 
 
-def test_tf_keras_is_keras2_after_import():
-    r = _run("import tfmodels, tensorflow as tf; print(tf.keras.layers.Layer.__module__)", None)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip().startswith("tf_keras")
-
-
-def test_training_commands_choose_onednn_before_tensorflow_loads():
-    """`lifelong train` / `compare` / `bench accuracy` set TF_ENABLE_ONEDNN_OPTS=1 before
+def test_training_commands_choose_onednn_and_tf_keras_is_keras2():
+    """(One process, as both need a fresh TensorFlow import.) tf.keras is Keras 2 after
+    importing tfmodels. `lifelong train` / `compare` / `bench accuracy` set TF_ENABLE_ONEDNN_OPTS=1 before
     TensorFlow loads (TensorFlow reads it once, at import) and TensorFlow then reports
     oneDNN on; a caller's own value wins; serving commands and a process that already
     loaded TensorFlow are left alone. One process: `--help` does not load TensorFlow."""
@@ -59,10 +54,11 @@ import tensorflow as tf
 from tensorflow.python.util import _pywrap_util_port as port
 os.environ.pop("TF_ENABLE_ONEDNN_OPTS")
 print("ONEDNN", first, port.IsMklEnabled(), prefer())
+print("KERAS", tf.keras.layers.Layer.__module__.split(".")[0])
 """
     env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    lines = [x for x in r.stdout.splitlines() if x.startswith(("VALUES", "ONEDNN"))]
-    assert lines == ["VALUES 1 1 1 0 None None", "ONEDNN True True False"]
+    lines = [x for x in r.stdout.splitlines() if x.startswith(("VALUES", "ONEDNN", "KERAS"))]
+    assert lines == ["VALUES 1 1 1 0 None None", "ONEDNN True True False", "KERAS tf_keras"]
