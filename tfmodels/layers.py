@@ -341,13 +341,13 @@ class DinAttention(tf.keras.layers.Layer):
                        lambda: self._logits_folded(keys, query))
 
     def _logits_valid_rows(self, keys, valid, query):
+        """:meth:`_logits_valid`'s gathered branch; ``valid`` [B, L] bool."""
         d = int(keys.shape[-1])
         w_key, w_query, w_cross = self._blocks()
         b = tf.shape(query)[0]
         length = tf.shape(keys)[1]
         keys = tf.broadcast_to(keys, tf.stack([b, length, d]))
-        mask = tf.cast(valid, tf.float32)
-        where = tf.where(tf.reshape(mask > 0, [-1]))                       # [V, 1] int64
+        where = tf.where(tf.reshape(valid, [-1]))                          # [V, 1] int64
         rows = tf.gather_nd(tf.reshape(keys, [-1, d]), where)              # [V, d]
         example = tf.cast(where[:, 0], tf.int32) // length                  # [V]
         q = tf.gather(query, example)                                      # [V, d]
