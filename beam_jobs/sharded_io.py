@@ -83,13 +83,20 @@ def shard_of(record: bytes, num_shards: int) -> int:
     return _digest(record) % num_shards
 
 
+def _keyed(record: bytes, num_shards: int):
+    """record -> (its shard, (its hash, record)): the hash is computed once and serves
+    both the shard (:func:`shard_of`) and the order within it."""
+    digest = _digest(record)
+    return digest % num_shards, (digest, record)
+
+
 def _digest(record: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(record, digest_size=8).digest(), "little")
 
 
 class _WriteShard(beam.DoFn):
-    """(shard index, records) -> one gzip TFRecord file, records in a fixed order
-    (their hash, then their bytes), written under a temporary name and renamed when
+    """(shard index, (hash, record) pairs) -> one gzip TFRecord file, records in a
+    fixed order (their hash, then their bytes), written under a temporary name and renamed when
     complete, so a retried bundle rewrites the shard whole."""
 
     def __init__(self, prefix: str, num_shards: int):
@@ -101,12 +108,12 @@ class _WriteShard(beam.DoFn):
         # own WriteToTFRecord uses (and beam_jobs.precompute_batched writes with)
         from apache_beam.io.tfrecordio import _TFRecordUtil
         index, records = element
-        rows = sorted((r for r in records if r is not None), key=lambda r: (_digest(r), r))
+        rows = sorted(r for r in records if r is not None)   # (hash, bytes) pairs
         path = shard_path(self._prefix, index, self._n)
         folder, name = FileSystems.split(path)
         tmp = FileSystems.join(folder, f".tmp-{name}")
         with FileSystems.create(tmp, compression_type=CompressionTypes.GZIP) as out:
-            for r in rows:
+            for _, r in rows:
                 _TFRecordUtil.write_record(out, r)
         FileSystems.rename([tmp], [path])
         yield path
@@ -127,7 +134,7 @@ class _WriteSplit(beam.PTransform):
 
     def expand(self, records):
         n = self._n
-        keyed = records | "ShardKey" >> beam.Map(lambda r: (shard_of(r, n), r))
+        keyed = records | "ShardKey" >> beam.Map(_keyed, n)
         # one marker per shard, so that a shard no record hashes to is still written
         markers = records.pipeline | "ShardMarkers" >> beam.Create([(i, None) for i in range(n)])
         return ((keyed, markers) | "WithMarkers" >> beam.Flatten()

@@ -432,9 +432,7 @@ class ServingSignatures:
         marker = tf.io.parse_example(records, {"record_format": tf.io.FixedLenFeature(
             [], tf.string, default_value=b"")})["record_format"]
         # compact v1 and v2 records alike (one decoder reads both, in one batch too)
-        is_compact = tf.reduce_any(tf.equal(marker[:, None], tf.constant(
-            list(S.COMPACT_MARKERS))), axis=1)
-        n_compact = tf.reduce_sum(tf.cast(is_compact, tf.int32))
+        n_compact = tf.reduce_sum(tf.cast(D.is_compact_marker(marker), tf.int32))
         ok = tf.logical_or(tf.equal(n_compact, 0), tf.equal(n_compact, tf.size(marker)))
         check = tf.debugging.Assert(ok, [
             f"user_tower: one request mixes compact ({S.FORMAT_COMPACT}) and full "

@@ -47,9 +47,10 @@ def prefer_onednn_for_training() -> bool:
     """Turn on TensorFlow's oneDNN CPU kernels (``TF_ENABLE_ONEDNN_OPTS=1``) for a process
     about to train, unless the caller set the variable or TensorFlow is already loaded
     (it reads the variable once, at import). TensorFlow enables oneDNN by default only on
-    some Intel CPUs; on the 2-core AMD machine of docs/benchmarks.md ("oneDNN for
-    training", session 8) it cut the training step's CPU time by 12-18% and raised
-    examples/s 1.3-1.5x for DIN-L and TWIN at L = 1,000. Training commands call this
+    some Intel CPUs; on the 2-core AMD machine of docs/benchmarks.md ("Session 8: the
+    DIN unit over valid rows only, and oneDNN kernels") the DIN unit's fwd + bwd took
+    14% less CPU with it (771 vs 894 ms, 4 interleaved process pairs); whole training
+    steps gained less consistently at that machine's load. Training commands call this
     (``lifelong train``, ``compare``, ``bench accuracy``); serving does not (its small
     per-request ops were not measured with oneDNN). Returns whether oneDNN was chosen here.
     """

@@ -41,9 +41,13 @@ def _dense(parsed: Dict[str, tf.Tensor]) -> Dict[str, tf.Tensor]:
             for name, value in parsed.items()}
 
 
+def is_compact_marker(marker: tf.Tensor) -> tf.Tensor:
+    """Elementwise: the record-format marker is one of the compact versions' (v1, v2)."""
+    return tf.reduce_any(tf.stack([tf.equal(marker, m) for m in S.COMPACT_MARKERS]), 0)
+
+
 def _not_compact(marker: tf.Tensor) -> tf.Tensor:
-    """Elementwise: the record-format marker is none of the compact versions'."""
-    return tf.reduce_all(tf.stack([tf.not_equal(marker, m) for m in S.COMPACT_MARKERS]), 0)
+    return tf.logical_not(is_compact_marker(marker))
 
 
 def parse_user_records(serialized: tf.Tensor, with_impressions: bool = True,

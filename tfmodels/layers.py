@@ -65,6 +65,12 @@ def din_path() -> str:
     return _din_path
 
 
+def din_path_for_jit(path: str, jit: bool) -> str:
+    """The layout to trace for ``path``: "valid" (a data-dependent number of rows, which
+    XLA cannot compile) becomes "folded" when the function is XLA-compiled."""
+    return "folded" if jit and path == "valid" else path
+
+
 @contextlib.contextmanager
 def din_path_scope(path: str):
     """:func:`set_din_path` for the functions traced inside the block, then back."""

@@ -35,7 +35,7 @@ from tfmodels import distribute as DIST
 from tfmodels import metrics as M
 from tfmodels import registry
 from tfmodels import schema as S
-from tfmodels.layers import DIN_PATHS, set_din_path
+from tfmodels.layers import DIN_PATHS, din_path_for_jit, set_din_path
 from tfmodels.model import LifelongCTRModel, build_model
 from tfmodels.errors import LifelongError
 
@@ -63,9 +63,7 @@ def resolve_jit_compile(choice: str) -> bool:
 def traced_din_path(cfg: "TrainConfig") -> str:
     """The DIN layout a run's functions are traced with: ``cfg.din_path``, except that
     "valid" (a data-dependent number of rows) becomes "folded" under XLA."""
-    if cfg.din_path == "valid" and resolve_jit_compile(cfg.jit_compile):
-        return "folded"
-    return cfg.din_path
+    return din_path_for_jit(cfg.din_path, resolve_jit_compile(cfg.jit_compile))
 
 
 @dataclasses.dataclass

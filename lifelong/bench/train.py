@@ -98,8 +98,7 @@ def measure_cell(cell: Dict) -> Dict:
 
     L, batch, steps, warmup = cell["long_len"], cell["batch_size"], cell["steps"], cell["warmup"]
     jit = resolve_jit_compile(cell["jit_compile"])
-    # as tfmodels.train.traced_din_path: "valid" has data-dependent rows, XLA gets "folded"
-    layers.set_din_path("folded" if jit and cell["din_path"] == "valid" else cell["din_path"])
+    layers.set_din_path(layers.din_path_for_jit(cell["din_path"], jit))
     tf.keras.backend.clear_session()
     tf.keras.utils.set_random_seed(0)
     fschema = S.FeatureSchema.from_data_dir(cell["data"], cell["short_len"], L)
