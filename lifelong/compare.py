@@ -159,8 +159,9 @@ def plot(summary: Dict[str, Dict], path: str, title: str) -> None:
 
 def learning_curves(rows: List[Dict]) -> Dict[str, Dict[str, Dict[int, List[float]]]]:
     """Train and validation AUC per epoch from each run's run.json: {model: {"auc" |
-    "val_auc": {epoch: [one value per seed]}}}. A run's history holds the epochs of its
-    last ``train`` call (after a --resume, those after the interruption), numbered so
+    "val_auc": {epoch: [one value per seed]}}}. A run's history covers the whole run
+    across --resume (``epochs.jsonl``), numbered by its ``history_epochs``; a run.json
+    without them (an older run) holds the epochs of its last ``train`` call, numbered so
     that the last is its ``stopped_epoch``."""
     out: Dict[str, Dict[str, Dict[int, List[float]]]] = {}
     for r in rows:
@@ -172,10 +173,13 @@ def learning_curves(rows: List[Dict]) -> Dict[str, Dict[str, Dict[int, List[floa
         history = run.get("history") or {}
         for key in ("auc", "val_auc"):
             values = history.get(key) or []
-            last = run.get("stopped_epoch") or len(values)
-            for i, v in enumerate(values):
+            epochs = run.get("history_epochs")
+            if not epochs or len(epochs) != len(values):
+                last = run.get("stopped_epoch") or len(values)
+                epochs = range(last - len(values) + 1, last + 1)
+            for epoch, v in zip(epochs, values):
                 out.setdefault(r["model"], {}).setdefault(key, {}).setdefault(
-                    last - len(values) + 1 + i, []).append(float(v))
+                    int(epoch), []).append(float(v))
     return out
 
 

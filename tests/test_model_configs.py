@@ -279,6 +279,12 @@ def test_learning_curve_epochs_after_a_resume(tmp_path):
     curves = C.learning_curves([{"model": "m", "run_dir": str(run)},
                                 {"model": "m", "run_dir": str(tmp_path / "missing")}])
     assert curves == {"m": {"auc": {4: [0.6], 5: [0.7]}, "val_auc": {4: [0.55], 5: [0.5]}}}
+    # a run.json with history_epochs (epochs.jsonl: the whole run) is numbered by them
+    (run / "run.json").write_text(json.dumps({"history": {"auc": [0.6, 0.7, 0.8]},
+                                              "history_epochs": [1, 2, 3],
+                                              "stopped_epoch": 3}))
+    assert C.learning_curves([{"model": "m", "run_dir": str(run)}]) == {
+        "m": {"auc": {1: [0.6], 2: [0.7], 3: [0.8]}}}
     assert C.plot_learning_curves([], str(tmp_path / "x.png"), "t") is None
     assert not (tmp_path / "x.png").exists()
 

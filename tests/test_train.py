@@ -104,6 +104,11 @@ def test_keeps_best_epoch_weights(run, tiny_data, tmp_path, monkeypatch):
         with pytest.raises(Interrupted):
             T.train(_config(tiny_data, out, epochs=4))
         assert not os.path.exists(os.path.join(out, "run.json"))
+        # as if the kill had come between epoch 4's log line and its checkpoint: the
+        # resumed run must drop that line (the checkpoint says 3 epochs) and log its own
+        with open(os.path.join(out, "epochs.jsonl"), "a") as f:
+            f.write(json.dumps({"epoch": 4, "logs": {"val_auc": 0.99}, "wall_s": 1e6,
+                                "train_examples_per_s": 1.0}) + "\n" + '{"epoch": 5, "lo')
         T.train(_config(tiny_data, out, epochs=4), resume=True)
     assert script.validated == ([1, 2, 3, 4] if run != "killed_in_epoch4" else [1, 2, 3, 4, 4])
     # the test is only meaningful if the later epochs really moved the weights
@@ -116,6 +121,14 @@ def test_keeps_best_epoch_weights(run, tiny_data, tmp_path, monkeypatch):
     assert summary["stopped_epoch"] == 4
     if run == "straight":
         assert summary["early_stopped"] is True
+    # history, wall time and speed cover the whole run, across the resume (epochs.jsonl)
+    assert summary["history_epochs"] == [1, 2, 3, 4]
+    assert summary["history"]["val_auc"] == pytest.approx(AUCS)
+    assert len(summary["train_examples_per_s"]) == 4
+    assert 0 < summary["train_wall_s"] < 1e5
+    if run != "straight":
+        assert summary["resumed_at_epoch"] == 3
+        assert summary["train_wall_s"] > summary["train_wall_s_this_call"]
     # superseded best-epoch files are gone; the best one stays for a later --resume
     best_files = sorted(os.listdir(os.path.join(out, "ckpt", "best")))
     assert best_files and all(f.startswith("epoch-2.") for f in best_files), best_files
@@ -132,13 +145,21 @@ def test_patience_counts_across_resume(tiny_data, tmp_path, monkeypatch):
     T.train(_config(tiny_data, resumed, epochs=3))
     s2 = T.train(_config(tiny_data, resumed, epochs=6), resume=True)
     assert script.validated == [1, 2, 3, 4]          # epoch 4 only after the resume
-    assert len(s2["history"]["val_auc"]) == 1
+    assert s2["history"]["val_auc"] == pytest.approx(aucs[:4])   # epochs 1-3 too
     _assert_same(_final_weights(resumed), script.weights[2], "final/ is not epoch 2")
     assert (s2["stopped_epoch"], s2["early_stopped"], s2["best_epoch"]) == (4, True, 2)
 
     # the stopped run, resumed again: nothing is trained, final/ still epoch 2
     s3 = T.train(_config(tiny_data, resumed, epochs=6), resume=True)
-    assert script.validated == [1, 2, 3, 4] and s3["history"] == {}
+    assert script.validated == [1, 2, 3, 4]
+    # nothing trained in this call, yet the run's history, wall and speed are reported
+    assert s3["history"] == s2["history"] and s3["history_epochs"] == [1, 2, 3, 4]
+    assert s3["train_wall_s_this_call"] < s3["train_wall_s"] == pytest.approx(
+        s2["train_wall_s"] - s2["train_wall_s_this_call"] + sum(
+            line["wall_s"] for line in T.read_epoch_log(
+                os.path.join(resumed, "epochs.jsonl")) if line["epoch"] == 4)
+        + s3["train_wall_s_this_call"])
+    assert s3["train_examples_per_s"] == s2["train_examples_per_s"]
     assert (s3["stopped_epoch"], s3["best_epoch"]) == (4, 2)
     _assert_same(_final_weights(resumed), script.weights[2], "re-resumed final/ changed")
 
@@ -147,4 +168,31 @@ def test_patience_counts_across_resume(tiny_data, tmp_path, monkeypatch):
                                      early_stopping_patience=3), resume=True)
     assert script.validated == [1, 2, 3, 4, 5, 6]
     assert (s4["stopped_epoch"], s4["best_epoch"], s4["early_stopped"]) == (6, 6, False)
+    assert s4["history"]["val_auc"] == pytest.approx(aucs) and len(
+        s4["train_examples_per_s"]) == 6
     _assert_same(_final_weights(resumed), script.weights[6], "final/ is not epoch 6")
+
+
+def test_fresh_start_in_a_used_directory_forgets_the_old_epoch_log(tiny_data, tmp_path,
+                                                                  monkeypatch):
+    out = str(tmp_path / "run")
+    ScriptedValidation(monkeypatch, AUCS)
+    T.train(_config(tiny_data, out, epochs=2))
+    s = T.train(_config(tiny_data, out, epochs=1))     # no --resume: starts over
+    assert s["history_epochs"] == [1] and s["history"]["val_auc"] == pytest.approx([0.60])
+    assert [line["epoch"] for line in T.read_epoch_log(os.path.join(out, "epochs.jsonl"))] == [1]
+
+
+def test_read_epoch_log_keeps_one_line_per_epoch_up_to_the_checkpoint(tmp_path):
+    path = str(tmp_path / "epochs.jsonl")
+    lines = [{"epoch": 1, "logs": {"auc": 0.5, "val_auc": 0.55}, "wall_s": 2.0},
+             {"epoch": 2, "logs": {"auc": 0.6}, "wall_s": 3.0},
+             {"epoch": 2, "logs": {"auc": 0.7, "val_auc": 0.65}, "wall_s": 4.0},
+             {"epoch": 3, "logs": {"auc": 0.8, "val_auc": 0.75}, "wall_s": 5.0}]
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(x) + "\n" for x in lines) + '{"epoch": 4, "lo')
+    got = T.read_epoch_log(path, upto=2)
+    assert [g["wall_s"] for g in got] == [2.0, 4.0]   # the later line of epoch 2 wins
+    assert T.history_from_epoch_log(got) == {"auc": [0.5, 0.7], "val_auc": [0.55, 0.65]}
+    assert [g["epoch"] for g in T.read_epoch_log(path)] == [1, 2, 3]
+    assert T.read_epoch_log(str(tmp_path / "absent.jsonl")) == []

@@ -11,6 +11,9 @@ A run directory holds::
     final/          the weights of the best validation-AUC epoch of the whole run,
                     across --resume (the last epoch without a validation split or
                     with early stopping off)
+    epochs.jsonl    one line per finished epoch (its logs, wall and training examples/s),
+                    kept across --resume so that run.json's history, wall time and
+                    speed cover the whole run, not only the last ``train`` call
     tb/             TensorBoard logs
     metrics-<split>.json   written by :func:`evaluate`
 """
@@ -384,8 +387,75 @@ class _Throughput(tf.keras.callbacks.Callback):
         self._t_end = time.perf_counter()
 
     def on_epoch_end(self, epoch, logs=None):
+        self.last_rate = None
         if self._steps:
-            self.rates.append(self._steps * self.batch_size / (self._t_end - self._t))
+            self.last_rate = self._steps * self.batch_size / (self._t_end - self._t)
+            self.rates.append(self.last_rate)
+
+
+class _EpochLog(tf.keras.callbacks.Callback):
+    """One JSON line per finished epoch in ``epochs.jsonl``: the 1-based epoch, its Keras
+    logs, its wall time (training + validation) and training examples/s (from
+    :class:`_Throughput`, which must run before this callback).
+
+    Why a file: Keras' ``History`` and our own timers live in the process, so after
+    ``--resume`` run.json described only the epochs of the last call (a resumed run that
+    had finished reported a wall time of ~0 s and no speed, and its learning curve lost
+    the epochs before the interruption). The line is written before the epoch's
+    checkpoint is saved; on resume, lines past the checkpoint's epoch (an interruption
+    between the two writes) are dropped by :func:`read_epoch_log` ``(upto=...)``."""
+
+    def __init__(self, path: str, throughput: "_Throughput"):
+        super().__init__()
+        self.path, self.throughput = path, throughput
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        rate = self.throughput.last_rate
+        line = {"epoch": epoch + 1,
+                "logs": {k: float(v) for k, v in (logs or {}).items()},
+                "wall_s": time.perf_counter() - self._t,
+                "train_examples_per_s": rate}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+def read_epoch_log(path: str, upto: Optional[int] = None) -> List[Dict]:
+    """The lines of an ``epochs.jsonl`` in epoch order, one per epoch (a later line of
+    the same epoch, from a call that retrained it, wins), without epochs past ``upto``.
+    Missing file: ``[]``."""
+    if not os.path.exists(path):
+        return []
+    by_epoch: Dict[int, Dict] = {}
+    with open(path) as f:
+        for raw in f:
+            raw = raw.strip()
+            if not raw:
+                continue
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:   # a line cut short by a kill mid-write
+                continue
+            by_epoch[int(line["epoch"])] = line
+    return [by_epoch[e] for e in sorted(by_epoch) if upto is None or e <= upto]
+
+
+def _write_epoch_log(path: str, lines: List[Dict]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+    os.replace(tmp, path)
+
+
+def history_from_epoch_log(lines: List[Dict]) -> Dict[str, List[float]]:
+    """Keras-``History``-shaped ``{metric: [one value per epoch]}`` over the logged epochs
+    (metrics every line has)."""
+    keys = [k for k in (lines[0]["logs"] if lines else {})
+            if all(k in line["logs"] for line in lines)]
+    return {k: [float(line["logs"][k]) for line in lines] for k in keys}
 
 
 def train(cfg: TrainConfig, resume: bool = False, distribute: str = "none",
@@ -438,8 +508,14 @@ def train(cfg: TrainConfig, resume: bool = False, distribute: str = "none",
     train_ds, valid_ds = DIST.shard_datasets(
         dist, train_ds, valid_ds, len(D.list_files(S.split_pattern(cfg.data, "train"))),
         shard_policy)
+    # Keep the epochs the restored checkpoint covers; drop later lines (an interruption
+    # between an epoch's log line and its checkpoint) and, on a fresh start, all.
+    epoch_log = os.path.join(out_dir, "epochs.jsonl")
+    earlier = read_epoch_log(epoch_log, upto=initial_epoch) if initial_epoch else []
+    _write_epoch_log(epoch_log, earlier)
     throughput = _Throughput(cfg.batch_size)
-    callbacks = [_EpochCheckpoint(manager, epoch_var), throughput,
+    callbacks = [throughput, _EpochLog(epoch_log, throughput),
+                 _EpochCheckpoint(manager, epoch_var),
                  tf.keras.callbacks.TensorBoard(os.path.join(out_dir, "tb"),
                                                 update_freq="epoch", profile_batch=0)]
     early_stopping = bool(cfg.early_stopping_patience and valid_ds is not None)
@@ -476,11 +552,25 @@ def train(cfg: TrainConfig, resume: bool = False, distribute: str = "none",
     final = tf.train.Checkpoint(model=model)
     final.write(os.path.join(out_dir, "final", "weights"))   # every worker: see write_dir
     stopped_epoch = int(epoch_var.numpy())
+    logged = read_epoch_log(epoch_log, upto=stopped_epoch)
+    if logged:   # the whole run's epochs, across --resume
+        history = history_from_epoch_log(logged)
+    rates = [line["train_examples_per_s"] for line in logged
+             if line.get("train_examples_per_s")] if logged else throughput.rates
+    # this call's wall plus the epochs of earlier calls (their fit start-up not included)
+    run_wall = wall + sum(line["wall_s"] for line in earlier)
     summary = {"config": dataclasses.asdict(cfg), "feature_schema": fschema.to_dict(),
                "seed": cfg.seed, "versions": package_versions(), "git_commit": git_commit(),
                "data_meta": {k: v for k, v in S.read_meta(cfg.data).items()
                              if k in ("source", "protocol", "seed", "stats")},
-               "history": history, "train_wall_s": wall,
+               "history": history,
+               # 1-based epoch of each history entry (epochs of calls before this one are
+               # missing when their run directory predates epochs.jsonl)
+               "history_epochs": ([int(line["epoch"]) for line in logged] if logged else
+                                  list(range(stopped_epoch - len(next(iter(
+                                      history.values()), [])) + 1, stopped_epoch + 1))),
+               "train_wall_s": run_wall, "train_wall_s_this_call": wall,
+               "resumed_at_epoch": initial_epoch,
                # 1-based epoch numbers over the whole run (across --resume): the last
                # epoch trained, and the epoch whose weights final/ holds.
                "stopped_epoch": stopped_epoch,
@@ -490,11 +580,10 @@ def train(cfg: TrainConfig, resume: bool = False, distribute: str = "none",
                                 else None),
                "final_epoch": (best.best_epoch if early_stopping and best.best_epoch
                                else stopped_epoch),
-               "train_examples_per_s": throughput.rates,
+               "train_examples_per_s": rates,
                "distribute": dict(dist.describe(), shard_policy=shard_policy,
                                   global_batch=cfg.batch_size),
-               "train_examples_per_s_per_worker": [r / dist.num_workers
-                                                   for r in throughput.rates],
+               "train_examples_per_s_per_worker": [r / dist.num_workers for r in rates],
                "jit_compile_resolved": resolve_jit_compile(cfg.jit_compile),
                "num_params": int(sum(np.prod(v.shape) for v in model.trainable_variables))}
     _write_json(os.path.join(out_dir, "run.json"), summary)

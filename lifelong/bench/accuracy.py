@@ -434,8 +434,9 @@ def run(args, extra: Sequence[str], make_cfg) -> int:
         f"seed's run exported with{'' if args.jit_rank else 'out'} XLA rank, through the "
         f"local gRPC server; cache bytes: the stored cache entry per user. reads: the "
         f"windows and per-behavior side features each model sees (lifelong/reads.py). "
-        f"Training wall, summed over the {len(rows)} runs (as each run recorded it, "
-        f"resumed runs included): {run_wall / 3600:.2f} h.", "",
+        f"Training wall, summed over the {len(rows)} runs (each run's epochs across "
+        f"--resume, from its epochs.jsonl; a run started before that file existed counts "
+        f"its last call only): {run_wall / 3600:.2f} h.", "",
         table, *(["", *[f"**{w}**" for w in notes]] if notes else []), "",
         "Paper claims against this table (AUC):", "", CL.format_claims(checked), "",
         "Figures: " + (", ".join(f"`{os.path.basename(p)}`" for p in pngs) or "none"),
