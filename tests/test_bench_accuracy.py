@@ -146,16 +146,24 @@ def test_bench_accuracy_end_to_end_and_resume(tmp_path, capsys):
     header = [ln for ln in md.splitlines() if ln.startswith("| model | AUC")][0]
     assert header.split("|")[1:-1] == [
         " model ", " AUC ", " GAUC ", " logloss ", " stop / best epoch ", " train ex/s ",
-        " rank p50 ms (N=10) ", " cache bytes/user ", " reads ", " seeds "]
+        " rank p50 ms (N=10) ", " rank / floor ", " cache bytes/user ", " reads ",
+        " seeds "]
     rows = {ln.split("|")[1].strip(): [c.strip() for c in ln.split("|")[1:-1]]
             for ln in md.splitlines() if ln.startswith(("| din |", "| avg_pool |"))}
-    assert rows["din"][8] == "S 5" and rows["avg_pool"][8] == "S 5 + L 24"
+    assert rows["din"][9] == "S 5" and rows["avg_pool"][9] == "S 5 + L 24"
     for r in rows.values():
-        assert float(r[6]) > 0 and float(r[7].replace(",", "")) > 0   # measured, not n/a
+        # measured, not n/a: rank p50 ms, rank / its identity floor, cache bytes
+        assert float(r[6].split()[0]) > 0 and float(r[7].rstrip("x")) > 0
+        assert float(r[8].replace(",", "")) > 0
     res = json.load(open(os.path.join(work, "accuracy.json")))
     # avg_pool caches a [1, d] mean of 2 * emb_dim floats; DIN's entry is a header only
     assert res["serving"]["avg_pool"]["cache_bytes_per_user"] > \
         res["serving"]["din"]["cache_bytes_per_user"]
+    for m in ("din", "avg_pool"):   # the floor timed beside rank, and the machine's load
+        fig = res["serving"][m]
+        assert fig["rank_over_floor"] == pytest.approx(fig["rank_p50_ms"] /
+                                                       fig["floor_p50_ms"])
+        assert fig["requests"] == 4 and fig["others_cpu_share"] is not None
     for png in ("accuracy-auc-vs-rank-latency.png", "accuracy-auc-vs-cache-bytes.png",
                 "accuracy-learning-curves.png"):
         with open(os.path.join(work, png), "rb") as f:
@@ -196,7 +204,17 @@ def test_table_without_serving_figures_says_n_a(tmp_path):
     table = A.format_table({"din_l": agg}, {}, {"din_l": "S 50 + L 300"}, 100)
     cells = [c.strip() for c in table.splitlines()[2].split("|")[1:-1]]
     assert cells == ["din_l", "0.6100 ± 0.0020", "0.6100 ± 0.0020", "0.6100 ± 0.0020",
-                     "4/2, 5/3", "1", "n/a", "n/a", "S 50 + L 300", "2"]
+                     "4/2, 5/3", "1", "n/a", "n/a", "n/a", "S 50 + L 300", "2"]
+    # figures of a busy machine are marked; the ratio to the floor is shown as measured
+    fig = {"rank_p50_ms": 21.4, "rank_over_floor": 1.62, "cache_bytes_per_user": 1112.0,
+           "others_cpu_share": A.BUSY_OTHERS_CPU_SHARE + 0.01}
+    cells = [c.strip() for c in A.format_table({"din_l": agg}, {"din_l": fig}, {}, 100)
+             .splitlines()[2].split("|")[1:-1]]
+    assert cells[6:9] == ["21.40 (busy)", "1.62x", "1,112"]
+    fig["others_cpu_share"] = A.BUSY_OTHERS_CPU_SHARE - 0.01
+    cells = [c.strip() for c in A.format_table({"din_l": agg}, {"din_l": fig}, {}, 100)
+             .splitlines()[2].split("|")[1:-1]]
+    assert cells[6] == "21.40"
     assert "rank p50 ms (N=100)" in table.splitlines()[0]
     assert A.plot_frontier({"din_l": agg}, {"din_l": None}, str(tmp_path / "x.png"),
                            "x", "t") is None

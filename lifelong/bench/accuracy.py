@@ -22,13 +22,20 @@ One resumable command per dataset::
    ``lifelong bench serving`` does), then ``rank`` p50 / p99 of ``--rank_requests``
    sequential requests of ``--candidates`` (100) candidates each (after 3 untimed
    ones), cycling over ``--rank_users`` users: the client's whole path (cache read,
-   request, Predict, decode). The users are the test split's users cut at their last
+   request, Predict, decode). Each timed ``rank`` request is followed by the same
+   request to the model's identity SavedModel on the same server
+   (:func:`lifelong.bench.serving.export_identity_model`: the same inputs, no
+   computation), so the table gives ``rank`` / floor as measured under the same load;
+   the share of the CPUs other processes used meanwhile is recorded
+   (:mod:`lifelong.bench.machine_load`), and a warning printed above
+   ``BUSY_OTHERS_CPU_SHARE`` (absolute milliseconds are then not comparable). The users are the test split's users cut at their last
    request (:func:`lifelong.replay.last_requests`); the candidates are items drawn
    from those users' histories with their categories. **Cache bytes per user** is the
    stored cache entry's size (:attr:`serving.cache_store.CacheEntry.nbytes`, the
    "stored bytes/user" of ``lifelong bench precompute``), mean over those users (an
    entry of DIN, which has no long module, holds its header only). Measured once per
-   run; ``WORK/serving/<model>.json`` keeps it, reused while the run is unchanged.
+   run; ``WORK/serving/<model>.json`` keeps it, reused while the run is unchanged
+   (``--remeasure_serving``: measure again, e.g. on a quieter machine).
 3. **Outputs**: ``--out`` (default ``WORK/accuracy.md``): the table (AUC, GAUC, logloss
    mean ± sample std over seeds, stop/best epoch per seed, training examples/s, rank
    p50, cache bytes, what each model reads (:mod:`lifelong.reads`)), each paper's
@@ -91,6 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="timed sequential rank requests per model (default 200)")
     p.add_argument("--no_serving", action="store_true",
                    help="skip the serving measurement (rank p50 and cache bytes: n/a)")
+    p.add_argument("--remeasure_serving", action="store_true",
+                   help="measure the serving cost again instead of reusing the figures "
+                   "of unchanged runs (e.g. once the machine is quiet)")
     p.add_argument("--no_jit_rank", dest="jit_rank", action="store_false",
                    help="export rank without XLA (default: with)")
 
@@ -139,6 +149,22 @@ def _run_key(run_dir: str, args) -> str:
     return h.hexdigest()
 
 
+#: a measurement during which other processes used more than this share of all CPUs'
+#: time is flagged as taken on a busy machine
+BUSY_OTHERS_CPU_SHARE = 0.15
+
+
+def is_busy(figures: Dict) -> bool:
+    """Whether a serving measurement was taken while other processes used more than
+    ``BUSY_OTHERS_CPU_SHARE`` of the CPUs (False when not recorded)."""
+    share = figures.get("others_cpu_share")
+    return share is not None and share > BUSY_OTHERS_CPU_SHARE
+
+
+def _floor_name(model: str) -> str:
+    return f"identity_sm_{model}"
+
+
 def measure_serving(runs: Dict[str, str], out: str, args) -> Dict[str, Dict]:
     """``{model: {"rank_p50_ms", "rank_p99_ms", "cache_bytes_per_user", ...}}`` of each
     model's run (see the module doc); reuses ``out/<model>.json`` of an unchanged run."""
@@ -151,7 +177,7 @@ def measure_serving(runs: Dict[str, str], out: str, args) -> Dict[str, Dict]:
         if os.path.exists(path):
             with open(path) as f:
                 old = json.load(f)
-            if old.get("key") == key:
+            if old.get("key") == key and not getattr(args, "remeasure_serving", False):
                 print(f"[bench accuracy] reusing serving figures of {m} ({path})",
                       file=sys.stderr)
                 results[m] = old
@@ -162,7 +188,8 @@ def measure_serving(runs: Dict[str, str], out: str, args) -> Dict[str, Dict]:
 
     import shutil
     import tensorflow as tf
-    from lifelong.bench.serving import _pct, start_server
+    from lifelong.bench.machine_load import OthersCpu
+    from lifelong.bench.serving import _pct, export_identity_model, start_server
     from lifelong.replay import _read_records, last_requests
     from serving import protos
     from serving.cache_store import SQLiteCacheStore
@@ -183,6 +210,8 @@ def measure_serving(runs: Dict[str, str], out: str, args) -> Dict[str, Dict]:
         shutil.rmtree(os.path.join(base, m), ignore_errors=True)     # a fresh version 1
         export_model(model, base, m, 1, jit_rank=args.jit_rank,
                      item_table=S.load_item_table(cfg.data))
+        shutil.rmtree(os.path.join(base, _floor_name(m)), ignore_errors=True)
+        export_identity_model(os.path.join(base, m, "1"), base, _floor_name(m))
         print(f"[bench accuracy] exported {m} from {run_dir}", file=sys.stderr, flush=True)
         jobs.append((m, run_dir, key, records, requests))
     db = os.path.join(out, "cache.db")
@@ -194,6 +223,8 @@ def measure_serving(runs: Dict[str, str], out: str, args) -> Dict[str, Dict]:
     try:
         for m, run_dir, key, records, requests in jobs:
             client = RankingClient(address, m, store, timeout_s=120)
+            floor = RankingClient(address, _floor_name(m), store, timeout_s=120)
+            others = OthersCpu([proc.pid])
             try:
                 req = client._request("user_tower", 1)
                 protos.fill_tensor_proto(req.inputs["records"], np.array(records, dtype=object))
@@ -201,7 +232,9 @@ def measure_serving(runs: Dict[str, str], out: str, args) -> Dict[str, Dict]:
                 uids = [int(u) for u in caches.pop("user_id")]
                 sizes = []
                 for i, u in enumerate(uids):
-                    store.put((m, u, 1, {k: v[i:i + 1] for k, v in caches.items()}))
+                    entry = {k: v[i:i + 1] for k, v in caches.items()}
+                    store.put((m, u, 1, entry))
+                    store.put((_floor_name(m), u, 1, entry))
                     sizes.append(store.get(m, u).nbytes)
                 # candidates: (item, category) pairs seen in these users' histories
                 pairs = {}
@@ -216,30 +249,46 @@ def measure_serving(runs: Dict[str, str], out: str, args) -> Dict[str, Dict]:
                 picks = [rng.integers(0, len(items), size=args.candidates)
                          for _ in requests]
 
-                def call(i):
+                def call(c, i):
                     j = i % len(requests)
-                    return client.rank(requests[j]["user_id"],
-                                       (items[picks[j]], cates[picks[j]]),
-                                       imp_ts=requests[j]["ts"])
+                    return c.rank(requests[j]["user_id"], (items[picks[j]], cates[picks[j]]),
+                                  imp_ts=requests[j]["ts"])
 
                 for i in range(3):                   # untimed: XLA compiles on the first
-                    call(i)
-                lat = []
-                for i in range(args.rank_requests):
-                    t0 = time.perf_counter()
-                    call(i)
-                    lat.append(time.perf_counter() - t0)
+                    call(client, i)
+                    call(floor, i)
+                lat, lat_floor = [], []
+                others.start()
+                for i in range(args.rank_requests):  # interleaved: the same load on both
+                    for c, into in ((client, lat), (floor, lat_floor)):
+                        t0 = time.perf_counter()
+                        call(c, i)
+                        into.append(time.perf_counter() - t0)
+                others_share = others.stop()
             finally:
                 client.close()
+                floor.close()
             res = {"model": m, "run_dir": run_dir, "key": key, "candidates": args.candidates,
                    "users": len(uids), "requests": len(lat),
                    "rank_p50_ms": _pct(lat, 50), "rank_p99_ms": _pct(lat, 99),
+                   "floor_p50_ms": _pct(lat_floor, 50),
+                   "rank_over_floor": _pct(lat, 50) / _pct(lat_floor, 50),
+                   "others_cpu_share": others_share, "cpus": os.cpu_count(),
+                   "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                    "cache_bytes_per_user": float(np.mean(sizes)), "jit_rank": args.jit_rank}
+            if others_share is not None and others_share > BUSY_OTHERS_CPU_SHARE:
+                print(f"[bench accuracy] warning: {m}'s rank was timed on a busy machine "
+                      f"(other processes used {others_share:.0%} of the {os.cpu_count()} "
+                      f"CPUs meanwhile): read the rank / floor ratio, not the "
+                      f"milliseconds; --remeasure_serving on a quiet machine",
+                      file=sys.stderr, flush=True)
             with open(os.path.join(out, f"{m}.json"), "w") as f:
                 json.dump(res, f, indent=2)
             results[m] = res
             print(f"[bench accuracy] {m}: rank p50 {res['rank_p50_ms']:.2f} ms at "
-                  f"N={args.candidates}, cache {res['cache_bytes_per_user']:.0f} B/user",
+                  f"N={args.candidates} ({res['rank_over_floor']:.2f}x its identity "
+                  f"SavedModel floor, {res['floor_p50_ms']:.2f} ms), cache "
+                  f"{res['cache_bytes_per_user']:.0f} B/user",
                   file=sys.stderr, flush=True)
     finally:
         store.close()
@@ -256,16 +305,19 @@ def format_table(summary: Dict[str, Dict], serving: Dict[str, Dict], reads: Dict
                  candidates: int) -> str:
     from lifelong.compare import _cell, _epochs_cell
     lines = [f"| model | AUC | GAUC | logloss | stop / best epoch | train ex/s | "
-             f"rank p50 ms (N={candidates}) | cache bytes/user | reads | seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"rank p50 ms (N={candidates}) | rank / floor | cache bytes/user | reads | "
+             f"seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m, agg in summary.items():
         s = serving.get(m) or {}
         speed = agg["train_examples_per_s"]["mean"]
         p50, cache = s.get("rank_p50_ms"), s.get("cache_bytes_per_user")
+        ratio, busy = s.get("rank_over_floor"), is_busy(s)
         lines.append(
             f"| {m} | " + " | ".join(_cell(agg[k]) for k in ("auc", "gauc", "logloss"))
             + f" | {_epochs_cell(agg)} | {'n/a' if speed is None else f'{speed:.0f}'} | "
-            f"{'n/a' if p50 is None else f'{p50:.2f}'} | "
+            f"{'n/a' if p50 is None else f'{p50:.2f}'}{' (busy)' if busy else ''} | "
+            f"{'n/a' if ratio is None else f'{ratio:.2f}x'} | "
             f"{'n/a' if cache is None else f'{cache:,.0f}'} | {reads.get(m, '?')} | "
             f"{len(agg['seeds'])} |")
     return "\n".join(lines)
@@ -432,7 +484,11 @@ def run(args, extra: Sequence[str], make_cfg) -> int:
         f"Data: `{args.prepared}` ({dataset}); seeds {','.join(map(str, seeds))}; "
         f"mean ± sample std over seeds; stop / best epoch per seed. rank p50: the lowest "
         f"seed's run exported with{'' if args.jit_rank else 'out'} XLA rank, through the "
-        f"local gRPC server; cache bytes: the stored cache entry per user. reads: the "
+        f"local gRPC server; rank / floor: its p50 over that of an identity SavedModel "
+        f"with the same inputs, timed interleaved on the same server (robust to load); "
+        f"(busy): other processes used more than {BUSY_OTHERS_CPU_SHARE:.0%} of the CPUs "
+        f"while it was timed, so its milliseconds are inflated (--remeasure_serving). "
+        f"cache bytes: the stored cache entry per user. reads: the "
         f"windows and per-behavior side features each model sees (lifelong/reads.py). "
         f"Training wall, summed over the {len(rows)} runs (each run's epochs across "
         f"--resume, from its epochs.jsonl; a run started before that file existed counts "
