@@ -81,7 +81,9 @@ def test_din_rows_path_equals_per_candidate_path(din_path_restored, normalize, k
         mask[-1] = False        # a window of padding only: "valid" has no row of it
     mask = tf.constant(mask, tf.float32)
     din = layers.DinAttention([5, 3], normalize)
-    din.build(keys.shape)
+    layers.set_din_path("per_candidate")
+    din(keys, mask, query)   # creates every weight (build() alone makes w1, b1 only)
+    assert len(din.weights) == 8
     for v in din.weights:   # non-zero PReLU slopes and biases, so every term is tested
         v.assign(rng.normal(size=v.shape) * 0.5)
 
@@ -94,14 +96,17 @@ def test_din_rows_path_equals_per_candidate_path(din_path_restored, normalize, k
         return out.numpy(), tape.gradient(loss, [keys, query] + din.trainable_variables)
 
     old, g_old = run("per_candidate")
-    max_share = layers.VALID_PATH_MAX_SHARE
-    # "valid" on the valid rows (share below the threshold), then its "folded" branch
-    for path, share in (("folded", None), ("rows", None), ("valid", 1.01), ("valid", 0.0)):
-        layers.VALID_PATH_MAX_SHARE = max_share if share is None else share
+    max_share = layers.VALID_PATH_MAX_SHARE, layers.VALID_PRELU_MAX_SHARE
+    # "valid" / "valid_prelu" on the valid rows (share below the threshold), then their
+    # folded branch
+    for path, share in (("folded", None), ("rows", None), ("valid", 1.01), ("valid", 0.0),
+                        ("valid_prelu", 1.01), ("valid_prelu", 0.0)):
+        if share is not None:
+            layers.VALID_PATH_MAX_SHARE = layers.VALID_PRELU_MAX_SHARE = share
         try:
             out, g_out = run(path)
         finally:
-            layers.VALID_PATH_MAX_SHARE = max_share
+            layers.VALID_PATH_MAX_SHARE, layers.VALID_PRELU_MAX_SHARE = max_share
         np.testing.assert_allclose(out, old, rtol=1e-5, atol=1e-5, err_msg=path)
         for a, b in zip(g_out, g_old):
             np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(),
@@ -129,6 +134,55 @@ def test_din_rows_path_equals_per_candidate_path(din_path_restored, normalize, k
     np.testing.assert_allclose(rows, np.einsum("bl,bld->bd", w, k), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("hidden", [[5], [5, 4, 3]])
+def test_din_valid_path_equals_per_candidate_for_other_depths(din_path_restored, hidden):
+    """The split-PReLU MLP of "valid" (both branches) for an attention MLP of one hidden
+    layer (the first layer's split goes straight into the output) and of three (the
+    split repeated), against "per_candidate" on the same weights, with slopes of both
+    signs; and on a fresh unit, "valid" creates the same weights (names, shapes, order)
+    as the layers' own calls, so checkpoints are interchangeable."""
+    layers = din_path_restored
+    rng = np.random.default_rng(1)
+    d, L, B = 4, 6, 3
+    keys = tf.constant(rng.normal(size=(B, L, d)), tf.float32)
+    query = tf.constant(rng.normal(size=(B, d)), tf.float32)
+    mask = tf.constant(rng.random((B, L)) > 0.4, tf.float32)
+
+    def fresh(path):
+        tf.keras.backend.clear_session()
+        layers.set_din_path(path)
+        din = layers.DinAttention(hidden, name="din")
+        din(keys, mask, query)
+        return din
+
+    ref_din, new_din = fresh("per_candidate"), fresh("valid")
+    assert ([(w.name, w.shape) for w in new_din.weights]
+            == [(w.name, w.shape) for w in ref_din.weights])
+    assert len(ref_din.weights) == 2 + 1 + 3 * (len(hidden) - 1) + 2
+    for v in ref_din.weights:
+        v.assign(rng.normal(size=v.shape) * 0.5)
+    new_din.set_weights(ref_din.get_weights())
+
+    def run(din, path):
+        layers.set_din_path(path)
+        with tf.GradientTape() as tape:
+            tape.watch([keys, query])
+            loss = tf.reduce_sum(din(keys, mask, query) * tf.range(1.0, d + 1.0))
+        return [tf.convert_to_tensor(g).numpy() for g in
+                tape.gradient(loss, [keys, query] + din.trainable_variables)] + [loss.numpy()]
+
+    want = run(ref_din, "per_candidate")
+    saved = layers.VALID_PATH_MAX_SHARE
+    for share in (1.01, 0.0):   # gathered rows, then the folded form
+        layers.VALID_PATH_MAX_SHARE = share
+        try:
+            got = run(new_din, "valid")
+        finally:
+            layers.VALID_PATH_MAX_SHARE = saved
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=str(share))
+
+
 def test_unknown_din_path_is_rejected(din_path_restored):
     with pytest.raises(ValueError, match="din_path must be one of"):
         din_path_restored.set_din_path("fused")
@@ -141,7 +195,7 @@ def test_train_config_speed_fields_resolve_and_reject_bad_values():
     assert T.resolve_jit_compile("auto") is (T.JIT_AUTO == "on")
     assert T.resolve_jit_compile("on") is True and T.resolve_jit_compile("off") is False
     for field, bad, msg in [("jit_compile", "yes", "jit_compile must be one of auto, on, off"),
-                            ("din_path", "fused", "din_path must be one of folded, rows, per_candidate, valid"),
+                            ("din_path", "fused", "din_path must be one of folded, rows, per_candidate, valid, valid_prelu"),
                             ("input_pipeline", "fast", "input_pipeline must be one of")]:
         with pytest.raises(T.ConfigError, match=msg):
             T.TrainConfig(data="d", **{field: bad}).validate()
@@ -153,6 +207,7 @@ def test_train_config_speed_fields_resolve_and_reject_bad_values():
     # "valid" has a data-dependent row count: under XLA the run traces "folded"
     assert T.traced_din_path(T.TrainConfig(din_path="valid", jit_compile="on")) == "folded"
     assert T.traced_din_path(T.TrainConfig(din_path="valid", jit_compile="off")) == "valid"
+    assert T.traced_din_path(T.TrainConfig(din_path="valid_prelu", jit_compile="on")) == "folded"
     assert T.traced_din_path(T.TrainConfig(din_path="rows", jit_compile="on")) == "rows"
     assert (cfg.jit_compile, cfg.din_path, cfg.input_pipeline) == ("on", "per_candidate",
                                                                    "legacy")

@@ -33,24 +33,46 @@ PACKAGE = "lifelong"
 #: * "per_candidate": the layout before issue 22 item 6 (key half GEMM plus B batched
 #:   [L, d] x [d, h0] matmuls against diag(e_t) W_d, the rest of the MLP on [B, L, h0]).
 #:
-#: * "valid": the "rows" layout over the VALID behavior rows only (session 8): the
-#:   (example, position) pairs the mask keeps are gathered into [V, d] rows, the whole
-#:   attention MLP runs on those V rows, and the logits are scattered back (padded
-#:   positions get 0, which the mask then ignores as it always did). Padded positions
-#:   cost nothing, so a batch whose windows are half padding pays half the MLP. The
-#:   number of rows is data-dependent, so XLA cannot compile it: ``TrainConfig`` uses
-#:   "folded" when ``jit_compile`` is on, and a SavedModel export always traces
-#:   "folded" (:func:`din_path_scope`; the serving one-user path is its own).
+#: * "valid_prelu": the "rows" layout over the VALID behavior rows only (session 8):
+#:   the (example, position) pairs the mask keeps are gathered into [V, d] rows, the
+#:   whole attention MLP runs on those V rows, and the logits are scattered back
+#:   (padded positions get 0, which the mask then ignores as it always did). Padded
+#:   positions cost nothing, so a batch whose windows are half padding pays half the
+#:   MLP; a batch with >= :data:`VALID_PRELU_MAX_SHARE` valid positions runs "folded".
+#: * "valid" (the training default; session 9): "valid_prelu" with the attention MLP
+#:   written without its elementwise PReLU passes (:meth:`DinAttention._split_layers`):
+#:   PReLU_a(x) W = x (diag(a) W) + relu(x) (diag(1 - a) W), so each hidden layer costs
+#:   one relu over the rows (and one ReluGrad) instead of about a dozen elementwise
+#:   passes forward and backward (max, min, two selects, products, the slope's sum),
+#:   for a second GEMM with the layer's (small) kernel; and in the folded layout the
+#:   linear half of the second layer goes through the per-example first-layer product:
+#:   pre (diag(a) W) = e_l (M_t diag(a) W) + ..., a d x h1 product per row instead of
+#:   h0 x h1. A batch with >= :data:`VALID_PATH_MAX_SHARE` valid positions takes this
+#:   folded form, the others the gathered rows. The same function: slopes, kernels
+#:   and biases are the layers' own weights (checkpoints unchanged); the derivative at
+#:   a pre-activation of exactly 0 is a instead of the PReLU layer's 1 + a (a set of
+#:   measure zero; only padded rows, whose logits the mask drops, can sit there).
+#:
+#: "valid" and "valid_prelu" have a data-dependent number of rows, which XLA cannot
+#: compile: ``TrainConfig`` traces "folded" when ``jit_compile`` is on
+#: (:func:`din_path_for_jit`), and a SavedModel export always traces "folded"
+#: (:func:`din_path_scope`; the serving one-user path is its own).
 #:
 #: Same function up to float reassociation (tests/test_train_speed_paths.py). Read when a
 #: function is traced: set it with :func:`set_din_path` before building/training
 #: (``TrainConfig.din_path``). A caller that passes ``key_proj`` gets "rows".
-DIN_PATHS = ("folded", "rows", "per_candidate", "valid")
+DIN_PATHS = ("folded", "rows", "per_candidate", "valid", "valid_prelu")
 #: the layout traced when nobody chose one (tests, exports): static shapes
 _din_path = "folded"
 #: "valid" gathers the valid rows only when fewer than this share of the batch's
-#: positions are valid, and runs "folded" otherwise (a tf.cond per batch)
-VALID_PATH_MAX_SHARE = 0.8
+#: positions are valid, and runs its folded form otherwise (a tf.cond per batch).
+#: Measured (session 9, DIN unit alone, B 256, L 1,000, fwd + bwd CPU ms, gathered /
+#: folded form): 309 / 515 at 31% valid, 478 / 501 at 52%, 820 / 500 at 92% -- the
+#: gathered rows pay per-row gathers and their segment-sum gradients, so they win
+#: only below about half.
+VALID_PATH_MAX_SHARE = 0.5
+#: the same threshold of "valid_prelu" (session 8's measurement: 0.8)
+VALID_PRELU_MAX_SHARE = 0.8
 
 
 def set_din_path(path: str) -> None:
@@ -66,9 +88,9 @@ def din_path() -> str:
 
 
 def din_path_for_jit(path: str, jit: bool) -> str:
-    """The layout to trace for ``path``: "valid" (a data-dependent number of rows, which
-    XLA cannot compile) becomes "folded" when the function is XLA-compiled."""
-    return "folded" if jit and path == "valid" else path
+    """The layout to trace for ``path``: "valid" / "valid_prelu" (a data-dependent number
+    of rows, which XLA cannot compile) become "folded" when the function is XLA-compiled."""
+    return "folded" if jit and path in ("valid", "valid_prelu") else path
 
 
 @contextlib.contextmanager
@@ -325,26 +347,95 @@ class DinAttention(tf.keras.layers.Layer):
         logits = self.rest(self.act1(tf.reshape(pre, [-1, h0])))          # [B*L, 1]
         return tf.reshape(logits, shape[:2])
 
-    def _logits_valid(self, keys, mask, query):
-        """Attention logits [B, L], the "valid" path of :data:`DIN_PATHS`: the "rows"
-        computation on the V rows where ``mask`` > 0 only, pre = [e_l, e_l * e_t]
-        [W_a + W_c; W_d] + (e_t (W_b - W_c) + b1), then the rest of the MLP on [V, h0];
-        0 at every masked position. keys [B or 1, L, d], mask [B or 1, L], query [B, d].
-        Written by hand because no library op runs an MLP over a ragged subset; the
-        gathers and the scatter are the standard ops (with their gradients)."""
+    def _logits_valid(self, keys, mask, query, split: bool = True):
+        """Attention logits [B, L], the "valid" (``split``) and "valid_prelu" paths of
+        :data:`DIN_PATHS`: the "rows" computation on the V rows where ``mask`` > 0 only,
+        pre = [e_l, e_l * e_t] [W_a + W_c; W_d] + (e_t (W_b - W_c) + b1), then the rest of
+        the MLP on [V, h0]; 0 at every masked position. keys [B or 1, L, d], mask [B or 1,
+        L], query [B, d]. Written by hand because no library op runs an MLP over a ragged
+        subset; the gathers and the scatter are the standard ops (with their gradients)."""
         d = int(keys.shape[-1])
         self._build_for_dim(d)
         b = tf.shape(query)[0]
         length = tf.shape(keys)[1]
         valid = tf.broadcast_to(mask, tf.stack([b, length])) > 0
         share = tf.reduce_mean(tf.cast(valid, tf.float32))
+        if split:
+            mlp = self._split_layers()   # outside the branches: built once, shared
+            return tf.cond(share < VALID_PATH_MAX_SHARE,
+                           lambda: self._logits_valid_rows_split(keys, valid, query, mlp),
+                           lambda: self._logits_folded_split(keys, query, mlp))
         # gathering and scattering the rows costs about a fifth of the MLP over all rows,
         # so a batch that is mostly valid goes through "folded" (measured, session 8:
         # B 256, L 1,000, fwd + bwd CPU: valid 0.56x of folded at 42% valid rows, 1.2x at
         # 100%)
-        return tf.cond(share < VALID_PATH_MAX_SHARE,
+        return tf.cond(share < VALID_PRELU_MAX_SHARE,
                        lambda: self._logits_valid_rows(keys, valid, query),
                        lambda: self._logits_folded(keys, query))
+
+    def _split_layers(self):
+        """The attention MLP after its first pre-activation, one (lin, rel, bias) per
+        Dense layer (the hidden ones of ``rest``, then its output), for
+        :meth:`_mlp_split`: PReLU_a(x) K + b = x lin + relu(x) rel + b with
+        lin = diag(a) K and rel = diag(1 - a) K, where a is the slope of the PReLU
+        before K (``act1`` for the first). a x + (1 - a) relu(x) is PReLU_a(x) for
+        either sign of x. The products with the slopes are [h, h'] small; the gradients
+        of a, K and b flow through them."""
+        if not self.rest.built:
+            # create the weights where the layers' own calls would (same names and
+            # order), on zero rows, so that the MLP can be applied through its weights
+            self.rest(self.act1(tf.zeros([0, self.hidden[0]])))
+        alphas = [self.act1.alpha] + [act.alpha for act in self.rest.acts]
+        dense = list(self.rest.dense) + [self.rest.out]
+        return [(a[:, None] * layer.kernel, (1.0 - a)[:, None] * layer.kernel, layer.bias)
+                for a, layer in zip(alphas, dense)]
+
+    @staticmethod
+    def _mlp_split(x, mlp):
+        """The MLP of :meth:`_split_layers` on rows x [R, h]: per layer one relu (one
+        ReluGrad backward) and two GEMMs, instead of the PReLU layer's max, min, product
+        and sum forward and its selects, products and the slope's reduction backward,
+        each a pass over [R, h] (measured: those passes were most of the unit's time)."""
+        for lin, rel, bias in mlp:
+            x = tf.matmul(x, lin) + tf.matmul(tf.nn.relu(x), rel) + bias
+        return x
+
+    def _logits_folded_split(self, keys, query, mlp):
+        """:meth:`_logits_folded` with the MLP of :meth:`_split_layers`. The first
+        layer's linear half pre lin is computed from the d-wide keys: pre = e_l M_t + c_t
+        with M_t = (W_a + W_c) + diag(e_t) W_d, c_t = e_t (W_b - W_c) + b1, so
+        pre lin = e_l (M_t lin) + c_t lin, a [L, d] x [d, h1] product per candidate
+        instead of [L, h0] x [h0, h1] per row."""
+        h0 = self.hidden[0]
+        w_key, w_query, w_cross = self._blocks()
+        (lin, rel, bias), rest = mlp[0], mlp[1:]
+        h1 = int(lin.shape[-1])
+        m = w_key[None] + query[:, :, None] * w_cross[None]               # [B, d, h0]
+        c = tf.matmul(query, w_query) + self.b1                           # [B, h0]
+        pre = tf.matmul(keys, m) + c[:, None, :]                          # [B, L, h0]
+        shape = tf.shape(pre)
+        relu_part = tf.matmul(tf.nn.relu(tf.reshape(pre, [-1, h0])), rel)  # [B*L, h1]
+        z = (tf.matmul(keys, tf.matmul(m, lin)) + (tf.matmul(c, lin) + bias)[:, None, :]
+             + tf.reshape(relu_part, tf.concat([shape[:2], [h1]], 0)))     # [B, L, h1]
+        logits = self._mlp_split(tf.reshape(z, [-1, h1]), rest)           # [B*L, 1]
+        return tf.reshape(logits, shape[:2])
+
+    def _logits_valid_rows_split(self, keys, valid, query, mlp):
+        """:meth:`_logits_valid_rows` with the MLP of :meth:`_split_layers`."""
+        d = int(keys.shape[-1])
+        w_key, w_query, w_cross = self._blocks()
+        b = tf.shape(query)[0]
+        length = tf.shape(keys)[1]
+        keys = tf.broadcast_to(keys, tf.stack([b, length, d]))
+        where = tf.where(tf.reshape(valid, [-1]))                          # [V, 1] int64
+        rows = tf.gather_nd(tf.reshape(keys, [-1, d]), where)              # [V, d]
+        example = tf.cast(where[:, 0], tf.int32) // length                  # [V]
+        q = tf.gather(query, example)                                      # [V, d]
+        pre = (tf.matmul(tf.concat([rows, rows * q], -1), tf.concat([w_key, w_cross], 0))
+               + tf.gather(tf.matmul(query, w_query) + self.b1, example))  # [V, h0]
+        logits = self._mlp_split(pre, mlp)[:, 0]                           # [V]
+        size = tf.cast(tf.reshape(b * length, [1]), tf.int64)
+        return tf.reshape(tf.scatter_nd(where, logits, size), tf.stack([b, length]))
 
     def _logits_valid_rows(self, keys, valid, query):
         """:meth:`_logits_valid`'s gathered branch; ``valid`` [B, L] bool."""
@@ -365,11 +456,11 @@ class DinAttention(tf.keras.layers.Layer):
 
     def attention_weights(self, keys, mask, query, key_proj=None):
         """Per-position weights w_l [B, L] (masked, unnormalised unless softmax)."""
-        if _din_path == "valid" and key_proj is None:
-            logits = self._logits_valid(keys, mask, query)
+        if _din_path in ("valid", "valid_prelu") and key_proj is None:
+            logits = self._logits_valid(keys, mask, query, split=_din_path == "valid")
         elif _din_path == "folded" and key_proj is None:
             logits = self._logits_folded(keys, query)
-        elif _din_path in ("folded", "rows", "valid"):
+        elif _din_path in ("folded", "rows", "valid", "valid_prelu"):
             logits = self._logits_rows(keys, query, key_proj)
         else:
             h = self.act1(self.first_layer(keys, query, key_proj))
@@ -382,6 +473,11 @@ class DinAttention(tf.keras.layers.Layer):
     def call(self, keys, mask, query, key_proj=None):
         w = self.attention_weights(keys, mask, query, key_proj)
         keys = tf.broadcast_to(keys, tf.concat([tf.shape(w), tf.shape(keys)[-1:]], 0))
+        if _din_path == "valid":
+            # the same sum as one batched [1, L] x [L, d] matmul per row: its gradient
+            # (the outer product w_l g) costs less than einsum's (session 9, DIN unit
+            # fwd + bwd: 508 vs 522 ms CPU at B 256, L 1,000)
+            return tf.matmul(w[:, None, :], keys)[:, 0, :]
         return tf.einsum("bl,bld->bd", w, keys)
 
     def get_config(self):

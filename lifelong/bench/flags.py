@@ -87,8 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--emb_dim", type=int, default=16)
     p.add_argument("--paths", default="new",
                    help="train: comma separated training paths: today (before issue 22 "
-                   "item 6), new, new_xla, today_bfc, new_rows, new_folded (new before session "
-                   "8) (default new; 'today,new' = before/after)")
+                   "item 6), new, new_xla, today_bfc, new_rows, new_s8 (new in session 8), "
+                   "new_folded (new before session 8) (default new; 'today,new' = "
+                   "before/after)")
     p.add_argument("--input", default="materialised",
                    help="train: materialised (held batches: the model's time) | pipeline | "
                    "both (times the live input pipeline too: the input share of a step)")

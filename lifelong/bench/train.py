@@ -23,12 +23,15 @@ Paths (:data:`PATHS`):
   (``TF_CPU_ALLOCATOR_USE_BFC=false``), the DIN unit's per-candidate layout, the legacy
   input pipeline, no XLA;
 * ``new`` -- TensorFlow's BFC allocator for CPU memory (``tfmodels/_env.py`` makes it the
-  default), the DIN unit's "valid" layout (its MLP over the non-padded positions only;
-  "folded" when a batch is mostly valid, and under XLA), the parallel input pipeline,
-  ``--jit_compile`` (auto = :data:`tfmodels.train.JIT_AUTO`);
+  default), the DIN unit's "valid" layout (its MLP over the non-padded positions only
+  when fewer than half are valid, its folded form otherwise, "folded" under XLA; the
+  attention MLP without elementwise PReLU passes, session 9), the parallel input
+  pipeline, ``--jit_compile`` (auto = :data:`tfmodels.train.JIT_AUTO`);
+* ``new_s8`` -- ``new`` as it was in session 8 (the "valid_prelu" layout: the PReLU
+  layers over every row, the folded layout above 80% valid);
 * ``new_folded`` -- ``new`` as it was before session 8 (the "folded" layout over every
-  position, TensorFlow's default kernels); ``new`` and ``new_xla`` run with oneDNN
-  (``TF_ENABLE_ONEDNN_OPTS=1``, what training commands choose,
+  position, TensorFlow's default kernels); ``new``, ``new_s8`` and ``new_xla`` run with
+  oneDNN (``TF_ENABLE_ONEDNN_OPTS=1``, what training commands choose,
   :func:`tfmodels._env.prefer_onednn_for_training`), ``today`` and ``today_bfc`` without;
 * ``new_xla`` -- ``new`` with XLA on (how ``auto`` was decided);
 * ``today_bfc`` (today + the BFC allocator) and ``new_rows`` (new with the DIN unit's
@@ -66,6 +69,9 @@ PATHS: Dict[str, Dict] = {
                   "jit_compile": "off"},
     "new_rows": {"env": _BFC_ONEDNN, "din_path": "rows", "input_pipeline": "parallel",
                  "jit_compile": None},
+    # "new" as it was in session 8 (PReLU layers over the rows, folded above 80% valid)
+    "new_s8": {"env": _BFC_ONEDNN, "din_path": "valid_prelu", "input_pipeline": "parallel",
+               "jit_compile": None},
     # "new" as it was before session 8 (the DIN unit over every position, TF's own kernels)
     "new_folded": {"env": _BFC, "din_path": "folded", "input_pipeline": "parallel",
                    "jit_compile": None},
