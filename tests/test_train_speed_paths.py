@@ -183,6 +183,47 @@ def test_din_valid_path_equals_per_candidate_for_other_depths(din_path_restored,
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=str(share))
 
 
+def test_deduplicated_embedding_lookup_equals_the_plain_one(din_path_restored):
+    """ItemEmbedding traced with "valid" looks each distinct id up once: the same
+    embeddings (padding rows zero), the same table gradients (summed over repeated ids,
+    hand-checked for one row), and the gradient reaching the optimizer is IndexedSlices
+    with each id once (what makes its deduplication cheap). Other layouts keep the
+    plain lookup (one gradient row per looked-up id)."""
+    layers = din_path_restored
+    rng = np.random.default_rng(2)
+    emb = layers.ItemEmbedding(9, 4, dim=3)
+    ids = tf.constant([[3, 5, 3, 0], [8, 3, 0, 0]], tf.int64)
+    cats = tf.constant([[1, 2, 1, 0], [3, 1, 0, 0]], tf.int64)
+    emb(ids, cats)
+    upstream = tf.constant(rng.normal(size=(2, 4, 6)), tf.float32)
+
+    def run(path):
+        layers.set_din_path(path)
+        with tf.GradientTape() as tape:
+            out = emb(ids, cats)
+            loss = tf.reduce_sum(out * upstream)
+        return out.numpy(), tape.gradient(loss, [emb.item_table.embeddings,
+                                                 emb.cate_table.embeddings])
+
+    out_plain, g_plain = run("folded")
+    out_dedup, g_dedup = run("valid")
+    np.testing.assert_array_equal(out_dedup, out_plain)
+    assert not out_dedup[1, 2:].any()
+    assert len(g_plain[0].indices) == 8                       # one row per lookup
+    for g, distinct in zip(g_dedup, ([0, 3, 5, 8], [0, 1, 2, 3])):
+        assert isinstance(g, tf.IndexedSlices)
+        assert sorted(g.indices.numpy().tolist()) == distinct   # each id once
+    for a, b in zip(g_dedup, g_plain):
+        np.testing.assert_allclose(tf.convert_to_tensor(a).numpy(),
+                                   tf.convert_to_tensor(b).numpy(), rtol=1e-6, atol=1e-6)
+    # item 3 at (0, 0), (0, 2), (1, 1): its row's gradient is the sum of the three
+    # upstream rows' item half
+    dense = tf.convert_to_tensor(g_dedup[0]).numpy()
+    u = upstream.numpy()
+    np.testing.assert_allclose(dense[3], u[0, 0, :3] + u[0, 2, :3] + u[1, 1, :3], rtol=1e-6)
+    assert not dense[0].any()                                  # padding: masked out
+
+
 def test_unknown_din_path_is_rejected(din_path_restored):
     with pytest.raises(ValueError, match="din_path must be one of"):
         din_path_restored.set_din_path("fused")
