@@ -65,6 +65,47 @@ NO_GENRES = "(no genres listed)"   # MovieLens's own marker; a category like any
 TAOBAO_BEHAVIORS = {"pv": 1, "cart": 2, "fav": 3, "buy": 4}  # behavior type -> engage code
 MOVIELENS_RATINGS_HEADER = "userId,movieId,rating,timestamp"
 
+
+class MovieLensLayout(NamedTuple):
+    """The file layout of a MovieLens release (GroupLens ships three):
+
+    * ``csv``: ``ratings.csv`` (``userId,movieId,rating,timestamp`` with that header) and
+      ``movies.csv`` (``movieId,title,genres``): ml-latest(-small), ml-20m, ml-25m, ml-32m;
+    * ``dat``: ``ratings.dat`` (``UserID::MovieID::Rating::Timestamp``, no header) and
+      ``movies.dat`` (``MovieID::Title::Genres``, Latin-1): ml-1m, ml-10m;
+    * ``100k``: ``u.data`` (user, item, rating, timestamp, tab separated, no header) and
+      ``u.item`` (``|`` separated, 19 genre flags after the fifth field, Latin-1): ml-100k.
+    """
+    name: str
+    ratings: str
+    movies: str
+    sep: str
+    header: Optional[str]    # the ratings file's header line, None when it has none
+    releases: str
+
+
+MOVIELENS_LAYOUTS = (
+    MovieLensLayout("csv", "ratings.csv", "movies.csv", ",", MOVIELENS_RATINGS_HEADER,
+                    "ml-latest-small, ml-latest, ml-20m, ml-25m, ml-32m"),
+    MovieLensLayout("dat", "ratings.dat", "movies.dat", "::", None, "ml-1m, ml-10m"),
+    MovieLensLayout("100k", "u.data", "u.item", "\t", None, "ml-100k"),
+)
+# ml-100k's u.genre order (= the flag columns of u.item); alphabetical after "unknown",
+# so the first flag set is the first listed genre, as in the other layouts
+ML100K_GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy",
+                 "Crime", "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical",
+                 "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
+# ml-100k / ml-1m spell it "Children's", ml-10m and the csv releases "Children": one category
+GENRE_ALIASES = {"Children's": "Children"}
+
+
+def movielens_layout(exists) -> Optional[MovieLensLayout]:
+    """The first layout of :data:`MOVIELENS_LAYOUTS` whose two files ``exists(name)``."""
+    for layout in MOVIELENS_LAYOUTS:
+        if exists(layout.ratings) and exists(layout.movies):
+            return layout
+    return None
+
 Behavior = Tuple[str, str, str, int, float, int]
 
 
@@ -246,10 +287,11 @@ def parse_timestamp(value: str) -> Tuple[Optional[int], Optional[str]]:
     return ts, None
 
 
-def _split_columns(line: str, expected: int) -> Tuple[Optional[list], Optional[str]]:
+def _split_columns(line: str, expected: int,
+                   sep: str = ",") -> Tuple[Optional[list], Optional[str]]:
     if not line.strip():
         return None, "blank line"
-    cols = line.split(",")
+    cols = line.split(sep)
     if len(cols) != expected:
         return None, f"wrong column count: {len(cols)} != {expected}"
     return cols, None
@@ -259,9 +301,62 @@ def _split_columns(line: str, expected: int) -> Tuple[Optional[list], Optional[s
 
 
 def first_genre(genres: str) -> str:
-    """Category of a movie: its first genre (``"(no genres listed)"`` is kept as is)."""
+    """Category of a movie: its first genre (``"(no genres listed)"`` is kept as is;
+    ``"Children's"`` of the older releases is ``"Children"``)."""
     g = genres.strip().split("|", 1)[0].strip()
-    return g if g else UNKNOWN_CATEGORY
+    return GENRE_ALIASES.get(g, g) if g else UNKNOWN_CATEGORY
+
+
+def parse_movies_dat(text: str) -> Tuple[Dict[str, str], int]:
+    """``movies.dat`` (ml-1m / ml-10m: ``MovieID::Title::Genres``) content -> (``{movieId:
+    first genre}``, number of malformed rows). The id is the first field and the genres
+    the last (a title never holds "::", but this does not rely on it)."""
+    genres: Dict[str, str] = {}
+    malformed = 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        cols = line.split("::")
+        if len(cols) < 3:
+            malformed += 1
+            continue
+        movie, err = _parse_id(cols[0].lstrip("\ufeff"), "MovieID")
+        if err:
+            malformed += 1
+            continue
+        genres.setdefault(movie, first_genre(cols[-1]))
+    return genres, malformed
+
+
+def parse_u_item(text: str) -> Tuple[Dict[str, str], int]:
+    """``u.item`` (ml-100k: id|title|release|video release|IMDb URL|19 genre flags)
+    content -> (``{movieId: first genre}``, number of malformed rows). The first genre
+    is the first flag set in :data:`ML100K_GENRES` order after "unknown"; a movie with
+    only "unknown" (or no flag) gets ``"(no genres listed)"``, the csv releases' marker."""
+    genres: Dict[str, str] = {}
+    malformed = 0
+    n = len(ML100K_GENRES)
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        cols = line.split("|")
+        flags = [c.strip() for c in cols[-n:]]
+        if len(cols) < 5 + n or any(f not in ("0", "1") for f in flags):
+            malformed += 1
+            continue
+        movie, err = _parse_id(cols[0], "movie id")
+        if err:
+            malformed += 1
+            continue
+        named = [g for g, f in zip(ML100K_GENRES[1:], flags[1:]) if f == "1"]
+        genres.setdefault(movie, GENRE_ALIASES.get(named[0], named[0]) if named else NO_GENRES)
+    return genres, malformed
+
+
+def parse_movies_file(layout: MovieLensLayout, text: str) -> Tuple[Dict[str, str], int]:
+    """The movie table of ``layout`` (see :class:`MovieLensLayout`)."""
+    return {"csv": parse_movies_csv, "dat": parse_movies_dat,
+            "100k": parse_u_item}[layout.name](text)
 
 
 def parse_movies_csv(text: str) -> Tuple[Dict[str, str], int]:
@@ -313,8 +408,10 @@ def movielens_domain(category: str, mode: str = "none") -> int:
 
 def parse_movielens_rating(line: Union[bytes, str], genres: Mapping[str, str],
                            window: Optional[TimeWindow] = None,
-                           domains: str = "none") -> Parsed:
-    """One ``ratings.csv`` line (``userId,movieId,rating,timestamp``) -> behavior or dead letter.
+                           domains: str = "none", sep: str = ",") -> Parsed:
+    """One ratings line (``userId,movieId,rating,timestamp``; ``sep`` "::" for
+    ``ratings.dat``, a tab for ``u.data``: :data:`MOVIELENS_LAYOUTS`) -> behavior or
+    dead letter.
 
     ``engage`` = the rating; the category = the movie's first genre from
     ``genres`` (:func:`parse_movies_csv`), ``"unknown"`` for a movie missing there.
@@ -325,7 +422,7 @@ def parse_movielens_rating(line: Union[bytes, str], genres: Mapping[str, str],
     text, printable = decode_line(line)
     if text is None:
         return DeadLetter("bad encoding: not UTF-8", printable)
-    cols, err = _split_columns(text, 4)
+    cols, err = _split_columns(text, 4, sep)
     if err:
         return DeadLetter(err, printable)
     user, err = _parse_id(cols[0], "userId")

@@ -15,8 +15,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                    help="synthetic | movielens | taobao | taobao_ad (default: synthetic; "
                         "taobao_ad = Tianchi 56 display-ad clicks, two domains, METHODS 4.3)")
     g.add_argument("--input", default=None,
-                   help="movielens: folder with ratings.csv and movies.csv (ml-latest-small, "
-                        "ml-32m); taobao: UserBehavior.csv or a glob of such files; "
+                   help="movielens: a MovieLens folder, ratings.csv + movies.csv "
+                        "(ml-latest-small, ml-20m .. ml-32m), ratings.dat + movies.dat "
+                        "(ml-1m, ml-10m) or u.data + u.item (ml-100k); taobao: UserBehavior.csv or a glob of such files; "
                         "taobao_ad: folder with raw_sample.csv, ad_feature.csv and "
                         "behavior_log.csv (with their header lines); "
                         "local or any Beam filesystem (gs://, s3://, hdfs://)")

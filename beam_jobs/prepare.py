@@ -268,7 +268,8 @@ def _check_inputs(settings: Mapping[str, Any], args: argparse.Namespace) -> None
     path = getattr(args, "input", None)
     if not path:
         raise PrepareError(f"--source {source} needs --input (" + (
-            "a folder with ratings.csv and movies.csv)" if source == "movielens"
+            "a MovieLens folder: ratings.csv + movies.csv, ratings.dat + movies.dat or "
+            "u.data + u.item)" if source == "movielens"
             else "a folder with raw_sample.csv, ad_feature.csv and behavior_log.csv)"
             if source == "taobao_ad" else "UserBehavior.csv or a glob)"))
     if source == "taobao_ad":
@@ -276,18 +277,28 @@ def _check_inputs(settings: Mapping[str, Any], args: argparse.Namespace) -> None
     elif source == "movielens":
         if not FileSystems.exists(path):
             raise PrepareError(f"--input {path!r} does not exist")
-        for name in ("ratings.csv", "movies.csv"):
-            f = join(path, name)
-            if not FileSystems.exists(f):
-                raise PrepareError(f"--input {path!r} has no {name} (expected a MovieLens "
-                                   f"folder such as ml-latest-small or ml-32m)")
-        with FileSystems.open(join(path, "ratings.csv")) as f:
+        layout = A.movielens_layout(lambda name: FileSystems.exists(join(path, name)))
+        if layout is None:
+            expected = "; ".join(f"{lay.ratings} + {lay.movies} ({lay.releases})"
+                                 for lay in A.MOVIELENS_LAYOUTS)
+            found = [lay.ratings for lay in A.MOVIELENS_LAYOUTS
+                     if FileSystems.exists(join(path, lay.ratings))]
+            missing = (f"has {found[0]} but not its movie file" if found else
+                       "has no ratings.csv")
+            raise PrepareError(f"--input {path!r} {missing}: expected a MovieLens folder "
+                               f"with {expected}")
+        ratings = join(path, layout.ratings)
+        with FileSystems.open(ratings) as f:
             head = f.readline().decode("utf-8", errors="replace").strip().lstrip("\ufeff")
         if not head:
-            raise PrepareError(f"{join(path, 'ratings.csv')} is empty")
-        if head.replace(" ", "") != A.MOVIELENS_RATINGS_HEADER:
-            raise PrepareError(f"{join(path, 'ratings.csv')} must start with the header "
-                               f"{A.MOVIELENS_RATINGS_HEADER!r}, found {head[:80]!r}")
+            raise PrepareError(f"{ratings} is empty")
+        if layout.header and head.replace(" ", "") != layout.header:
+            raise PrepareError(f"{ratings} must start with the header "
+                               f"{layout.header!r}, found {head[:80]!r}")
+        if not layout.header and len(head.split(layout.sep)) != 4:
+            raise PrepareError(f"{ratings}: expected 4 columns separated by "
+                               f"{layout.sep!r} (user, movie, rating, timestamp; no header), "
+                               f"found {head[:80]!r}")
     else:
         if "://" not in path and os.path.isdir(path):
             raise PrepareError(f"--input {path!r} is a folder; pass UserBehavior.csv or a glob "

@@ -17,6 +17,7 @@ import argparse
 from typing import Any, Mapping
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 
 from beam_jobs import adapters as A
 from beam_jobs.prepare_protocols import split_index
@@ -72,20 +73,25 @@ def build_pipeline(p: beam.Pipeline, settings: Mapping[str, Any], args: argparse
         counts_parts.append(src["counts"])
     else:
         if source == "movielens":
-            ratings = join(args.input, "ratings.csv")
-            movies = join(args.input, "movies.csv")
+            layout = A.movielens_layout(lambda name: FileSystems.exists(join(args.input, name)))
+            ratings = join(args.input, layout.ratings)
+            movies = join(args.input, layout.movies)
             lines = p | "ReadRatings" >> beam.io.ReadFromText(
-                ratings, skip_header_lines=1, coder=beam.coders.BytesCoder())
+                ratings, skip_header_lines=1 if layout.header else 0,
+                coder=beam.coders.BytesCoder())
+            # errors="replace": the older movie files are Latin-1; only ids and genres
+            # (ASCII) are read from them
             movie_table = (p
                            | "MoviesPath" >> beam.Create([movies])
                            | "ReadMovies" >> beam.Map(read_text_file, errors="replace")
-                           | "ParseMovies" >> beam.Map(A.parse_movies_csv))
+                           | "ParseMovies" >> beam.Map(
+                               lambda text, layout=layout: A.parse_movies_file(layout, text)))
             genres = beam.pvalue.AsSingleton(movie_table | "Genres" >> beam.Map(lambda t: t[0]))
             counts_parts.append(movie_table | "MovieCounts" >> beam.Map(
                 lambda t: {"movies": {"rows": len(t[0]), "malformed": t[1]}}))
             parsed = lines | "Parse" >> beam.ParDo(
                 ParseRows(source, window=settings.get("time_window"),
-                          domains=settings.get("movielens_domains", "none")),
+                          domains=settings.get("movielens_domains", "none"), sep=layout.sep),
                 genres).with_outputs(
                 "dead", "counts", main="behaviors")
         else:

@@ -159,10 +159,12 @@ class ParseRows(_CountingDoFn):
     ``dead`` (``"reason\\traw"`` lines) and ``counts``."""
 
     def __init__(self, source: str, keep: Optional[Iterable[str]] = None,
-                 window: Optional[Sequence[int]] = None, domains: str = "none"):
+                 window: Optional[Sequence[int]] = None, domains: str = "none",
+                 sep: str = ","):
         super().__init__()
         self._source = source
         self._domains = domains  # MovieLens: "none" | "genre" (adapters.movielens_domain)
+        self._sep = sep          # MovieLens: the layout's ratings separator
         self._keep = frozenset(keep) if keep else frozenset(A.TAOBAO_BEHAVIORS)
         self._window = A.TimeWindow(*window) if window is not None else None
 
@@ -171,7 +173,8 @@ class ParseRows(_CountingDoFn):
         c.inc("rows_input")
         self._rows_input += 1
         if self._source == "movielens":
-            r = A.parse_movielens_rating(line, genres or {}, self._window, self._domains)
+            r = A.parse_movielens_rating(line, genres or {}, self._window, self._domains,
+                                         self._sep)
         else:
             r = A.parse_taobao_line(line, self._keep, self._window)
         if isinstance(r, A.DeadLetter):

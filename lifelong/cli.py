@@ -348,7 +348,8 @@ def build_parser(prepare_flags: bool = True, command: Optional[str] = None
                        "trains every model for every seed, evaluates on the test split and "
                        "prints mean and std of AUC, GAUC and logloss. Extra flags go to the "
                        "prepare step.")
-    p.add_argument("--data", help="raw input: a MovieLens folder (ratings.csv + movies.csv), "
+    p.add_argument("--data", help="raw input: a MovieLens folder (ratings.csv + movies.csv, "
+                   "ratings.dat + movies.dat or u.data + u.item), "
                    "a Tianchi 56 display-ad folder (raw_sample.csv, ...: taobao_ad) "
                    "or a Taobao UserBehavior.csv; default: the synthetic generator")
     p.add_argument("--source", choices=["synthetic", "movielens", "taobao", "taobao_ad"],

@@ -25,15 +25,17 @@ EPOCHS = ("stopped_epoch", "best_epoch")
 
 
 def detect_source(path: str) -> str:
-    """``--data``'s input kind: a MovieLens folder (ratings.csv), a Tianchi 56 display-ad
-    folder (raw_sample.csv: ``taobao_ad``, two domains), else a Taobao UserBehavior file."""
+    """``--data``'s input kind: a MovieLens folder (the ratings file of any of its layouts:
+    ratings.csv, ratings.dat, u.data), a Tianchi 56 display-ad folder (raw_sample.csv:
+    ``taobao_ad``, two domains), else a Taobao UserBehavior file."""
+    from beam_jobs.adapters import MOVIELENS_LAYOUTS
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "ratings.csv")):
+        if any(os.path.exists(os.path.join(path, lay.ratings)) for lay in MOVIELENS_LAYOUTS):
             return "movielens"
         if os.path.exists(os.path.join(path, "raw_sample.csv")):
             return "taobao_ad"
-        raise UsageError(f"{path!r} is a folder without ratings.csv (MovieLens) or "
-                         f"raw_sample.csv (taobao_ad); pass --source")
+        raise UsageError(f"{path!r} is a folder without a MovieLens ratings file (ratings.csv, "
+                         f"ratings.dat or u.data) or raw_sample.csv (taobao_ad); pass --source")
     if os.path.exists(path):
         return "taobao"
     raise MissingInputError(f"--data {path!r} does not exist")

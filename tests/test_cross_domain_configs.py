@@ -50,6 +50,11 @@ def test_detect_source_taobao_ad_folder(tmp_path):
     ml.mkdir()
     (ml / "ratings.csv").write_text("userId,movieId,rating,timestamp\n")
     assert detect_source(str(ml)) == "movielens"
+    for name in ("ratings.dat", "u.data"):        # ml-1m / ml-10m, ml-100k
+        old = tmp_path / name
+        old.mkdir()
+        (old / name).write_text("1::2::3::4\n")
+        assert detect_source(str(old)) == "movielens"
     other = tmp_path / "other"
     other.mkdir()
     with pytest.raises(LifelongError, match="raw_sample.csv"):

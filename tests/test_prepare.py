@@ -278,6 +278,106 @@ def test_movielens_multiprocessing_same_outputs(ml_run, ml_input, tmp_path_facto
 
 
 # --------------------------------------------------------------------------------------
+# the older MovieLens layouts (ml-1m / ml-10m .dat, ml-100k u.data / u.item)
+# --------------------------------------------------------------------------------------
+
+# movie -> (title, genres as the csv releases list them); movie 6 is "Children's" first in
+# the older layouts, movie 99 is rated but in no movie file
+LAYOUT_MOVIES = {1: ("Toy Story (1995)", ["Adventure", "Animation", "Children", "Comedy",
+                                          "Fantasy"]),
+                 2: ("American President, The (1995)", ["Comedy", "Drama", "Romance"]),
+                 3: ("Heat (1995)", ["Action", "Crime", "Thriller"]),
+                 4: ("Good, the Bad and the Ugly, The (1966)", ["Action", "Adventure",
+                                                                "Western"]),
+                 5: ("Some Film (2000)", []),
+                 6: ("Kids Film (1990)", ["Children", "Comedy"])}
+LAYOUT_RATINGS = GOOD + [(5, 6, 3.0, 1060), (2, 6, 5.0, 1070)]
+
+
+def write_movielens_layout(folder, layout):
+    """LAYOUT_MOVIES / LAYOUT_RATINGS written as the csv, dat (ml-1m) or 100k release
+    would ship them (the older ones: "Children's", Latin-1 titles, no header)."""
+    os.makedirs(folder, exist_ok=True)
+    old = {g: "Children's" if g == "Children" else g for m in LAYOUT_MOVIES.values()
+           for g in m[1]}
+    if layout == "csv":
+        movies = "movieId,title,genres\n" + "".join(
+            f'{m},"{t}",{"|".join(g) or "(no genres listed)"}\n'
+            for m, (t, g) in LAYOUT_MOVIES.items())
+        ratings = "userId,movieId,rating,timestamp\n" + "".join(
+            f"{u},{m},{r},{t}\n" for u, m, r, t in LAYOUT_RATINGS)
+    elif layout == "dat":
+        movies = "".join(f"{m}::{t} \xe9::{'|'.join(old[x] for x in g)}\n"
+                         for m, (t, g) in LAYOUT_MOVIES.items() if g)
+        movies += "5::Some Film (2000)::(no genres listed)\n"
+        ratings = "".join(f"{u}::{m}::{r}::{t}\n" for u, m, r, t in LAYOUT_RATINGS)
+    else:
+        def flags(g):
+            names = [old[x] for x in g] or ["unknown"]
+            return "|".join("1" if n in names else "0" for n in A.ML100K_GENRES)
+        movies = "".join(f"{m}|{t} \xe9|01-Jan-1995||http://x?{m}|{flags(g)}\n"
+                         for m, (t, g) in LAYOUT_MOVIES.items())
+        ratings = "".join(f"{u}\t{m}\t{r}\t{t}\n" for u, m, r, t in LAYOUT_RATINGS)
+    lay = {x.name: x for x in A.MOVIELENS_LAYOUTS}[layout]
+    with open(os.path.join(folder, lay.movies), "w", encoding="latin-1") as f:
+        f.write(movies)
+    with open(os.path.join(folder, lay.ratings), "w") as f:
+        f.write(ratings)
+    return folder
+
+
+def test_older_movielens_layouts_prepare_the_same_records_as_csv(tmp_path):
+    outs = {}
+    for layout in ("csv", "dat", "100k"):
+        folder = write_movielens_layout(str(tmp_path / f"in-{layout}"), layout)
+        outs[layout] = str(tmp_path / f"out-{layout}")
+        report = run_prepare(["--source", "movielens", "--input", folder, "--output",
+                              outs[layout], "--num_shards", "2", *ML_TOY_WINDOW])
+        assert report["rows"]["used"] == len(LAYOUT_RATINGS), layout
+        assert report["rows"]["dead_lettered"] == 0, layout
+    for layout in ("dat", "100k"):
+        for split in S.SPLITS:
+            assert shard_bytes(outs[layout], split) == shard_bytes(outs["csv"], split), \
+                (layout, split)
+        for name in ("items", "categories"):
+            assert read_vocab(outs[layout], name) == read_vocab(outs["csv"], name), layout
+    assert "Children" in {row[1] for row in read_vocab(outs["dat"], "categories")}
+
+
+def test_older_movielens_movie_files_and_lines():
+    dat = ("1::Toy Story (1995)::Animation|Children's|Comedy\n"
+           "2::Kids (1990)::Children's|Comedy\n\nx::Bad::Drama\n3::No genres\n")
+    genres, bad = A.parse_movies_dat(dat)
+    assert genres == {"1": "Animation", "2": "Children"} and bad == 2
+    n = len(A.ML100K_GENRES)
+    item = ("7|Film|01-Jan-1995||url|" + "|".join(["0"] * 4 + ["1"] + ["0"] * (n - 5)) + "\n"
+            "8|Other|||url|" + "|".join(["1"] + ["0"] * (n - 1)) + "\n"
+            "9|Short|x\n" + "10|Bad flags|||url|" + "|".join(["2"] * n) + "\n")
+    genres, bad = A.parse_u_item(item)
+    assert genres == {"7": "Children", "8": "(no genres listed)"} and bad == 2
+    assert A.parse_movielens_rating("1::7::4::978300760", genres, sep="::") == \
+        ("1", "7", "Children", 978300760, 4.0, 1)
+    assert A.parse_movielens_rating("1\t7\t4\t978300760", genres, sep="\t")[1] == "7"
+    r = A.parse_movielens_rating("1::7::4", genres, sep="::")
+    assert isinstance(r, A.DeadLetter) and A.reason_kind(r.reason) == "wrong_column_count"
+
+
+def test_movielens_folder_errors_name_the_layouts(tmp_path):
+    out = str(tmp_path / "o")
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "ratings.dat").write_text("1::2::3::4\n")
+    with pytest.raises(P.PrepareError, match=r"has ratings.dat but not its movie file.*"
+                                             r"ratings.dat \+ movies.dat \(ml-1m, ml-10m\)"):
+        run_prepare(["--source", "movielens", "--input", str(tmp_path / "only"),
+                     "--output", out])
+    (tmp_path / "only" / "movies.dat").write_text("2::T::Drama\n")
+    (tmp_path / "only" / "ratings.dat").write_text("1,2,3,4\n")
+    with pytest.raises(P.PrepareError, match="expected 4 columns separated by '::'"):
+        run_prepare(["--source", "movielens", "--input", str(tmp_path / "only"),
+                     "--output", out])
+
+
+# --------------------------------------------------------------------------------------
 # pure per-user logic, adapters, cuts, vocab
 # --------------------------------------------------------------------------------------
 
