@@ -254,3 +254,12 @@ def test_server_start_waits_while_versions_load(tmp_path):
     proc.wait(timeout=10)
     with pytest.raises(RuntimeError, match="server exited with 3"):
         wait_until_listening(proc, log, stall_s=5)
+
+
+def test_time_left_uses_each_models_recorded_training_time():
+    rows = [{"model": "din", "train_wall_s": 100.0}, {"model": "din", "train_wall_s": 300.0},
+            {"model": "cformer", "train_wall_s": 1000.0}, {"model": "sdim"}]
+    # din at its mean 200, cformer at 1000, twin (none finished) at the mean of all 3 runs
+    assert A.estimate_left_s(rows, ["din", "cformer", "twin"]) == pytest.approx(
+        200 + 1000 + 1400 / 3)
+    assert A.estimate_left_s([{"model": "din", "train_wall_s": None}], ["din"]) is None

@@ -154,6 +154,25 @@ def _run_key(run_dir: str, args) -> str:
 BUSY_OTHERS_CPU_SHARE = 0.15
 
 
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{float(x):.4f}"
+
+
+def estimate_left_s(rows: Sequence[Dict], left_models: Sequence[str]) -> Optional[float]:
+    """Seconds the runs of ``left_models`` (one entry per run left) may take: each at its
+    model's mean recorded training wall over the finished ``rows`` (a model's seeds cost
+    about the same), a model not finished yet at the mean over every finished run. None
+    before any run has a recorded wall time."""
+    walls: Dict[str, List[float]] = {}
+    for r in rows:
+        if r.get("train_wall_s"):
+            walls.setdefault(r["model"], []).append(float(r["train_wall_s"]))
+    if not walls:
+        return None
+    overall = float(np.mean([w for ws in walls.values() for w in ws]))
+    return float(sum(np.mean(walls[m]) if m in walls else overall for m in left_models))
+
+
 def is_busy(figures: Dict) -> bool:
     """Whether a serving measurement was taken while other processes used more than
     ``BUSY_OTHERS_CPU_SHARE`` of the CPUs (False when not recorded)."""
@@ -451,8 +470,19 @@ def run(args, extra: Sequence[str], make_cfg) -> int:
                   f"model={m} seed={s}", file=sys.stderr, flush=True)
             tf.keras.backend.clear_session()
             cfg = run_cfgs[(m, s)]
-            summary, result, _ = C.train_or_reuse(cfg, resume=True, tag="bench accuracy")
+            summary, result, reused = C.train_or_reuse(cfg, resume=True,
+                                                       tag="bench accuracy")
             rows.append(C.result_row(m, s, summary, result, cfg.out_dir))
+            if not reused:
+                left = [(mm, ss) for mm in models for ss in seeds][len(rows):]
+                eta = estimate_left_s(rows, [mm for mm, _ in left])
+                print(f"[bench accuracy] {m} seed {s}: test AUC "
+                      f"{_fmt(rows[-1].get('auc'))}, trained in "
+                      f"{float(rows[-1].get('train_wall_s') or 0) / 60:.1f} min; "
+                      f"{len(left)} runs left" + ("" if eta is None or not left else
+                                                  f", about {eta / 3600:.1f} h at the "
+                                                  f"recorded training times"),
+                      file=sys.stderr, flush=True)
     train_wall = time.perf_counter() - t0
     summary = C.summarize(rows)
     reads = {m: reads_cell(run_cfgs[(m, seeds[0])]) for m in models}
