@@ -59,8 +59,8 @@ TRAIN_FLAGS = {  # flag -> (type, help); defaults come from TrainConfig
     "jit_compile": (str, "XLA for the training step: auto (default; = off, measured "
                          "slower on CPU) | on | off"),
     "din_path": (str, "DIN unit layout in training: valid (default; padded positions "
-                      "skipped) | folded | rows | per_candidate (the layout before issue "
-                      "22; same function)"),
+                      "skipped) | valid_prelu (valid as of session 8) | folded | rows | "
+                      "per_candidate (the layout before issue 22; same function)"),
     "input_pipeline": (str, "input pipeline: parallel (default) | legacy (the pipeline "
                             "before issue 22; same batches)"),
 }
