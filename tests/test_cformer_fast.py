@@ -12,6 +12,7 @@ import pytest
 import tfmodels  # noqa: F401
 import tensorflow as tf
 
+from tfmodels.methods import cformer as cformer_module
 from tfmodels.methods.cformer import CFormer, DenoiseAssign
 from tfmodels.testing import _pad_more, random_sequence, random_target
 
@@ -76,7 +77,7 @@ def test_user_cache_equals_reference_in_a_graph():
 @pytest.mark.parametrize("config", [{}, {"num_heads": 3, "head_dim": 3}], ids=str)
 def test_inference_attention_equals_encoder_call(config):
     layer, seq = _layer(config)
-    enc = layer.encode(seq)
+    enc = layer.encode(seq, reference=True)     # the literal blocks
     anchors, att_t = layer.encoder.inference_attention(seq["emb"], seq["mask"],
                                                        with_anchors=True)
     mask = seq["mask"].numpy()
@@ -192,3 +193,61 @@ def test_bench_precompute_table_with_xla_rows(capsys):
         ("| cformer", "runinference", "1.00x"), ("| cformer", "batched", "2.00x"),
         ("| cformer (XLA user_tower)", "runinference", "1.00x"),
         ("| cformer (XLA user_tower)", "batched", "6.00x")]
+
+
+# ---- issue 22: the training step's formulation (encoder and "1*" decoder) ----------------
+TRAIN_CONFIGS = [{}, {"num_heads": 3, "head_dim": 3, "encoder_layers": 3, "denoise": False},
+                 {"decoder_layers": 2, "centroid_norm": "sum", "stop_grad_target": True}]
+
+
+def _train_step(layer, seq, target, reference, monkeypatch):
+    """Output, auxiliary loss and gradients (all variables and the behavior embeddings)
+    of one training call; ``reference`` runs the per-block layers (the code before)."""
+    monkeypatch.setattr(cformer_module, "_REFERENCE_TRAINING", reference)
+    emb = tf.Variable(seq["emb"])
+    with tf.GradientTape() as tape:
+        out = layer(dict(seq, emb=emb), target, training=True)
+        aux = tf.add_n(layer.losses)
+        # an output weighting that gives every output dim its own gradient
+        loss = tf.reduce_sum(out * tf.range(1.0, 1.0 + out.shape[-1])) + aux
+    grads = tape.gradient(loss, layer.trainable_variables + [emb])
+    return out.numpy(), aux.numpy(), [g.numpy() for g in grads]
+
+
+@pytest.mark.parametrize("config", TRAIN_CONFIGS, ids=str)
+def test_training_formulation_equals_reference_with_gradients(config, monkeypatch):
+    """CFormerEncoder.training_attention and CFormerDecoder._one_star (keys, values and
+    queries never projected over L) against the literal blocks: the same output, aux
+    loss (L_recon + alpha L_orth) and gradient of every variable and of E^S, up to
+    float rounding (1e-5 of each tensor's scale), on users with padding, an empty user
+    and a one-behavior user, with non-zero biases."""
+    layer, seq = _layer(config)
+    target = random_target(len(LENGTHS), DIM, seed=5)
+    fast = _train_step(layer, seq, target, False, monkeypatch)
+    ref = _train_step(layer, seq, target, True, monkeypatch)
+    np.testing.assert_allclose(fast[0], ref[0], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(fast[1], ref[1], rtol=RTOL, atol=ATOL)
+    names = [v.name for v in layer.trainable_variables] + ["emb"]
+    for name, got, want in zip(names, fast[2], ref[2]):
+        scale = max(1.0, float(np.abs(want).max()))
+        if name.endswith("/bk:0"):
+            # b^K shifts every logit of a softmax row equally: its gradient is 0 in
+            # exact arithmetic, rounding noise in both formulations.
+            assert np.abs(got).max() < 1e-4 * scale and np.abs(want).max() < 1e-4 * scale
+            continue
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale, err_msg=name)
+
+
+def test_training_attention_masks_padding_and_empty_users():
+    """A of the training formulation: rows sum to 1 over the valid behaviors, exact 0 on
+    padding and for the empty user; garbage in padded slots changes nothing."""
+    layer, seq = _layer({})
+    mask = seq["mask"].numpy()
+    _, att = layer.encoder.training_attention(seq["emb"], seq["mask"])
+    att = att.numpy()                                                     # [B, J, L]
+    np.testing.assert_allclose(att.sum(-1)[mask.any(1)], 1.0, rtol=1e-5)
+    assert (att[0] == 0).all()                                            # empty user
+    assert (np.transpose(att, (0, 2, 1))[mask == 0] == 0).all()
+    garbage = tf.where(seq["mask"][..., None] > 0, seq["emb"], 1e3)
+    _, att2 = layer.encoder.training_attention(garbage, seq["mask"])
+    np.testing.assert_array_equal(att2.numpy(), att)

@@ -61,6 +61,9 @@ from tfmodels.methods.base import LongSequenceModule
 
 Tensors = Dict[str, tf.Tensor]
 ONE_STAR = "1*"
+#: measurement only (docs/benchmarks.md, issue 22 training step): True runs the
+#: training path through the literal per-block layers (``call_reference``).
+_REFERENCE_TRAINING = False
 
 
 def _build(layer: tf.keras.layers.Layer, shape=None) -> None:
@@ -222,6 +225,15 @@ class CFormerEncoder(tf.keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, behaviors, mask):
+        if _REFERENCE_TRAINING:
+            return self.call_reference(behaviors, mask)
+        return self.training_attention(behaviors, mask)
+
+    def call_reference(self, behaviors, mask):
+        """(C5)-(C7) literally: each block's :class:`CFormerAttention` projects keys and
+        values over L and normalises [B, h, J, L]. :meth:`call` computes the same
+        function through :meth:`training_attention`; tests/test_cformer_fast.py holds
+        the two to each other (outputs and gradients)."""
         batch = tf.shape(behaviors)[0]
         query = tf.broadcast_to(self.anchors[None], tf.stack([batch, self.num_clusters,
                                                               self.dim]))
@@ -229,6 +241,66 @@ class CFormerEncoder(tf.keras.layers.Layer):
         for block in self.blocks:
             query, attention = block(query, behaviors, mask)
         return query, attention
+
+    def training_attention(self, behaviors, mask):
+        """:meth:`call_reference`'s (O^enc [B, J, d], A [B, J, L]) with the keys and
+        values never projected over L (issue 22, training step): per layer, with
+        q_a = (Q W_a^Q + b_a^Q) / sqrt(d_k) and the mask bias m_i (0 valid, -1e9
+        padded),
+
+        * logits [B, h*J, L] = G^T [E | m | 1]^T with G = [q_a W_a^K^T ; 1 ; q_a . b_a^K]
+          [d+2, h*J] (small, per user; layer 1's anchors are shared, so its G is one
+          [d+2, h*J] matrix broadcast over the batch). Unlike
+          :meth:`inference_attention` the q . b^K column is kept: it is constant over
+          i and cannot change the softmax, but b^K keeps the (zero up to rounding)
+          gradient it gets in :meth:`call_reference`.
+        * W = softmax over L of the logits (``tf.nn.softmax``, exact zeros at padded
+          positions of a user with a behavior, as the masked softmax there);
+          head_a = (W_a E) W_a^V + b_a^V (each row of W_a sums to 1), so the values
+          are projected on [B, h*J, d] instead of [B, L, d]; a user without a valid
+          behavior gets head = 0 (its W is multiplied out: E is zero there and b^V
+          is multiplied by has_any), hence O = LN(... W^O bias ...) as before.
+        * A = mean over heads of W (last layer), times has_any (0 for an empty user).
+
+        Only the order of float operations differs from :meth:`call_reference`
+        (tests/test_cformer_fast.py: outputs and gradients within 1e-5).
+        """
+        dtype = behaviors.dtype
+        mask = tf.cast(mask, dtype)
+        valid = mask > 0
+        emb = tf.where(valid[..., None], behaviors, tf.zeros_like(behaviors))
+        has_any = tf.cast(tf.reduce_any(valid, axis=1), dtype)             # [B]
+        bias = tf.where(valid, tf.zeros_like(mask), tf.cast(NEG_INF, dtype))
+        emb_aug = tf.concat([emb, bias[..., None], tf.ones_like(bias)[..., None]], -1)
+        batch = tf.shape(emb)[0]
+        d, J = self.dim, self.num_clusters
+        query = self.anchors[None]                                           # [1, J, d]
+        attention = None
+        for i, block in enumerate(self.blocks):
+            att = block.attention
+            h, k = att.num_heads, att.key_dim
+            q = tf.matmul(tf.reshape(query, [-1, d]), att.wq) + att.bq
+            q = tf.reshape(q * (1.0 / math.sqrt(k)), [-1, J, h, k])          # [b, J, h, k]
+            g = tf.reshape(tf.einsum("bjak,dak->bdaj", q, tf.reshape(att.wk, [d, h, k])),
+                           [-1, d, h * J])
+            c = tf.reshape(tf.einsum("bjak,ak->baj", q, tf.reshape(att.bk, [h, k])),
+                           [-1, 1, h * J])
+            g = tf.concat([g, tf.ones_like(c), c], 1)                        # [b, d+2, hJ]
+            logits = tf.matmul(g, emb_aug, transpose_a=True, transpose_b=True)  # [B, hJ, L]
+            weights = tf.nn.softmax(logits, axis=-1)
+            pooled = tf.matmul(weights, emb)                                 # [B, hJ, d]
+            heads = tf.einsum("bajd,dak->bjak", tf.reshape(pooled, [-1, h, J, d]),
+                              tf.reshape(att.wv, [d, h, k]))
+            heads = heads + tf.reshape(att.bv, [h, k]) * has_any[:, None, None, None]
+            out = tf.matmul(tf.reshape(heads, [-1, h * k]), att.wo) + att.bo
+            if i == 0:
+                query = tf.broadcast_to(query, tf.stack([batch, J, d]))
+            x = block.norm1(query + tf.reshape(out, [-1, J, d]))
+            query = block.norm2(x + block.ffn2(block.ffn1(x)))
+            attention = weights
+        h = self.blocks[-1].attention.num_heads
+        attention = tf.reduce_mean(tf.reshape(attention, [batch, h, J, -1]), axis=1)
+        return query, attention * has_any[:, None, None]
 
     def inference_attention(self, behaviors, mask, with_anchors: bool = False):
         """The same O_M and A as :meth:`call`, reformulated for inference (user_cache).
@@ -355,10 +427,48 @@ class CFormerDecoder(tf.keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, behaviors, anchors):
+        if self.num_layers == ONE_STAR and not _REFERENCE_TRAINING:
+            return self._one_star(behaviors, anchors)
+        return self.call_reference(behaviors, anchors)
+
+    def call_reference(self, behaviors, anchors):
+        """The blocks literally (queries projected over L, [B, h, L, J] attention)."""
         x = behaviors
         for block in self.blocks:
             x, _ = block(x, anchors)
         return x
+
+    def _one_star(self, behaviors, anchors):
+        """The "1*" decoder, MultiHead(E^S, O^enc, O^enc), with nothing projected over L
+        (issue 22, training step). With K_a = O W_a^K + b_a^K, V_a = O W_a^V + b_a^V
+        (per user, [J, d_k]) and W^O = [W_1^O; ...; W_h^O]:
+
+        logits_a = (E W_a^Q + b_a^Q) K_a^T / sqrt(d_k) = E G_a + c_a with
+        G_a = W_a^Q K_a^T / sqrt(d_k) [d, J], c_a = b_a^Q K_a^T / sqrt(d_k) [1, J];
+        out = sum_a softmax_J(logits_a) (V_a W_a^O) + b^O.
+
+        So over L there are two batched matmuls, [B, L, d] x [B, d, h*J] and
+        [B, L, h*J] x [B, h*J, d], and the softmax over J, instead of the query
+        projection, the [B, h, L, d_k] transposes and the W^O projection over L. Only
+        the order of float operations differs from :meth:`call_reference`
+        (tests/test_cformer_fast.py).
+        """
+        att = self.blocks[0]
+        h, k, d = att.num_heads, att.key_dim, self.dim
+        J = tf.shape(anchors)[1]
+        flat = tf.reshape(anchors, [-1, d])
+        keys = tf.reshape(tf.matmul(flat, att.wk) + att.bk, [-1, J, h, k])       # [B, J, h, k]
+        values = tf.reshape(tf.matmul(flat, att.wv) + att.bv, [-1, J, h, k])
+        scale = 1.0 / math.sqrt(k)
+        g = tf.einsum("dak,bjak->bdaj", tf.reshape(att.wq, [d, h, k]), keys) * scale
+        c = tf.einsum("ak,bjak->baj", tf.reshape(att.bq, [h, k]), keys) * scale   # [B, h, J]
+        shape = tf.shape(behaviors)
+        logits = tf.matmul(behaviors, tf.reshape(g, [shape[0], d, -1]))         # [B, L, hJ]
+        logits = tf.reshape(logits, [shape[0], shape[1], h, J]) + c[:, None]
+        weights = tf.reshape(tf.nn.softmax(logits, axis=-1), [shape[0], shape[1], -1])
+        vo = tf.einsum("bjak,akd->bajd", values, tf.reshape(att.wo, [h, k, d]))
+        out = tf.matmul(weights, tf.reshape(vo, [shape[0], -1, d]))             # [B, L, d]
+        return out + att.bo
 
     def get_config(self):
         return {**super().get_config(), "dim": self.dim, "num_layers": self.num_layers,
@@ -596,13 +706,17 @@ class CFormer(LongSequenceModule):
             _build(self, None)
 
     # ---- user side -------------------------------------------------------------------
-    def encode(self, seq: Tensors) -> Tensors:
+    def encode(self, seq: Tensors, reference: bool = False) -> Tensors:
         """Encoder pass (C5-C7): {"emb" E^S [B, L, d] (padded rows zeroed), "mask",
-        "anchors" O^enc [B, J, d], "attention" A [B, J, L]}."""
+        "anchors" O^enc [B, J, d], "attention" A [B, J, L]}; ``reference`` runs the
+        literal blocks (:meth:`CFormerEncoder.call_reference`)."""
         self._ensure_built()
         mask = tf.cast(seq["mask"], tf.float32)
         emb = tf.where(mask[..., None] > 0, seq["emb"], tf.zeros_like(seq["emb"]))
-        anchors, attention = self.encoder(emb, mask)
+        if reference:
+            anchors, attention = self.encoder.call_reference(emb, mask)
+        else:
+            anchors, attention = self.encoder(emb, mask)
         return {"emb": emb, "mask": mask, "anchors": anchors, "attention": attention}
 
     def centroids_from(self, enc: Tensors) -> Tensors:
@@ -635,10 +749,11 @@ class CFormer(LongSequenceModule):
                 "centroid_mask": tf.broadcast_to(has_any[:, None], tf.shape(anchors)[:2])}
 
     def user_cache_reference(self, seq: Tensors, training=None) -> Tensors:
-        """The cache through :meth:`encode` and :meth:`centroids_from` (the training
-        path's equations, the formulation before the precompute work): the reference
-        that tests hold :meth:`user_cache` to."""
-        return self.centroids_from(self.encode(seq))
+        """The cache through :meth:`encode` with the literal blocks and
+        :meth:`centroids_from` (the training path's equations, the formulation before
+        the precompute and training-step work): the reference that tests hold
+        :meth:`user_cache` to."""
+        return self.centroids_from(self.encode(seq, reference=True))
 
     # ---- per candidate -----------------------------------------------------------------
     def score(self, cache: Tensors, target: Tensors, training=None) -> tf.Tensor:
