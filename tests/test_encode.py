@@ -552,3 +552,58 @@ def test_triplet_order_preservation_report_on_a_model(tiny_data):
     assert out["random_agreement"] < 0.95 and out["random_spearman"] < 0.95
     seqs = user_sequences(model, ds, 8)
     assert len(seqs) == 8 and all(len(x) >= 3 for x in seqs)
+
+
+# ---- issue 22: the training step (KMeans assignment, triplet distances) ---------------------
+def test_assign_nearest_equals_argmax_with_ties_and_dead_clusters():
+    """_assign_nearest (top_k k=1, the dead-cluster add skipped when no cluster is dead)
+    picks the same winners as tf.argmax(cos + dead_logit): on logits full of exact ties
+    (rounded to quarters), with and without dead clusters."""
+    from tfmodels.methods import encode as E
+    rng = np.random.default_rng(0)
+    cos = tf.constant(np.round(rng.uniform(-1, 1, size=(6, 50, 7)) * 4) / 4, tf.float32)
+    for live_k in ([7] * 6, [7, 3, 1, 7, 5, 7]):
+        live = tf.cast(tf.range(7)[None, :] < tf.constant(live_k)[:, None], tf.float32)
+        dead = -1e9 * (1.0 - live)[:, None, :]
+        got = E._assign_nearest(cos, dead, tf.reduce_all(live > 0)).numpy()
+        want = tf.argmax(cos + dead, -1, output_type=tf.int32).numpy()
+        np.testing.assert_array_equal(got, want)
+        # ties: the lowest index, the documented rule
+        first = np.argmax((cos + dead).numpy(), -1)
+        np.testing.assert_array_equal(got, first)
+        assert (got < np.array(live_k)[:, None]).all()
+
+
+@pytest.mark.parametrize("kw", [{"num_clusters": 5}, {"num_clusters": 12, "margin": "fixed"}],
+                         ids=str)
+def test_training_step_equals_reference(kw, monkeypatch):
+    """The KMeans assignment and triplet distances of issue 22 against the code before
+    them (``_REFERENCE_TRAINING``): the same output, triplet loss and gradients of W_h and
+    of the behavior embeddings, on users with padding, fewer real behaviors than K (dead
+    clusters) and repeated rows (exact ties)."""
+    from tfmodels.methods import encode as E
+    dim, length, lengths = 8, 40, [0, 1, 2, 7, 40, 13, 33]
+    seq = random_sequence(len(lengths), length, dim, lengths, seed=3)
+    emb = seq["emb"].numpy()
+    emb[:, 5] = emb[:, 2]
+    emb[:, 9] = emb[:, 2]
+    seq["emb"] = tf.constant(emb) * seq["mask"][..., None]
+    target = random_target(len(lengths), dim)
+    tf.keras.utils.set_random_seed(0)
+    layer = Encode(dim, **kw)
+    layer(seq, target)
+
+    def step(reference):
+        monkeypatch.setattr(E, "_REFERENCE_TRAINING", reference)
+        var = tf.Variable(seq["emb"])
+        with tf.GradientTape() as tape:
+            out = layer(dict(seq, emb=var), target, training=True)
+            aux = tf.add_n(layer.losses)
+            loss = tf.reduce_sum(out * tf.range(1.0, 1.0 + dim)) + aux
+        grads = tape.gradient(loss, layer.trainable_variables + [var])
+        return [out.numpy(), aux.numpy()] + [tf.convert_to_tensor(g).numpy() for g in grads]
+
+    fast, ref = step(False), step(True)
+    assert ref[1] > 0                      # the triplet loss is live
+    for got, want in zip(fast, ref):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
