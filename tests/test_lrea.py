@@ -857,3 +857,41 @@ def test_linear_cross_term_is_the_general_formula_with_w3_wo_folded():
     tiled = layer.score({k: tf.repeat(v, n, 0) for k, v in cache.items()}, tgt).numpy()
     np.testing.assert_allclose(one, v_inf, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(tiled, v_inf, rtol=1e-5, atol=1e-5)
+
+
+# ---- issue 22: the training step's products -------------------------------------------------
+@pytest.mark.parametrize("kw", [{"rank": 8}, {"rank": 3, "normalize": "count", "init": "glorot"}],
+                         ids=str)
+def test_training_path_matmuls_equal_einsums_with_gradients(kw, monkeypatch):
+    """training_path's plain matmuls (issue 22) against the einsums before them
+    (``_REFERENCE_TRAINING``): the same v_train, L_nonneg and gradients of W_comp,
+    W_decomp, W_in, W_o and of E_s, up to float rounding, with padding, an empty user
+    and a window shorter than L (the first n rows of W_comp)."""
+    from tfmodels.methods import lrea as lrea_module
+    dim, length, lengths = 4, 12, [0, 1, 5, 12, 9]
+    tf.keras.utils.set_random_seed(0)
+    layer = lrea_module.LREA(dim, **kw)
+    layer(random_sequence(len(lengths), length, dim, lengths, seed=2),
+          random_target(len(lengths), dim))
+    rng = np.random.default_rng(1)   # mixed signs, so both LeakyReLU branches are used
+    layer.set_weights([w + rng.normal(size=w.shape).astype(w.dtype) * 0.5
+                       for w in layer.get_weights()])
+    target = random_target(len(lengths), dim, seed=4)
+    for n in (length, 7):
+        seq = random_sequence(len(lengths), n, dim, [min(x, n) for x in lengths], seed=3)
+
+        def step(reference):
+            monkeypatch.setattr(lrea_module, "_REFERENCE_TRAINING", reference)
+            emb = tf.Variable(seq["emb"])
+            with tf.GradientTape() as tape:
+                out = layer(dict(seq, emb=emb), target, training=True)
+                aux = tf.add_n(layer.losses)
+                loss = tf.reduce_sum(out * tf.range(1.0, 1.0 + dim)) + aux
+            grads = tape.gradient(loss, layer.trainable_variables + [emb])
+            return [out.numpy(), aux.numpy()] + [tf.convert_to_tensor(g).numpy() for g in grads]
+
+        fast, ref = step(False), step(True)
+        assert np.abs(ref[0]).max() > 1e-3
+        for got, want in zip(fast, ref):
+            scale = max(1.0, float(np.abs(want).max()))
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)

@@ -77,6 +77,9 @@ from tfmodels.methods.base import LongSequenceModule, broadcast_rows
 
 Tensors = Dict[str, tf.Tensor]
 
+#: measurement only (docs/benchmarks.md, issue 22 training step): True runs the
+#: training path's products as the einsums before that work.
+_REFERENCE_TRAINING = False
 PHIS = ("leaky_relu", "linear")
 INITS = ("block", "glorot")
 NORMALIZE = ("none", "count")
@@ -257,10 +260,25 @@ class LREA(LongSequenceModule):
             parts["w_decomp"]
         e_t = target["emb"]
         w1, w2, w3 = self._w()
-        e_rec = tf.einsum("bdr,rl->bld", e_comp, w_decomp)                 # E_s^LREA
-        h_seq = self._phi(tf.einsum("bld,dh->blh", e_rec, w2))
-        # W_decomp^T (E_t * E_comp^T) W_3 = (E_t * E^LREA) W_3 = E^LREA diag(E_t) W_3
-        h_cross = self._phi(tf.einsum("bld,bdh->blh", e_rec, e_t[:, :, None] * w3[None]))
+        if _REFERENCE_TRAINING:
+            e_rec = tf.einsum("bdr,rl->bld", e_comp, w_decomp)                 # E_s^LREA
+            h_seq = self._phi(tf.einsum("bld,dh->blh", e_rec, w2))
+            # W_decomp^T (E_t * E_comp^T) W_3 = (E_t * E^LREA) W_3 = E^LREA diag(E_t) W_3
+            h_cross = self._phi(tf.einsum("bld,bdh->blh", e_rec, e_t[:, :, None] * w3[None]))
+        else:
+            # The same products as plain matmuls (issue 22, training step): oneDNN's
+            # einsum ran "bld,dh->blh" (a weight shared by every row) as a batched
+            # product; here it is one [B n, d] x [d, h] matmul, and E^LREA comes from
+            # one [B d, r] x [r, n] matmul and a transpose. Only float rounding differs.
+            d, r = self.emb_dim, self.rank
+            shape = tf.shape(e_s)
+            e_rec = tf.reshape(tf.matmul(tf.reshape(e_comp, [-1, r]), w_decomp),
+                               [shape[0], d, shape[1]])
+            e_rec = tf.transpose(e_rec, [0, 2, 1])                             # E_s^LREA
+            h_seq = self._phi(tf.reshape(tf.matmul(tf.reshape(e_rec, [-1, d]), w2),
+                                         [shape[0], shape[1], self.hidden]))
+            # W_decomp^T (E_t * E_comp^T) W_3 = (E_t * E^LREA) W_3 = E^LREA diag(E_t) W_3
+            h_cross = self._phi(tf.matmul(e_rec, e_t[:, :, None] * w3[None]))
         s_target = tf.linalg.matvec(self._phi(tf.matmul(e_t, w1)), self.w_o)   # [B]
         s = tf.linalg.matvec(h_seq + h_cross, self.w_o) + s_target[:, None]    # [B, n]
         s = s * mask
