@@ -403,13 +403,51 @@ class IntraClusterAttention(tf.keras.layers.Layer):
         super().__init__(**kwargs)
         self.beta, self.beta_mode = float(beta), beta_mode
 
-    def call(self, h, s, onehot):
+    def call(self, h, s, onehot, assign=None):
+        """``assign`` [B, L] int32 (-1 on padding; :func:`spherical_kmeans`'s) selects
+        the segment formulation (:meth:`_by_segments`); without it, the [B, L, K] one."""
+        if assign is not None and not _REFERENCE_TRAINING:
+            return self._by_segments(h, s, onehot, assign)
         hn = l2n(h)
         counts = tf.reduce_sum(onehot, 1)                                   # [B, K]
         centers = tf.einsum("blk,blm->bkm", onehot, hn) / tf.maximum(counts, 1.0)[..., None]
         cos = tf.einsum("blm,bkm->blk", hn, l2n(centers))
         weights = masked_softmax(scaled_cosine(cos, self.beta, self.beta_mode), onehot, axis=1)
         return tf.einsum("blk,bld->bkd", weights, s), weights
+
+    def _by_segments(self, h, s, onehot, assign):
+        """The same U and weights with every behavior's own cluster only (issue 22,
+        training step): a behavior belongs to exactly one cluster, so the [B, L, K]
+        cosine, masked softmax over L and the one-hot products become per-row values and
+        segment sums over the flattened (user, cluster) ids, O(L (m + d)) per user
+        instead of O(L K (m + d)):
+
+        c_k = (sum_{a(i)=k} hn_i) / n_k, cos_i = hn_i . c_a(i) / |c_a(i)|,
+        w_i = exp(z_i - max_{a(j)=a(i)} z_j) / sum_{a(j)=a(i)} exp(z_j - max), z = sim,
+        u_k = sum_{a(i)=k} w_i s_i. Padding (assign -1) goes to a dump segment and gets
+        weight 0. The subtracted max is under stop_gradient: the softmax does not depend
+        on it, so its gradient contribution is 0 in exact arithmetic. Only the order of
+        float operations differs from the one-hot formulation (tests/test_encode.py).
+        Hand-written segment softmax: TensorFlow has no segment-softmax op.
+        """
+        num_clusters = onehot.shape[-1] or tf.shape(onehot)[-1]
+        batch = tf.shape(h)[0]
+        num_seg = batch * num_clusters
+        valid = assign >= 0
+        seg = tf.where(valid, tf.range(batch)[:, None] * num_clusters + assign, num_seg)
+        hn = l2n(h)
+        counts = tf.math.unsorted_segment_sum(tf.cast(valid, h.dtype), seg, num_seg + 1)
+        sums = tf.math.unsorted_segment_sum(hn, seg, num_seg + 1)          # [BK+1, m]
+        centers = l2n(sums / tf.maximum(counts, 1.0)[:, None])
+        cos = tf.reduce_sum(hn * tf.gather(centers, seg), -1)              # [B, L]
+        z = scaled_cosine(cos, self.beta, self.beta_mode)
+        top = tf.stop_gradient(tf.math.unsorted_segment_max(z, seg, num_seg + 1))
+        e = tf.where(valid, tf.exp(z - tf.gather(top, seg)), tf.zeros_like(z))
+        total = tf.math.unsorted_segment_sum(e, seg, num_seg + 1)
+        w = tf.math.divide_no_nan(e, tf.gather(total, seg))                 # [B, L]
+        u = tf.math.unsorted_segment_sum(w[..., None] * s, seg, num_seg + 1)[:num_seg]
+        u = tf.reshape(u, tf.stack([batch, num_clusters, tf.shape(s)[-1]]))
+        return u, onehot * w[..., None]
 
     def get_config(self):
         return {**super().get_config(), "beta": self.beta, "beta_mode": self.beta_mode}
@@ -506,7 +544,7 @@ class Encode(LongSequenceModule):
         h = self.reduction(s)                      # (E3) [B, L, m]
         km = spherical_kmeans(h, mask, self.num_clusters, self.kmeans_iters,
                               self.kmeans_init)                                # (E7)
-        interests, weights = self.extract(h, s, km["onehot"])                 # (E8)
+        interests, weights = self.extract(h, s, km["onehot"], km["assign"])   # (E8)
         cmask = km["cluster_mask"]
         return {"s": s, "h": h, "mask": mask, "kmeans": km, "weights": weights,
                 "interests": interests * cmask[..., None], "cluster_mask": cmask}
