@@ -91,7 +91,10 @@ def test_train_evaluate_resume(tiny_data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "resumed from" in err and "at epoch 1" in err
     run2 = json.load(open(os.path.join(out, "run.json")))
-    assert len(run2["history"]["total_loss"]) == 1      # only epoch 2 ran
+    # only epoch 2 ran in this call; run.json's history covers the whole run (epochs.jsonl)
+    assert run2["resumed_at_epoch"] == 1 and run2["history_epochs"] == [1, 2]
+    assert run2["history"]["total_loss"][0] == run["history"]["total_loss"][0]
+    assert len(run2["history"]["total_loss"]) == len(run2["train_examples_per_s"]) == 2
     env = dict(os.environ)
     env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     r = subprocess.run([sys.executable, "-m", "lifelong.cli", "evaluate", "--run", out,

@@ -153,7 +153,10 @@ def test_two_workers_match_single_worker_training_and_resume(tiny_data, tmp_path
     # the two workers
     assert multi["history"]["val_auc"] == pytest.approx(second["history"]["val_auc"],
                                                          abs=AUC_TOL)
-    assert first["stopped_epoch"] == 1 and len(second["history"]["val_auc"]) == 1
+    # the resumed call trained epoch 2 only; its history covers epochs 1-2 (epochs.jsonl)
+    assert first["stopped_epoch"] == 1 and second["resumed_at_epoch"] == 1
+    assert second["history_epochs"] == multi["history_epochs"] == [1, 2]
+    assert second["history"]["val_auc"][0] == first["history"]["val_auc"][0]
     print(f"two workers: {workers_s:.0f} s (start-up, 2 trainings each); max weight gap "
           f"{gap:.2e}")
 
