@@ -16,7 +16,8 @@ from tfmodels.methods.encode import (Encode, InterestTargetAttention, IntraClust
                                      farthest_point_seeds, sample_pairs, spherical_kmeans)
 from lifelong.reports.encode_report import (distance_spearman, triplet_agreement,
                                             triplet_order_preservation, user_sequences)
-from tfmodels.testing import layer_test, random_sequence, random_target
+from tfmodels.testing import (layer_test, random_sequence, random_target,
+                              training_outputs_and_grads)
 
 BETA = 20.0
 
@@ -595,13 +596,7 @@ def test_training_step_equals_reference(kw, monkeypatch):
 
     def step(reference):
         monkeypatch.setattr(E, "_REFERENCE_TRAINING", reference)
-        var = tf.Variable(seq["emb"])
-        with tf.GradientTape() as tape:
-            out = layer(dict(seq, emb=var), target, training=True)
-            aux = tf.add_n(layer.losses)
-            loss = tf.reduce_sum(out * tf.range(1.0, 1.0 + dim)) + aux
-        grads = tape.gradient(loss, layer.trainable_variables + [var])
-        return [out.numpy(), aux.numpy()] + [tf.convert_to_tensor(g).numpy() for g in grads]
+        return training_outputs_and_grads(layer, seq, target)
 
     fast, ref = step(False), step(True)
     assert ref[1] > 0                      # the triplet loss is live

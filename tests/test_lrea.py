@@ -31,7 +31,8 @@ import tensorflow as tf
 from tfmodels import registry
 from tfmodels.methods.lrea import LREA, LREALinear, block_init
 from tfmodels.train import create_variables
-from tfmodels.testing import _pad_more, layer_test, random_sequence, random_target
+from tfmodels.testing import (_pad_more, layer_test, random_sequence, random_target,
+                              training_outputs_and_grads)
 
 D, L = 8, 16
 
@@ -882,13 +883,7 @@ def test_training_path_matmuls_equal_einsums_with_gradients(kw, monkeypatch):
 
         def step(reference):
             monkeypatch.setattr(lrea_module, "_REFERENCE_TRAINING", reference)
-            emb = tf.Variable(seq["emb"])
-            with tf.GradientTape() as tape:
-                out = layer(dict(seq, emb=emb), target, training=True)
-                aux = tf.add_n(layer.losses)
-                loss = tf.reduce_sum(out * tf.range(1.0, 1.0 + dim)) + aux
-            grads = tape.gradient(loss, layer.trainable_variables + [emb])
-            return [out.numpy(), aux.numpy()] + [tf.convert_to_tensor(g).numpy() for g in grads]
+            return training_outputs_and_grads(layer, seq, target)
 
         fast, ref = step(False), step(True)
         assert np.abs(ref[0]).max() > 1e-3

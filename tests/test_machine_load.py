@@ -27,7 +27,6 @@ def test_a_spinning_process_counts_as_other_unless_it_takes_part():
     # the child spun on (up to) one CPU for the whole second: its time is the difference
     assert ticks1 - ticks0 >= 0.3 * ML._TICK
     assert share_others - share_rest > 0.15 / max(1, ML.os.cpu_count() // 2)
-    assert 0.0 <= share_rest < share_others <= 1.0
 
 
 def test_no_proc_means_no_figure(monkeypatch):

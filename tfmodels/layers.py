@@ -400,7 +400,7 @@ class DinAttention(tf.keras.layers.Layer):
         if split:
             mlp = self._split_layers()   # outside the branches: built once, shared
             return tf.cond(share < VALID_PATH_MAX_SHARE,
-                           lambda: self._logits_valid_rows_split(keys, valid, query, mlp),
+                           lambda: self._logits_valid_rows(keys, valid, query, mlp),
                            lambda: self._logits_folded_split(keys, query, mlp))
         # gathering and scattering the rows costs about a fifth of the MLP over all rows,
         # so a batch that is mostly valid goes through "folded" (measured, session 8:
@@ -457,8 +457,10 @@ class DinAttention(tf.keras.layers.Layer):
         logits = self._mlp_split(tf.reshape(z, [-1, h1]), rest)           # [B*L, 1]
         return tf.reshape(logits, shape[:2])
 
-    def _logits_valid_rows_split(self, keys, valid, query, mlp):
-        """:meth:`_logits_valid_rows` with the MLP of :meth:`_split_layers`."""
+    def _logits_valid_rows(self, keys, valid, query, mlp=None):
+        """:meth:`_logits_valid`'s gathered branch; ``valid`` [B, L] bool. With ``mlp``
+        (:meth:`_split_layers`) the MLP after the first pre-activation is
+        :meth:`_mlp_split` ("valid"), without it the PReLU layers ("valid_prelu")."""
         d = int(keys.shape[-1])
         w_key, w_query, w_cross = self._blocks()
         b = tf.shape(query)[0]
@@ -470,24 +472,8 @@ class DinAttention(tf.keras.layers.Layer):
         q = tf.gather(query, example)                                      # [V, d]
         pre = (tf.matmul(tf.concat([rows, rows * q], -1), tf.concat([w_key, w_cross], 0))
                + tf.gather(tf.matmul(query, w_query) + self.b1, example))  # [V, h0]
-        logits = self._mlp_split(pre, mlp)[:, 0]                           # [V]
-        size = tf.cast(tf.reshape(b * length, [1]), tf.int64)
-        return tf.reshape(tf.scatter_nd(where, logits, size), tf.stack([b, length]))
-
-    def _logits_valid_rows(self, keys, valid, query):
-        """:meth:`_logits_valid`'s gathered branch; ``valid`` [B, L] bool."""
-        d = int(keys.shape[-1])
-        w_key, w_query, w_cross = self._blocks()
-        b = tf.shape(query)[0]
-        length = tf.shape(keys)[1]
-        keys = tf.broadcast_to(keys, tf.stack([b, length, d]))
-        where = tf.where(tf.reshape(valid, [-1]))                          # [V, 1] int64
-        rows = tf.gather_nd(tf.reshape(keys, [-1, d]), where)              # [V, d]
-        example = tf.cast(where[:, 0], tf.int32) // length                  # [V]
-        q = tf.gather(query, example)                                      # [V, d]
-        pre = (tf.matmul(tf.concat([rows, rows * q], -1), tf.concat([w_key, w_cross], 0))
-               + tf.gather(tf.matmul(query, w_query) + self.b1, example))  # [V, h0]
-        logits = self.rest(self.act1(pre))[:, 0]                           # [V]
+        logits = (self.rest(self.act1(pre)) if mlp is None
+                  else self._mlp_split(pre, mlp))[:, 0]                    # [V]
         size = tf.cast(tf.reshape(b * length, [1]), tf.int64)
         return tf.reshape(tf.scatter_nd(where, logits, size), tf.stack([b, length]))
 

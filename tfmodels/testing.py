@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Dict, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 import numpy as np
 
@@ -235,6 +235,21 @@ def _pad_more(seq: Mapping[str, tf.Tensor], extra: int, garbage: bool, seed: int
             v = np.where(m > 0, v, noise)
         out[k] = tf.constant(v)
     return out
+
+
+def training_outputs_and_grads(layer, seq: Mapping[str, tf.Tensor],
+                               target: Mapping[str, tf.Tensor]) -> List[np.ndarray]:
+    """``[output, sum of the layer's losses, gradient of every trainable variable...,
+    gradient of seq["emb"]]`` of one training call, the loss being the output weighted
+    1..width per column plus the losses: what parity tests between two formulations of
+    a method's training path compare."""
+    emb = tf.Variable(seq["emb"])
+    with tf.GradientTape() as tape:
+        out = layer(dict(seq, emb=emb), target, training=True)
+        aux = tf.add_n(layer.losses)
+        loss = tf.reduce_sum(out * tf.range(1.0, 1.0 + int(out.shape[-1]))) + aux
+    grads = tape.gradient(loss, layer.trainable_variables + [emb])
+    return [out.numpy(), aux.numpy()] + [tf.convert_to_tensor(g).numpy() for g in grads]
 
 
 def _losses(layer) -> float:

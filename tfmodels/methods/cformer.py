@@ -77,6 +77,18 @@ def _build(layer: tf.keras.layers.Layer, shape=None) -> None:
 # Blocks
 # --------------------------------------------------------------------------------------
 @serializable
+def _masked_behaviors(behaviors, mask):
+    """What both fast encoder paths start from: (behaviors with padded rows zeroed [B, L,
+    d], 1.0 for a user with a valid behavior [B], the additive logit mask [B, L]: 0 on
+    valid positions, NEG_INF on padding), in the behaviors' dtype."""
+    dtype = behaviors.dtype
+    valid = tf.cast(mask, dtype) > 0
+    emb = tf.where(valid[..., None], behaviors, tf.zeros_like(behaviors))
+    has_any = tf.cast(tf.reduce_any(valid, axis=1), dtype)
+    bias = tf.where(valid, tf.zeros(tf.shape(valid), dtype), tf.cast(NEG_INF, dtype))
+    return emb, has_any, bias
+
+
 class CFormerAttention(tf.keras.layers.Layer):
     """Multi-head cross-attention (C1-C3) that also returns its attention map.
 
@@ -265,12 +277,7 @@ class CFormerEncoder(tf.keras.layers.Layer):
         Only the order of float operations differs from :meth:`call_reference`
         (tests/test_cformer_fast.py: outputs and gradients within 1e-5).
         """
-        dtype = behaviors.dtype
-        mask = tf.cast(mask, dtype)
-        valid = mask > 0
-        emb = tf.where(valid[..., None], behaviors, tf.zeros_like(behaviors))
-        has_any = tf.cast(tf.reduce_any(valid, axis=1), dtype)             # [B]
-        bias = tf.where(valid, tf.zeros_like(mask), tf.cast(NEG_INF, dtype))
+        emb, has_any, bias = _masked_behaviors(behaviors, mask)
         emb_aug = tf.concat([emb, bias[..., None], tf.ones_like(bias)[..., None]], -1)
         batch = tf.shape(emb)[0]
         d, J = self.dim, self.num_clusters
@@ -338,12 +345,7 @@ class CFormerEncoder(tf.keras.layers.Layer):
         :meth:`call`'s (exact ties, e.g. a one-behavior user's A = 1 everywhere, are
         kept exact: the lowest index wins in both).
         """
-        dtype = behaviors.dtype
-        mask = tf.cast(mask, dtype)
-        valid = mask > 0
-        emb = tf.where(valid[..., None], behaviors, tf.zeros_like(behaviors))
-        has_any = tf.cast(tf.reduce_any(valid, axis=1), dtype)             # [B]
-        bias = tf.where(valid, tf.zeros_like(mask), tf.cast(NEG_INF, dtype))
+        emb, has_any, bias = _masked_behaviors(behaviors, mask)
         emb_aug = tf.concat([emb, bias[..., None]], -1)                      # [B, L, d+1]
         shape = tf.shape(emb)
         d, J = self.dim, self.num_clusters
