@@ -217,6 +217,9 @@ MODULE_COMMANDS = {
                       "TWIN V2 clustering speed and accuracy per user (benchmark)", False),
     "replay": ("lifelong.replay", "replay a compare's test requests through export, Beam "
                "precompute and the local gRPC server: AUC, parity, latency", False),
+    "claims": ("lifelong.reports.claims_tables", "the papers' claims checked against one or "
+               "more `bench accuracy` tables (accuracy.json or Markdown), merged per model",
+               False),
     "staleness": ("lifelong.reports.staleness", "AUC of served CTRs against the age of the "
                   "user cache (0, 1, 3, 7, 14 days): table and PNG per trained model", False),
 }
