@@ -69,8 +69,10 @@ def test_relations_across_inputs_are_tested(tmp_path, capsys):
     js = tmp_path / "accuracy.json"
     js.write_text(json.dumps({"summary": summary}))
     out = tmp_path / "claims.md"
+    png = tmp_path / "auc.png"
     assert cli.main(["claims", str(md), str(js), "--section", "## Run A",
-                     "--out", str(out)]) == 0
+                     "--out", str(out), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stats, _, _ = T.merge([(str(md), T.stats_from_file(str(md), section="## Run A")),
                            (str(js), T.stats_from_file(str(js)))])
     assert "twin" not in stats                       # undefined metric: not a row
@@ -110,3 +112,12 @@ def test_bad_inputs_are_refused_with_a_clear_message(tmp_path, capsys):
     assert "not a `bench accuracy` accuracy.json" in capsys.readouterr().err
     assert cli.main(["claims", str(tmp_path / "missing.md")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_plot_orders_models_best_first(tmp_path):
+    stats = {"din": {"mean": 0.60, "std": 0.01, "n": 3},
+             "twin": {"mean": 0.74, "std": 0.01, "n": 3},
+             "lrea": {"mean": 0.62, "std": 0.02, "n": 2}}
+    source = {"din": "a.md", "twin": "a.md", "lrea": "b.json"}
+    assert T.plot(stats, source, str(tmp_path / "p.png")) == ["twin", "lrea", "din"]
+    assert (tmp_path / "p.png").stat().st_size > 0

@@ -154,6 +154,39 @@ def format_report(stats: Dict[str, Dict], source: Dict[str, str], notes: List[st
     return "\n".join(lines + ["", C.format_claims(results)])
 
 
+def plot(stats: Dict[str, Dict], source: Dict[str, str], path: str, metric: str = "auc",
+         title: str = "") -> List[str]:
+    """Horizontal bars of the metric's mean ± std per model, best on top, coloured by the
+    input each model was read from; returns the models in plotted order (top first)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    order = sorted(stats, key=lambda m: -stats[m]["mean"])
+    inputs = list(dict.fromkeys(source[m] for m in order))
+    colours = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(7.5, 0.38 * len(order) + 1.6))
+    for y, m in enumerate(reversed(order)):
+        s = stats[m]
+        ax.barh(y, s["mean"], xerr=s["std"], capsize=3,
+                color=colours(inputs.index(source[m]) % 10))
+        ax.text(s["mean"] + s["std"], y, f" {s['mean']:.4f} (n={s['n']})", va="center",
+                fontsize=8)
+    ax.set_yticks(range(len(order)))
+    ax.set_yticklabels(list(reversed(order)))
+    means = [stats[m]["mean"] for m in order]
+    spread = max([stats[m]["std"] for m in order] + [0.005])
+    ax.set_xlim(max(0.0, min(means) - 4 * spread), min(1.0, max(means) + 8 * spread))
+    ax.set_xlabel(f"test {metric.upper()} (mean ± sample std over seeds)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours(i % 10)) for i in range(len(inputs))]
+    ax.legend(handles, [os.path.basename(p) or p for p in inputs], fontsize=7,
+              loc="lower right", title="read from", title_fontsize=7)
+    ax.set_title(title or f"{metric.upper()} per model", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return order
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("tables", nargs="+", help="accuracy.json or Markdown files holding "
                    "`bench accuracy` tables (a model in several: the last one wins)")
@@ -161,6 +194,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--section", help="Markdown inputs: read only the tables after the "
                    "first line containing this text (up to the next heading)")
     p.add_argument("--out", help="also write the report here (Markdown)")
+    p.add_argument("--plot", help="also draw the metric per model (mean ± std, coloured by "
+                   "input) as a PNG here")
+    p.add_argument("--title", default="", help="--plot: the figure's title")
 
 
 def run(args, extra=()) -> int:
@@ -177,4 +213,8 @@ def run(args, extra=()) -> int:
         with open(args.out, "w", encoding="utf-8") as f:
             f.write(f"command: lifelong claims {' '.join(sys.argv[2:])}\n\n{text}\n")
         print(f"report: {args.out}", file=sys.stderr)
+    if args.plot:
+        os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
+        plot(stats, source, args.plot, args.metric, args.title)
+        print(f"plot: {args.plot}", file=sys.stderr)
     return 0
