@@ -110,7 +110,8 @@ def stats_from_file(path: str, metric: str = "auc", section: Optional[str] = Non
     return stats
 
 
-def merge(parts: Sequence[Tuple[str, Dict[str, Dict]]]) -> Tuple[Dict[str, Dict], Dict[str, str], List[str]]:
+def merge(parts: Sequence[Tuple[str, Dict[str, Dict]]]
+          ) -> Tuple[Dict[str, Dict], Dict[str, str], List[str]]:
     """Union of the inputs' stats; a model in several inputs comes from the last one.
     Returns (stats, model -> source, notes on the replaced rows)."""
     stats: Dict[str, Dict] = {}
