@@ -338,7 +338,7 @@ def test_registry_declarations_match_the_modules():
 ALL_COMMANDS = [["prepare"], ["train"], ["evaluate"], ["compare"], ["bench"],
                 ["bench", "serving"], ["bench", "precompute"], ["bench", "accuracy"],
                 ["export"], ["precompute"],
-                ["serve"], ["cluster"], ["cluster-bench"], ["replay"], ["staleness"],
+                ["serve"], ["cluster"], ["cluster-bench"], ["replay"], ["staleness"], ["claims"],
                 ["lrea-grid"],
                 ["encode-report"], ["cluster-quality"], ["lcn-consistency"]]
 
