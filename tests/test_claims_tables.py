@@ -82,6 +82,8 @@ def test_relations_across_inputs_are_tested(tmp_path, capsys):
     assert rel["diff"] == pytest.approx(0.03) and rel["margin"] == pytest.approx(margin)
     assert rel["verdict"] == C.HOLDS
     text = out.read_text()
+    assert text.startswith(f"command: lifelong claims {md} {js} --section '## Run A' "
+                           f"--plot {png}\n")
     assert "din_l > din: holds (diff +0.0300, noise ±0.0163)" in text
     assert f"din: taken from {js} (also in {md})" in text
     assert "| din_l | 0.6500 | 0.0100 | 3 |" in capsys.readouterr().out

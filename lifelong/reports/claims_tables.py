@@ -200,6 +200,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--title", default="", help="--plot: the figure's title")
 
 
+def command_line(args) -> str:
+    """The command that reproduces this report (from the parsed flags, not sys.argv: the
+    CLI may be called in process)."""
+    import shlex
+    parts = ["lifelong", "claims", *args.tables]
+    for flag in ("metric", "section", "plot", "title"):
+        value = getattr(args, flag, None)
+        if value and not (flag == "metric" and value == "auc"):
+            parts += [f"--{flag}", value]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
 def run(args, extra=()) -> int:
     from lifelong.reports import claims as C
     parts = [(path, stats_from_file(path, args.metric, args.section)) for path in args.tables]
@@ -212,7 +224,7 @@ def run(args, extra=()) -> int:
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w", encoding="utf-8") as f:
-            f.write(f"command: lifelong claims {' '.join(sys.argv[2:])}\n\n{text}\n")
+            f.write(f"command: {command_line(args)}\n\n{text}\n")
         print(f"report: {args.out}", file=sys.stderr)
     if args.plot:
         os.makedirs(os.path.dirname(os.path.abspath(args.plot)), exist_ok=True)
