@@ -12,8 +12,8 @@ Inputs, one or more of:
 * a Markdown file holding the table ``bench accuracy`` writes (``accuracy.md``, or a
   page such as ``docs/benchmarks.md``): every table whose header has ``model``, the
   metric (``AUC``) and ``seeds`` columns, cells ``mean ± std``. ``--section TEXT``
-  keeps the tables after the first line containing TEXT and before the next heading
-  (a page holds several tables of other runs).
+  reads only the first such table after the first line containing TEXT (a page holds
+  several tables of other runs).
 
 A model found in two inputs is taken from the LAST one and the output says so (the
 later part is the re-run). Only the mean, sample std and seed count per model are read,
@@ -48,16 +48,14 @@ def stats_from_markdown(text: str, metric: str = "auc", section: Optional[str] =
 
     A table counts when its header names ``model``, ``metric`` (case-insensitive) and
     ``seeds``; rows whose metric cell is not ``mean ± std`` are skipped (e.g. ``n/a``).
-    With ``section``, only the lines after the first line containing it and before the
-    next Markdown heading are read."""
+    With ``section``, only the first such table after the first line containing it is
+    read (a page may hold tables of other runs further down)."""
     lines = text.splitlines()
     if section is not None:
         start = next((i for i, l in enumerate(lines) if section in l), None)
         if start is None:
             raise ClaimsInputError(f"--section {section!r}: no line contains it")
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("#")),
-                   len(lines))
-        lines = lines[start + 1:end]
+        lines = lines[start + 1:]
     out: Dict[str, Dict] = {}
     i = 0
     while i < len(lines):
@@ -78,6 +76,8 @@ def stats_from_markdown(text: str, metric: str = "auc", section: Optional[str] =
                         continue
                     out[row[c_model]] = {"mean": float(m.group(1)), "std": float(m.group(2)),
                                          "n": int(row[c_seeds])}
+                if section is not None:
+                    break
                 continue
         i += 1
     return out
@@ -106,7 +106,7 @@ def stats_from_file(path: str, metric: str = "auc", section: Optional[str] = Non
         raise ClaimsInputError(
             f"{path}: no per-model table found (a Markdown table with 'model', "
             f"{metric.upper()!r} cells 'mean ± std' and 'seeds' columns"
-            + (f", after the line containing {section!r}" if section else "") + ")")
+            + (f", first after the line containing {section!r}" if section else "") + ")")
     return stats
 
 
@@ -192,8 +192,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("tables", nargs="+", help="accuracy.json or Markdown files holding "
                    "`bench accuracy` tables (a model in several: the last one wins)")
     p.add_argument("--metric", default="auc", help="the metric column (default auc)")
-    p.add_argument("--section", help="Markdown inputs: read only the tables after the "
-                   "first line containing this text (up to the next heading)")
+    p.add_argument("--section", help="Markdown inputs: read only the first table after "
+                   "the first line containing this text")
     p.add_argument("--out", help="also write the report here (Markdown)")
     p.add_argument("--plot", help="also draw the metric per model (mean ± std, coloured by "
                    "input) as a PNG here")
