@@ -73,10 +73,6 @@ def _build(layer: tf.keras.layers.Layer, shape=None) -> None:
             layer.build(shape)
 
 
-# --------------------------------------------------------------------------------------
-# Blocks
-# --------------------------------------------------------------------------------------
-@serializable
 def _masked_behaviors(behaviors, mask):
     """What both fast encoder paths start from: (behaviors with padded rows zeroed [B, L,
     d], 1.0 for a user with a valid behavior [B], the additive logit mask [B, L]: 0 on
@@ -89,6 +85,10 @@ def _masked_behaviors(behaviors, mask):
     return emb, has_any, bias
 
 
+# --------------------------------------------------------------------------------------
+# Blocks
+# --------------------------------------------------------------------------------------
+@serializable
 class CFormerAttention(tf.keras.layers.Layer):
     """Multi-head cross-attention (C1-C3) that also returns its attention map.
 
