@@ -7,7 +7,9 @@ users; steady users/s = (N - 1) / (wall - start-up wall). Issue 19 item 1's
 before/after figures in docs/benchmarks.md ("User-cache precompute throughput") come
 from it. A script, not a `lifelong bench` mode: it swaps a method's implementation in
 process, which a user-facing command should not do. Usage:
-  .venv/bin/python scripts/bench_cformer_formulations.py OUT N [ROUNDS]
+  .venv/bin/python scripts/bench_cformer_formulations.py OUT N [ROUNDS [VARIANTS]]
+VARIANTS: comma-separated row numbers of the table (0 = the earlier engine, which is
+always run as the baseline; 5 = today's default path), e.g. ``0,5``; all six by default.
 N: 2,000 or more (steady state is the difference of two runs' wall times; with a
 few users it is noise, even negative).
 
@@ -42,6 +44,9 @@ fast, batched_parse = CFormer.user_cache, D.user_history_features
 variants = [("reference", "runinference", False, "map_fn"), ("reference", "batched", False, "map_fn"),
             ("new", "batched", False, "map_fn"), ("new", "batched", True, "map_fn"),
             ("new", "batched", False, "batched"), ("new", "batched", True, "batched")]
+if len(sys.argv) > 4:
+    keep = sorted({0} | {int(i) for i in sys.argv[4].split(",")})
+    variants = [variants[i] for i in keep]
 export_name = lambda form, xla, parse: f"cformer_{form}{'_xla' * xla}_{parse}"
 for form, xla, parse in sorted({(f, x, p) for f, _, x, p in variants}):
     CFormer.user_cache = CFormer.user_cache_reference if form == "reference" else fast

@@ -122,3 +122,51 @@ def test_encode_cache_batch_decodes_as_the_row_encoder():
     with pytest.raises(ValueError, match="unsupported dtype"):
         B.encode_cache_batch("m", 4, {"user_id": np.array([1]), "s": np.array([["x"]])},
                              [b"f" * 16], [1])
+
+
+class _FakeTower:
+    """A ``user_tower`` stand-in: record b"u<id>" -> user_id id and x = [id, 2 id];
+    ``wrong`` user ids are returned as id + 1000 (a model answering for other users)."""
+
+    def __init__(self, wrong=()):
+        self.wrong, self.calls = set(wrong), []
+
+    def __call__(self, records):
+        ids = [int(r[1:]) for r in records.numpy()]
+        self.calls.append(ids)
+        uid = [i + 1000 if i in self.wrong else i for i in ids]
+        return {"user_id": tf.constant(uid, tf.int64),
+                "x": tf.constant([[i, 2 * i] for i in ids], tf.float32)}
+
+
+def _bucket(fn, batch_size):
+    rb = B.RefreshBucket("unused", "m", 3, "unused", 1, batch_size, "none", [], [])
+    rb._fn = fn
+    return rb
+
+
+def test_towers_keep_order_and_pad_the_tail():
+    """Rows come out in input order, one per user with its own tensors and metadata;
+    the tail batch is padded to the batch size with its last record (one XLA shape)
+    and the padding rows are cut off."""
+    users = list(range(1, 8))
+    compute = [(u, bytes([u]) * 16, 100 + u, b"u%d" % u) for u in users]
+    fn = _FakeTower()
+    rows = list(_bucket(fn, 3)._towers(compute))
+    assert fn.calls == [[1, 2, 3], [4, 5, 6], [7, 7, 7]]
+    assert [P.decode_cache_record(r)[1] for r in rows] == users
+    for u, r in zip(users, rows):
+        np.testing.assert_array_equal(P.decode_cache_record(r)[3]["x"], [[u, 2 * u]])
+        assert P.cache_record_meta(r).last_behavior_ts == 100 + u
+    assert list(_bucket(fn, 3)._towers([])) == []
+
+
+def test_towers_error_of_a_batch_is_raised_at_that_batch():
+    """A batch whose user ids do not match its records fails the bundle with the ids
+    named; the batches before it were yielded, none after it."""
+    compute = [(u, bytes([u]) * 16, 100 + u, b"u%d" % u) for u in range(1, 8)]
+    out = []
+    with pytest.raises(RuntimeError, match=r"user_tower returned user ids \[1005"):
+        for r in _bucket(_FakeTower(wrong={5}), 2)._towers(compute):
+            out.append(P.decode_cache_record(r)[1])
+    assert out == [1, 2, 3, 4]
