@@ -19,7 +19,8 @@ one ``tf.function`` call (wall p50 and CPU per call over REPS calls, after a war
 
 Keys: ``normal`` (distinct floats) and ``int`` (-randint(0, 30): many ties, as ETA's
 Hamming distances). A script, not a ``lifelong bench`` mode: it measures one kernel, not
-the package. Usage: .venv/bin/python scripts/bench_topk_selection.py [REPS]"""
+the package. Usage: .venv/bin/python scripts/bench_topk_selection.py [REPS [PNG]]
+(PNG: also draw the wall p50s as grouped bars, one group per keys x k)."""
 import os
 import sys
 import time
@@ -33,6 +34,7 @@ from tfmodels.methods.esu import prefilter, prefiltered_top_k
 
 print("command: " + " ".join([os.path.basename(sys.executable), *sys.argv]), flush=True)
 REPS = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+PNG = sys.argv[2] if len(sys.argv) > 2 else None
 N, L = 112, 1000
 
 
@@ -83,6 +85,7 @@ def timed(f, x):
 
 valid = tf.ones([1, L], tf.bool)
 rs = np.random.RandomState(0)
+rows = []
 print("| keys | k | variant | exact | wall p50 ms | CPU ms per call |")
 print("|---|---|---|---|---|---|")
 for kind in ("normal", "int"):
@@ -106,4 +109,27 @@ for kind in ("normal", "int"):
             exact = bool((got == ref).all()) if check else "-"
             wall, cpu = timed(f, x)
             print(f"| {kind} | {k} | {name} | {exact} | {wall:.3f} | {cpu:.3f} |", flush=True)
+            rows.append((f"{kind}, k = {k}", name, wall))
 print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+if PNG:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = list(dict.fromkeys(g for g, _, _ in rows))
+    names = list(dict.fromkeys(n for _, n, _ in rows))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(11, 4.8))
+    for j, name in enumerate(names):
+        ys = [next(w for g2, n, w in rows if g2 == g and n == name) for g in groups]
+        ax.bar([i + (j - (len(names) - 1) / 2) * width for i in range(len(groups))], ys,
+               width, label=name)
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_ylabel("wall p50 per call, ms")
+    ax.set_title(f"Top-k selection of one user's window for N = 100 candidates ({N} rows), "
+                 f"L = {L}, {REPS} calls")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.text(0.01, 0.01, "command: " + " ".join(["python", *sys.argv]), fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(PNG, dpi=110)
+    print(f"plot: {PNG}")
