@@ -46,6 +46,8 @@ variants = [("reference", "runinference", False, "map_fn"), ("reference", "batch
             ("new", "batched", False, "batched"), ("new", "batched", True, "batched")]
 if len(sys.argv) > 4:
     keep = sorted({0} | {int(i) for i in sys.argv[4].split(",")})
+    if keep[-1] >= len(variants) or keep[0] < 0:
+        sys.exit(f"VARIANTS: row numbers 0-{len(variants) - 1}, got {sys.argv[4]!r}")
     variants = [variants[i] for i in keep]
 export_name = lambda form, xla, parse: f"cformer_{form}{'_xla' * xla}_{parse}"
 for form, xla, parse in sorted({(f, x, p) for f, _, x, p in variants}):
