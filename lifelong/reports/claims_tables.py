@@ -29,6 +29,7 @@ import re
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from lifelong.reports import claims as C
 from tfmodels.errors import LifelongError
 
 _CELL = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*±\s*(\d+(?:\.\d+)?)\s*$")
@@ -87,7 +88,6 @@ def stats_from_file(path: str, metric: str = "auc", section: Optional[str] = Non
                     ) -> Dict[str, Dict]:
     """Per-model stats of one input (``accuracy.json`` or Markdown); refuses a file that
     yields none, naming what was looked for."""
-    from lifelong.reports import claims as C
     if not os.path.isfile(path):
         raise ClaimsInputError(f"{path}: no such file")
     with open(path, encoding="utf-8") as f:
@@ -151,7 +151,6 @@ def format_report(stats: Dict[str, Dict], source: Dict[str, str], notes: List[st
                   f"decimals, and these relations' |diff| is within {ROUNDING_TOLERANCE:g} of "
                   "their margin, so their verdict could change with unrounded figures:"]
         lines += [f"* {c}" for c in close]
-    from lifelong.reports import claims as C
     return "\n".join(lines + ["", C.format_claims(results)])
 
 
@@ -213,7 +212,6 @@ def command_line(args) -> str:
 
 
 def run(args, extra=()) -> int:
-    from lifelong.reports import claims as C
     parts = [(path, stats_from_file(path, args.metric, args.section)) for path in args.tables]
     stats, source, notes = merge(parts)
     # every claim is an ordering of the papers' AUC; --metric checks the same ordering
